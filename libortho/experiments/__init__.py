@@ -1,0 +1,48 @@
+"""Experiments users run; each takes a `RunContext` and returns its section of the results JSON.
+
+A new experiment is one decorated function: `@register("name")`.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+EXPERIMENTS: dict[str, Callable] = {}
+
+
+def register(name: str):
+    def deco(fn):
+        EXPERIMENTS[name] = fn
+        return fn
+    return deco
+
+
+@dataclass
+class RunContext:
+    """What every experiment gets from the command line."""
+
+    model: str = "smollm2-135m"
+    output_dir: Path = Path("out")
+    seed: int = 0
+    device: str = "cpu"
+    text: str = "default"
+    profile: str | None = None
+    num_canaries: int | None = None
+    canary_format: str = "plain"
+    quantization_bits: int = 4
+    no_quantization: bool = False
+    progress: bool = True
+    extra: dict = field(default_factory=dict)  # facts for the JSON (e.g. auto 4-bit loading)
+
+
+def load_all() -> dict[str, Callable]:
+    """Import the experiment modules so they register themselves."""
+    from . import demo  # noqa: F401
+    for mod in ("kill_switch", "null_test"):
+        try:
+            __import__(f"{__name__}.{mod}")
+        except ModuleNotFoundError as e:
+            if e.name != f"{__name__}.{mod}":
+                raise
+    return EXPERIMENTS
