@@ -1,8 +1,13 @@
 """Read thresholds.toml, the one place where the suite's pass/fail numbers live."""
 from __future__ import annotations
 
-import tomllib
+import sys
 from pathlib import Path
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # Python 3.10
+    import tomli as tomllib
 
 PATH = Path(__file__).resolve().parent.parent / "thresholds.toml"
 
