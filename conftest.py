@@ -12,11 +12,15 @@ ROOT = Path(__file__).parent
 
 def gpu_profiles() -> dict[str, dict]:
     """{name: {vram_gib, arch, description}} from markers.ini, the one source of GPU profiles."""
-    cp = configparser.ConfigParser()
-    if not cp.read(ROOT / "markers.ini"):
-        raise FileNotFoundError(f"{ROOT / 'markers.ini'} is missing")
-    return {s: {"vram_gib": float(cp[s]["vram_gib"]), "arch": cp[s].get("arch", ""),
-                "description": cp[s].get("description", "")} for s in cp.sections()}
+    from libortho.gpu import profiles
+
+    return {n: {"vram_gib": p.vram_gib, "arch": p.arch, "description": p.description}
+            for n, p in profiles(ROOT / "markers.ini").items()}
+
+
+def pytest_addoption(parser):
+    parser.addoption("--model", default=None,
+                     help="GPU benchmarks: also measure this model (HF id, local dir, .gguf, smollm2-135m)")
 
 
 def pytest_configure(config):
@@ -24,12 +28,53 @@ def pytest_configure(config):
         config.addinivalue_line("markers", f"{name}: GPU profile, {p['vram_gib']:g} GiB budget -- {p['description']}")
 
 
+def _marked_profiles(item, profiles) -> list[str]:
+    return [m.name for m in item.iter_markers() if m.name in profiles]
+
+
 def pytest_collection_modifyitems(config, items):
+    """GPU tests are collected and skipped (never deselected) on machines that cannot run them, so
+    `pytest -m gtx4050 bench/` on a CPU reports each skip with its reason and exits 0."""
     profiles = gpu_profiles()
+    cuda = torch.cuda.is_available()
+    total = torch.cuda.get_device_properties(0).total_memory / 2**30 if cuda else 0.0
     for item in items:
-        marked = [m.name for m in item.iter_markers() if m.name in profiles]
-        if (marked or item.get_closest_marker("gpu")) and not torch.cuda.is_available():
+        marked = _marked_profiles(item, profiles)
+        if (marked or item.get_closest_marker("gpu")) and not cuda:
             item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU (none found); runs with `pytest -m <profile>` on one"))
+        elif marked:
+            need = min(profiles[n]["vram_gib"] for n in marked)
+            if total < need:
+                item.add_marker(pytest.mark.skip(reason=f"GPU has {total:.1f} GiB, profile {marked} needs {need:g} GiB"))
+
+
+@pytest.fixture(autouse=True)
+def _gpu_profile_cap(request):
+    """For a test marked with a GPU profile: cap the allocator to that profile's budget for its duration."""
+    from libortho.gpu import apply_cap, profiles, release_cap
+
+    profs = profiles(ROOT / "markers.ini")
+    marked = _marked_profiles(request.node, profs)
+    if not marked or not torch.cuda.is_available():
+        yield None
+        return
+    prof = min((profs[n] for n in marked), key=lambda p: p.vram_gib)
+    request.node.stash[_PROFILE_KEY] = (prof, apply_cap(prof))
+    try:
+        yield prof
+    finally:
+        release_cap()
+
+
+_PROFILE_KEY = pytest.StashKey()
+
+
+@pytest.fixture
+def gpu_profile(request, _gpu_profile_cap):
+    """(Profile, cap report) the test runs under; the allocator is already capped to its budget."""
+    if _gpu_profile_cap is None:
+        pytest.skip("not marked with a GPU profile, or no CUDA")
+    return request.node.stash[_PROFILE_KEY]
 
 
 @pytest.fixture(scope="session")

@@ -41,6 +41,10 @@ class OrthoLinear(nn.Module):
         self.has_ortho = True  # False when loaded without the ortho file: the stream is physically absent
         self._base_cache: torch.Tensor | None = None
         self._rows_cache: torch.Tensor | None = None
+        # "auto": the fused GPU kernel on CUDA bf16/fp16 inputs when it applies, else plain torch;
+        # "torch": always plain torch (the reference); "triton": the GPU kernel or an error.
+        self.backend = "auto"
+        self._alpha_hint: bool | None = None  # set while a CUDA graph is captured: alpha != 0 without a sync
 
     # -- construction -------------------------------------------------------------------------
     @classmethod
@@ -103,6 +107,16 @@ class OrthoLinear(nn.Module):
                              (self.out_features, self.in_features), dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., in) -> (..., out)
+        backend = getattr(self.backend, "value", self.backend)
+        if backend != "torch" and x.is_cuda and self._base_cache is None:
+            from .kernels import dual_linear_forward
+
+            y = dual_linear_forward(self, x)
+            if y is not None:
+                return y
+            if backend == "triton":
+                raise ValueError(f"backend 'triton' does not apply here (x {x.dtype} on {x.device}, "
+                                 f"group_size {self.group_size}, in_features {self.in_features}); use 'auto'")
         w = self.dequantized_base(x.dtype)
         # alpha == 0 must not read the ortho stream: the kill switch is a branch, not a multiply by 0.
         if self.has_ortho and self.nnz and self.alpha.item() != 0:

@@ -1,0 +1,277 @@
+"""GPU profiles (markers.ini), the per-profile memory cap, an NVML memory poller, and `check_gpu()`.
+
+A profile names a card by its VRAM budget. A run "under a profile" caps PyTorch's allocator so that
+allocator + CUDA context stay inside the budget; NVML, which sees the whole process (context, cuBLAS and
+Triton workspaces included), is the judge of whether it fit.
+"""
+from __future__ import annotations
+
+import configparser
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+GIB = 1024**3
+MARKERS_INI = Path(__file__).resolve().parent.parent / "markers.ini"
+# What the CUDA context, cuBLAS and Triton take outside the caching allocator when it cannot be measured.
+DEFAULT_CONTEXT_GIB = 0.75
+
+
+@dataclass(frozen=True)
+class Profile:
+    name: str
+    vram_gib: float
+    arch: str = ""
+    description: str = ""
+
+    @property
+    def budget_bytes(self) -> int:
+        return int(self.vram_gib * GIB)
+
+
+def profiles(path: Path | str = MARKERS_INI) -> dict[str, Profile]:
+    """Every [section] of markers.ini as a Profile; the one source of GPU profiles."""
+    cp = configparser.ConfigParser()
+    if not cp.read(path):
+        raise FileNotFoundError(f"{path} is missing: the GPU profiles live there")
+    out = {}
+    for s in cp.sections():
+        try:
+            vram = float(cp[s]["vram_gib"])
+        except (KeyError, ValueError):
+            raise ValueError(f"markers.ini [{s}] needs a numeric vram_gib, got {cp[s].get('vram_gib')!r}") from None
+        if vram <= 0:
+            raise ValueError(f"markers.ini [{s}] vram_gib must be positive, got {vram}")
+        out[s] = Profile(s, vram, cp[s].get("arch", ""), cp[s].get("description", ""))
+    return out
+
+
+def cap_fraction(profile: Profile, total_bytes: int, context_bytes: int | None = None) -> float:
+    """Fraction of the card for `torch.cuda.set_per_process_memory_fraction` that keeps the process in budget.
+
+    The allocator gets the budget minus what lives outside it (the CUDA context and library workspaces,
+    measured when given, else DEFAULT_CONTEXT_GIB).
+    Raises ValueError when the card is smaller than the profile (it cannot emulate it).
+    """
+    if total_bytes < profile.budget_bytes:
+        raise ValueError(f"this GPU has {total_bytes / GIB:.1f} GiB, less than profile {profile.name}'s "
+                         f"{profile.vram_gib:g} GiB budget")
+    ctx = DEFAULT_CONTEXT_GIB * GIB if context_bytes is None else context_bytes
+    allowed = profile.budget_bytes - ctx
+    if allowed <= 0:
+        raise ValueError(f"profile {profile.name}: the CUDA context ({ctx / GIB:.2f} GiB) leaves no room in "
+                         f"{profile.vram_gib:g} GiB")
+    return min(1.0, allowed / total_bytes)
+
+
+def apply_cap(profile: Profile, device: int = 0) -> dict:
+    """Cap this process's allocator to `profile`; returns what was applied (for reports)."""
+    import torch
+
+    torch.cuda.init()
+    torch.cuda.empty_cache()
+    total = torch.cuda.get_device_properties(device).total_memory
+    ctx = context_bytes(device)
+    frac = cap_fraction(profile, total, ctx)
+    torch.cuda.set_per_process_memory_fraction(frac, device)
+    return {"profile": profile.name, "budget_gib": profile.vram_gib, "fraction": frac,
+            "allocator_cap_gib": frac * total / GIB, "context_gib": None if ctx is None else ctx / GIB}
+
+
+def release_cap(device: int = 0) -> None:
+    import torch
+
+    torch.cuda.set_per_process_memory_fraction(1.0, device)
+    torch.cuda.empty_cache()
+
+
+def context_bytes(device: int = 0) -> int | None:
+    """NVML's view of this process minus what torch's allocator holds: the context and workspaces."""
+    used = process_memory(device)
+    if used is None:
+        return None
+    import torch
+
+    return max(0, used - torch.cuda.memory_reserved(device))
+
+
+# -- NVML --------------------------------------------------------------------------------------------------
+
+def _nvml():
+    import pynvml  # from nvidia-ml-py
+
+    pynvml.nvmlInit()
+    return pynvml
+
+
+def process_memory(device: int = 0, nvml=None, pid: int | None = None) -> int | None:
+    """Bytes of GPU memory NVML charges to this process (None if NVML cannot say)."""
+    try:
+        nv = nvml or _nvml()
+        h = nv.nvmlDeviceGetHandleByIndex(device)
+        pid = os.getpid() if pid is None else pid
+        for p in nv.nvmlDeviceGetComputeRunningProcesses(h):
+            if p.pid == pid and p.usedGpuMemory is not None:
+                return int(p.usedGpuMemory)
+    except Exception:
+        return None
+    return None
+
+
+@dataclass
+class NvmlPoller:
+    """Polls NVML from a background thread; NVML keeps no peak, so the poller does.
+
+    `peak_process` is this process's used memory (by pid); when the driver cannot attribute memory to
+    processes (some containers), `peak_device` (device used minus the baseline at start) stands in and
+    `source` says so.
+
+    Example:
+        >>> with NvmlPoller() as p:   # doctest: +SKIP
+        ...     run()
+        >>> p.peak_bytes
+    """
+
+    device: int = 0
+    interval_s: float = 0.005
+    nvml: object = None
+    pid: int | None = None
+    peak_process: int = 0
+    peak_device: int = 0
+    baseline_device: int = 0
+    samples: int = 0
+    error: str | None = None
+    _stop: threading.Event = field(default_factory=threading.Event, repr=False)
+    _thread: threading.Thread | None = field(default=None, repr=False)
+
+    def _sample(self, nv, h) -> None:
+        pid = os.getpid() if self.pid is None else self.pid
+        for p in nv.nvmlDeviceGetComputeRunningProcesses(h):
+            if p.pid == pid and p.usedGpuMemory is not None:
+                self.peak_process = max(self.peak_process, int(p.usedGpuMemory))
+        used = int(nv.nvmlDeviceGetMemoryInfo(h).used)
+        self.peak_device = max(self.peak_device, used - self.baseline_device)
+        self.samples += 1
+
+    def _run(self, nv, h) -> None:
+        while not self._stop.is_set():
+            try:
+                self._sample(nv, h)
+            except Exception as e:  # keep polling; report the first failure
+                self.error = self.error or repr(e)
+            self._stop.wait(self.interval_s)
+
+    def start(self) -> "NvmlPoller":
+        try:
+            nv = self.nvml or _nvml()
+            h = nv.nvmlDeviceGetHandleByIndex(self.device)
+            self.baseline_device = 0
+            self._sample(nv, h)  # one sample before the first allocation
+        except Exception as e:
+            self.error = f"NVML unavailable: {e!r}"
+            return self
+        self._thread = threading.Thread(target=self._run, args=(nv, h), daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> "NvmlPoller":
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        return self
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.stop()
+
+    @property
+    def source(self) -> str:
+        if self.peak_process:
+            return "nvml-process"
+        return "nvml-device" if self.peak_device else "none"
+
+    @property
+    def peak_bytes(self) -> int:
+        return self.peak_process or self.peak_device
+
+
+# -- check_gpu -----------------------------------------------------------------------------------------------
+
+def check_gpu(device: int = 0) -> dict:
+    """What this machine's GPU is and which markers.ini profiles it can emulate; works without CUDA.
+
+    Returns a dict with `cuda_available` and, when a GPU is there: name, compute capability, total/free
+    memory (NVML when it answers, else torch), tensor-core support, bf16 support, CUDA/torch/driver
+    versions, and `profiles`: {name: {"fits": bool, "reason": str}}.
+    """
+    import torch
+
+    info: dict = {"torch": torch.__version__, "cuda_build": torch.version.cuda, "cuda_available": False}
+    try:
+        import triton
+
+        info["triton"] = triton.__version__
+    except Exception:
+        info["triton"] = None
+    profs = profiles()
+    if not torch.cuda.is_available():
+        info["reason"] = ("no CUDA GPU visible to PyTorch" + ("" if torch.version.cuda else
+                          " (this PyTorch build is CPU-only)"))
+        info["profiles"] = {n: {"fits": False, "reason": "no CUDA GPU"} for n in profs}
+        return info
+    props = torch.cuda.get_device_properties(device)
+    cc = (props.major, props.minor)
+    total, free, src = props.total_memory, None, "torch"
+    try:
+        nv = _nvml()
+        h = nv.nvmlDeviceGetHandleByIndex(device)
+        mem = nv.nvmlDeviceGetMemoryInfo(h)
+        total, free, src = int(mem.total), int(mem.free), "nvml"
+        info["driver"] = nv.nvmlSystemGetDriverVersion()
+    except Exception as e:
+        info["nvml_error"] = repr(e)
+        free = torch.cuda.mem_get_info(device)[0]
+    info.update(
+        cuda_available=True, name=props.name, compute_capability=f"{cc[0]}.{cc[1]}", arch=f"sm_{cc[0]}{cc[1]}",
+        multiprocessors=props.multi_processor_count, total_gib=round(total / GIB, 2),
+        free_gib=round(free / GIB, 2), memory_source=src,
+        tensor_cores=cc >= (7, 0), bf16=torch.cuda.is_bf16_supported(), int4_kernels=cc >= (8, 0),
+    )
+    info["profiles"] = {}
+    for n, p in profs.items():
+        fits = total >= p.budget_bytes
+        info["profiles"][n] = {"fits": fits, "vram_gib": p.vram_gib,
+                               "reason": f"{total / GIB:.1f} GiB >= {p.vram_gib:g} GiB budget" if fits else
+                               f"{total / GIB:.1f} GiB < {p.vram_gib:g} GiB budget"}
+    return info
+
+
+def measure_copy_bandwidth(nbytes: int = 1 << 30, iters: int = 10) -> float:
+    """Device-to-device copy bandwidth in bytes/s (read + write counted): the memory roofline."""
+    import torch
+
+    a = torch.empty(nbytes // 2, dtype=torch.uint8, device="cuda").random_()
+    b = torch.empty_like(a)
+    for _ in range(2):
+        b.copy_(a)
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(iters):
+        start.record()
+        b.copy_(a)
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    times.sort()
+    del a, b
+    torch.cuda.empty_cache()
+    return nbytes / times[len(times) // 2]
+
+
+def now_utc() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())

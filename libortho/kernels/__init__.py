@@ -1,0 +1,65 @@
+"""Forward implementations of OrthoLinear: `reference` (plain torch, runs everywhere) and the Triton path.
+
+`dual_linear_forward(module, x)` is what `OrthoLinear.forward` calls on CUDA; it returns None when the fast
+path does not apply (CPU tensors, fp32 activations, a padded group layout, Triton missing), and the module
+then runs its plain-torch forward.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+
+DECODE_MAX_ROWS = 8  # up to this many rows of x: the fused GEMV; more rows (prefill): dequantize + cuBLAS
+
+
+@functools.lru_cache(maxsize=None)
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+
+        from . import triton_dual  # noqa: F401
+    except Exception:  # ImportError, or a Triton that cannot find a compiler
+        return False
+    return torch.cuda.is_available()
+
+
+def applies(m, x: torch.Tensor) -> bool:
+    if not (x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and m.qweight.is_cuda and triton_available()):
+        return False
+    from .triton_dual import supported
+
+    return supported(m.qweight, m.group_size, m.in_features)
+
+
+def ortho_active(m) -> bool:
+    """Whether the ortho stream takes part. `_alpha_hint` (set while a CUDA graph is captured) avoids a sync."""
+    if not (m.has_ortho and m.nnz):
+        return False
+    hint = getattr(m, "_alpha_hint", None)
+    return bool(hint) if hint is not None else m.alpha.item() != 0
+
+
+def dual_linear_forward(m, x: torch.Tensor) -> torch.Tensor | None:
+    """y = base(x) + alpha * ortho(x) on the GPU, or None when the fast path does not apply."""
+    if not applies(m, x):
+        return None
+    from . import triton_dual as td
+
+    x2 = x.reshape(-1, m.in_features)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    on = ortho_active(m)
+    bias = None if m.bias is None else m.bias
+    if x2.shape[0] <= DECODE_MAX_ROWS:
+        y = td.dual_gemv(x2, m.qweight, m.scales, m.zeros, m.group_size, m.ortho_crow, m.ortho_col,
+                         m.ortho_values, m.alpha, bias, on)
+    else:  # prefill: matrix-bound, so one dequantization pass then a cuBLAS product
+        w = td.dequant(m.qweight, m.scales, m.zeros, m.group_size, x.dtype)
+        if on:
+            counts = (m.ortho_crow[1:] - m.ortho_crow[:-1]).long()
+            rows = torch.repeat_interleave(torch.arange(m.out_features, device=w.device), counts)
+            w.index_put_((rows, m.ortho_col.long()), (m.ortho_values * m.alpha).to(w.dtype), accumulate=True)
+        y = F.linear(x2, w, None if bias is None else bias.to(x.dtype))
+    return y.reshape(*x.shape[:-1], m.out_features)

@@ -1,0 +1,105 @@
+"""Models with a real model's shapes and random values, built directly in packed form.
+
+`build(llama3_8b_config(), density=0.01)` gives a Llama-3-8B-shaped model whose linears are OrthoLinear
+(random INT4 codes, random scales, a random 1% CSR ortho stream) created layer by layer on the GPU: the
+dense weights never exist, so it builds inside a 6 GB card. Its outputs mean nothing; its speed and memory
+are those of the real model. Everything measured on one is labelled `shape_only`.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .linear import OrthoLinear
+from .quant import n_groups
+from .sparse import index_dtype
+
+CODE_STD = 4.6  # std of (q - 8) for q uniform in 0..15
+
+
+def llama3_8b_config():
+    """Meta-Llama-3-8B's architecture (no weights)."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                       num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=8192,
+                       rms_norm_eps=1e-5, rope_theta=500000.0, tie_word_embeddings=False,
+                       bos_token_id=128000, eos_token_id=128001)
+
+
+def smollm2_135m_config():
+    """SmolLM2-135M's architecture (no weights)."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                       num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192,
+                       rms_norm_eps=1e-5, rope_theta=100000.0, tie_word_embeddings=True,
+                       bos_token_id=1, eos_token_id=2)
+
+
+CONFIGS = {"llama3-8b": llama3_8b_config, "smollm2-135m": smollm2_135m_config}
+
+
+def random_ortho_linear(out_f: int, in_f: int, density: float, group_size: int, dtype=torch.bfloat16,
+                        device="cuda", gen: torch.Generator | None = None, std: float = 0.02) -> OrthoLinear:
+    """An OrthoLinear with random packed codes and a random CSR stream of `density` (same nnz per row)."""
+    m = OrthoLinear(in_f, out_f, group_size, True, 0, False, dtype, device="meta")
+    m.qweight = torch.randint(0, 256, (out_f, in_f // 2), dtype=torch.uint8, device=device, generator=gen)
+    g = n_groups(in_f, group_size)
+    m.scales = ((1 + 0.1 * torch.randn(out_f, g, device=device, generator=gen)) * (std / CODE_STD)).to(dtype)
+    per_row = int(round(density * in_f))
+    m.ortho_crow = (torch.arange(out_f + 1, device=device, dtype=torch.int32) * per_row)
+    cols = torch.randint(0, in_f, (out_f, per_row), device=device, generator=gen, dtype=torch.int32)
+    m.ortho_col = cols.sort(dim=1).values.flatten().to(index_dtype(in_f))
+    m.ortho_values = nn.Parameter((torch.randn(out_f * per_row, device=device, generator=gen) * std / 2).to(dtype),
+                                  requires_grad=False)
+    m.alpha = torch.tensor(1.0, device=device)
+    return m
+
+
+@torch.no_grad()
+def build(config=None, density: float = 0.01, group_size: int = 128, dtype=torch.bfloat16, device="cuda",
+          embed_device: str | None = None, seed: int = 0, head_bits: int = 4):
+    """A shape-only Llama-family model: OrthoLinear linears and an INT4 head, built without dense weights.
+
+    Args:
+        config: a LlamaConfig (default: Llama-3-8B's).
+        density: ortho share of every converted linear.
+        embed_device: where the embedding table lives; "cpu" keeps its 1 GB (8B shape) off the GPU (the
+            decoder gathers one row per token). Default: "cpu" when the table is over 256 MB.
+        head_bits: 4 -> the LM head is an INT4 OrthoLinear with no ortho stream; 16 -> dense in `dtype`.
+    Returns:
+        a LlamaForCausalLM skeleton (meta tensors replaced) with `.shape_only = True`. Run it with
+        `libortho.decode.StaticDecoder`, not the HF forward (its parts sit on different devices).
+    """
+    from transformers import LlamaForCausalLM
+
+    cfg = config or llama3_8b_config()
+    gen = torch.Generator(device=device).manual_seed(seed)
+    with torch.device("meta"):
+        model = LlamaForCausalLM(cfg)
+    H, V = cfg.hidden_size, cfg.vocab_size
+    if embed_device is None:
+        embed_device = "cpu" if V * H * torch.finfo(dtype).bits // 8 > 256 * 2**20 else device
+    cpu_gen = torch.Generator().manual_seed(seed)
+    emb = (torch.randn(V, H, generator=cpu_gen, dtype=torch.float32) * 0.02).to(dtype) if V * H < 2**27 else \
+        torch.empty(V, H, dtype=dtype).normal_(0, 0.02, generator=cpu_gen)
+    model.model.embed_tokens.weight = nn.Parameter(emb.to(embed_device), requires_grad=False)
+    for layer in model.model.layers:
+        for parent, names in ((layer.self_attn, ("q_proj", "k_proj", "v_proj", "o_proj")),
+                              (layer.mlp, ("gate_proj", "up_proj", "down_proj"))):
+            for n in names:
+                meta = getattr(parent, n)
+                setattr(parent, n, random_ortho_linear(meta.out_features, meta.in_features, density, group_size,
+                                                       dtype, device, gen))
+        for norm in (layer.input_layernorm, layer.post_attention_layernorm):
+            norm.weight = nn.Parameter(torch.ones(H, dtype=dtype, device=device), requires_grad=False)
+    model.model.norm.weight = nn.Parameter(torch.ones(H, dtype=dtype, device=device), requires_grad=False)
+    if head_bits == 4:
+        model.lm_head = random_ortho_linear(V, H, 0.0, group_size, dtype, device, gen)
+    else:
+        model.lm_head = nn.Linear(H, V, bias=False, dtype=dtype, device=device)
+        model.lm_head.weight.requires_grad_(False).normal_(0, 0.02)
+    model.shape_only = True
+    model.eval()
+    return model
