@@ -19,6 +19,11 @@ class Score(str, Enum):
     RANDOM = "random"  # seeded uniform: control
 
 
+class Quantizer(str, Enum):
+    RTN = "rtn"  # round-to-nearest: data-free
+    GPTQ = "gptq"  # error-compensating rounding with the full calibration Hessian (libortho.gptq)
+
+
 class Backend(str, Enum):
     AUTO = "auto"  # fastest available for the device
     TORCH = "torch"  # plain-torch reference, runs everywhere
@@ -39,6 +44,7 @@ class OrthoConfig:
         seed: seed of the `random` score.
         targets: names of the linear modules to convert (Llama layout by default).
         backend: forward implementation.
+        quantizer: how the INT4 base is rounded (see `Quantizer`); `gptq` needs calibration batches.
     """
 
     density: float = 0.01
@@ -51,9 +57,11 @@ class OrthoConfig:
     seed: int = 0
     targets: tuple[str, ...] = field(default=LLAMA_LINEARS)
     backend: Backend = Backend.AUTO
+    quantizer: Quantizer = Quantizer.RTN
 
     def __post_init__(self):
         self.mode, self.score, self.backend = Mode(self.mode), Score(self.score), Backend(self.backend)
+        self.quantizer = Quantizer(self.quantizer)
         self.targets = tuple(self.targets)
         validate_density(self.density)
         if not (self.group_size == -1 or (isinstance(self.group_size, int) and self.group_size > 0)):
@@ -63,7 +71,8 @@ class OrthoConfig:
 
     def to_dict(self) -> dict:
         d = asdict(self)
-        d.update(mode=self.mode.value, score=self.score.value, backend=self.backend.value, targets=list(self.targets))
+        d.update(mode=self.mode.value, score=self.score.value, backend=self.backend.value,
+                 quantizer=self.quantizer.value, targets=list(self.targets))
         return d
 
     @classmethod

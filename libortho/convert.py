@@ -13,10 +13,11 @@ from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from .config import Mode, OrthoConfig, Score
+from .config import Mode, OrthoConfig, Quantizer, Score
+from .gptq import gptq_quantize
 from .linear import OrthoLinear
 from .quant import check_finite, quantize
-from .select import collect_hessian_diag, select, target_linears
+from .select import collect_hessian, collect_hessian_diag, hessian_diag_of, select, target_linears
 
 BASE_FILE, ORTHO_FILE, CONFIG_FILE = "base.safetensors", "ortho.safetensors", "libortho.json"
 FORMAT_VERSION = "1"
@@ -33,7 +34,7 @@ def orthogonalize_(model: nn.Module, config: OrthoConfig | None = None,
                    calibration: Iterable[torch.Tensor] | None = None,
                    public: nn.Module | Mapping[str, torch.Tensor] | None = None,
                    hessian_diag: Mapping[str, torch.Tensor] | None = None,
-                   progress: bool = True) -> nn.Module:
+                   progress: bool = True, hessian: Mapping[str, torch.Tensor] | None = None) -> nn.Module:
     """Swap every target `nn.Linear` of `model` for an `OrthoLinear`, in place.
 
     Args:
@@ -44,6 +45,8 @@ def orthogonalize_(model: nn.Module, config: OrthoConfig | None = None,
             `model` then holds the fine-tuned weights.
         hessian_diag: precomputed calibration statistics (skips the calibration pass).
         progress: show a progress bar.
+        hessian: precomputed full Hessians {name: (in, in)} for `quantizer='gptq'` (`select.collect_hessian`
+            on the model the base is built from); their diagonals also serve the `hessian` score.
     Returns:
         `model`, with `model.libortho_config` set and conversion time in `model.libortho_stats`.
     Example:
@@ -56,12 +59,23 @@ def orthogonalize_(model: nn.Module, config: OrthoConfig | None = None,
     if config.mode is Mode.DELTA and public is None:
         raise ValueError("mode='delta' needs the public weights: pass public=<model or state dict>")
     public_sd = public.state_dict() if isinstance(public, nn.Module) else public
-    if config.score is Score.HESSIAN and hessian_diag is None:
+    # Calibrate the model whose weights the base is built from.
+    calib_model = public if isinstance(public, nn.Module) and config.mode is Mode.DELTA else model
+    gptq = config.quantizer is Quantizer.GPTQ
+    if gptq and hessian is None:
         if calibration is None:
+            raise ValueError("quantizer='gptq' needs calibration token batches (or hessian)")
+        if config.mode is Mode.DELTA and not isinstance(public, nn.Module):
+            raise ValueError("quantizer='gptq' in mode='delta' calibrates the public model: pass it as a module "
+                             "(or pass its hessian)")
+        hessian = collect_hessian(calib_model, calibration, config.targets, progress)
+    if config.score is Score.HESSIAN and hessian_diag is None:
+        if hessian is not None:  # one calibration pass serves both
+            hessian_diag = hessian_diag_of(hessian)
+        elif calibration is None:
             raise ValueError("score='hessian' needs calibration token batches (or hessian_diag)")
-        # Calibrate the model whose weights the base is built from.
-        calib_model = public if isinstance(public, nn.Module) and config.mode is Mode.DELTA else model
-        hessian_diag = collect_hessian_diag(calib_model, calibration, config.targets, progress)
+        else:
+            hessian_diag = collect_hessian_diag(calib_model, calibration, config.targets, progress)
     t_calib = time.perf_counter() - t0
     gen = torch.Generator().manual_seed(config.seed)
     for name, lin in tqdm(linears.items(), desc="orthogonalize", disable=not progress, leave=False):
@@ -69,7 +83,14 @@ def orthogonalize_(model: nn.Module, config: OrthoConfig | None = None,
         check_finite(w, f"weight of {name}")
         try:
             src = w if config.mode is Mode.POSTHOC else public_sd[f"{name}.weight"].to(w.device, w.dtype)
-            base = quantize(src, config.group_size, config.symmetric, clip_search=config.clip_search, pad=config.pad)
+            if gptq:
+                if name not in hessian:
+                    raise ValueError("no Hessian for this layer; calibrate with select.collect_hessian")
+                base = gptq_quantize(src, hessian[name], config.group_size, config.symmetric,
+                                     clip_search=config.clip_search, pad=config.pad)
+            else:
+                base = quantize(src, config.group_size, config.symmetric, clip_search=config.clip_search,
+                                pad=config.pad)
         except ValueError as e:
             raise ValueError(f"{name}: {e}") from None
         residual = w.float() - base.dequantize(torch.float32)

@@ -2,12 +2,19 @@
 
 Token-level perplexity over the concatenated evaluation text, in windows of `max_length` tokens moved
 by `stride` (the transformers perplexity guide): each window scores only the tokens the previous window
-did not, earlier tokens serve as context. No BOS is added (the text is tokenized as one stream with
-`add_special_tokens=False`), so the very first token is never scored. Every arm sees the same windows.
+did not, earlier tokens serve as context (the guide labels them -100). No BOS is added (the text is
+tokenized as one stream with `add_special_tokens=False`), so the very first token is never scored. Every
+arm sees the same windows.
+
+Beside perplexity, `evaluate` measures how far an arm's next-token distribution is from a reference
+model's (the full-precision one) on the same windows and tokens: the mean over scored tokens of
+KL(p_ref || p_arm), in nats, over the full vocabulary. The reference's log-probs are computed once
+(`reference_logprobs`) and reused for every arm.
 """
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
 import torch
@@ -21,6 +28,10 @@ class Protocol:
     stride: int = 256
     max_tokens: int | None = None  # evaluate only the first N tokens (short runs in `make test`)
     bos: str = "none: text tokenized as one stream, add_special_tokens=False; first token unscored"
+    masking: str = ("context tokens of each window (scored by an earlier window) are labelled -100: every token "
+                    "from position 1 on is scored exactly once; PPL = exp(total NLL / scored tokens)")
+    kl: str = ("mean over the same scored tokens of KL(p_fp || p_arm), nats, full vocabulary, "
+               "log-softmax in float32")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -68,3 +79,50 @@ def perplexity(model, ids: torch.Tensor, protocol: Protocol = Protocol(), progre
         nll -= logp.gather(1, targets.unsqueeze(1)).sum().item()
         count += targets.numel()
     return math.exp(nll / count)
+
+
+@torch.no_grad()
+def reference_logprobs(model, ids: torch.Tensor, protocol: Protocol = Protocol(), progress: bool = False
+                       ) -> list[torch.Tensor]:
+    """The reference model's log-probs of every window, kept on the CPU for `evaluate(reference=...)`.
+
+    Memory: 4 bytes x vocabulary x scored tokens (SmolLM2, 4096 tokens: 0.8 GB).
+    """
+    return [logp.cpu() for _, logp in token_logprobs(model, ids, protocol, progress)]
+
+
+@torch.no_grad()
+def evaluate(model, ids: torch.Tensor, protocol: Protocol = Protocol(),
+             reference: Sequence[torch.Tensor] | torch.nn.Module | None = None, progress: bool = False) -> dict:
+    """Perplexity of `ids` under `model`, and the mean per-token KL from `reference`, on the same windows.
+
+    Args:
+        model: the arm to score.
+        ids: token ids from `encode`.
+        reference: `reference_logprobs(...)` of the full-precision model (computed once, reused), or that
+            model itself (run window by window beside `model`), or None for perplexity alone.
+    Returns:
+        {"ppl", "kl_vs_fp" (None without a reference), "tokens" (scored), "nll" (total, nats)}.
+    Example:
+        >>> ref = reference_logprobs(fp_model, ids, p)                      # doctest: +SKIP
+        >>> evaluate(int4_model, ids, p, reference=ref)["kl_vs_fp"]         # doctest: +SKIP
+    """
+    wins = windows(ids.numel(), protocol)
+    if isinstance(reference, Sequence) and len(reference) != len(wins):
+        raise ValueError(f"reference holds {len(reference)} windows, the protocol makes {len(wins)}: "
+                         "compute it with reference_logprobs on the same ids and protocol")
+    ref_iter = (iter(reference) if isinstance(reference, Sequence) else
+                (lp for _, lp in token_logprobs(reference, ids, protocol)) if reference is not None else None)
+    nll, kl, count = 0.0, 0.0, 0
+    for (_, end, first), logp in token_logprobs(model, ids, protocol, progress):
+        targets = ids[first:end].to(logp.device)
+        nll -= logp.gather(1, targets.unsqueeze(1)).sum().item()
+        count += targets.numel()
+        if ref_iter is not None:
+            ref = next(ref_iter).to(logp.device)
+            if ref.shape != logp.shape:
+                raise ValueError(f"reference window has shape {tuple(ref.shape)}, arm {tuple(logp.shape)}: "
+                                 "the two models must share the tokenizer and protocol")
+            kl += F.kl_div(logp, ref, reduction="sum", log_target=True).item()  # sum_t KL(p_ref || p_arm)
+    return {"ppl": math.exp(nll / count), "kl_vs_fp": None if ref_iter is None else kl / count,
+            "tokens": count, "nll": nll}

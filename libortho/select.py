@@ -33,14 +33,44 @@ def collect_hessian_diag(model: nn.Module, batches: Iterable[torch.Tensor], targ
     Returns:
         {module name: (in_features,) float32}.
     """
+    return _calibrate(model, batches, targets, progress, full=False)
+
+
+@torch.no_grad()
+def collect_hessian(model: nn.Module, batches: Iterable[torch.Tensor], targets, progress: bool = True
+                    ) -> dict[str, torch.Tensor]:
+    """The full H = mean over calibration tokens of x x^T for every target linear, in one forward pass.
+
+    What GPTQ needs; its diagonal is `collect_hessian_diag`'s statistic (`hessian_diag_of`).
+
+    Returns:
+        {module name: (in_features, in_features) float32}.
+    """
+    return _calibrate(model, batches, targets, progress, full=True)
+
+
+def hessian_diag_of(hessian: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The diagonals of full Hessians: the `hessian` score's statistic without a second calibration pass."""
+    return {n: torch.diagonal(h).clone() for n, h in hessian.items()}
+
+
+def _calibrate(model, batches, targets, progress, full: bool) -> dict[str, torch.Tensor]:
     linears = target_linears(model, targets)
-    sums = {n: torch.zeros(m.in_features, dtype=torch.float64) for n, m in linears.items()}
+    shape = (lambda m: (m.in_features, m.in_features)) if full else (lambda m: (m.in_features,))
+    sums = {n: torch.zeros(shape(m), dtype=torch.float64) for n, m in linears.items()}
     count = {"tokens": 0}
+    last = {"x": None, "version": None, "stat": None}  # q/k/v (gate/up) read one input tensor: x^T x once
 
     def hook(name):
         def fn(_mod, args):
             x = args[0].detach().reshape(-1, args[0].shape[-1]).float()  # (N, in)
-            sums[name] += x.pow(2).sum(0).double().cpu()
+            if not full:
+                sums[name] += x.pow(2).sum(0).double().cpu()
+                return
+            # identity, not address: holding the tensor keeps its memory from being reused by another
+            if args[0] is not last["x"] or args[0]._version != last["version"]:
+                last.update(x=args[0], version=args[0]._version, stat=(x.T @ x).double().cpu())  # (in, in)
+            sums[name] += last["stat"]
         return fn
 
     handles = [m.register_forward_pre_hook(hook(n)) for n, m in linears.items()]
@@ -54,6 +84,7 @@ def collect_hessian_diag(model: nn.Module, batches: Iterable[torch.Tensor], targ
     finally:
         for h in handles:
             h.remove()
+        last.clear()
     if count["tokens"] == 0:
         raise ValueError("calibration data is empty: pass at least one non-empty batch of token ids")
     return {n: (s / count["tokens"]).float() for n, s in sums.items()}
