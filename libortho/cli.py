@@ -10,9 +10,21 @@ class UsageError(Exception):
     """A problem with what the user asked for: one line, exit code 2, no traceback."""
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, not usage + error
+        raise UsageError(message)
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="libortho", description=__doc__)
-    sub = p.add_subparsers(dest="command", required=True)
+    p = _Parser(prog="libortho", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    g = sub.add_parser("check-gpu", help="GPU name, memory, capabilities and which profiles it can emulate")
+    g.add_argument("--json", action="store_true", help="print the report as JSON")
+    pl = sub.add_parser("plan", help="memory needed per precision, from the model's config alone")
+    pl.add_argument("--model", required=True)
+    pl.add_argument("--profile", default="gtx4050", help="GPU profile from markers.ini")
+    pl.add_argument("--seq-len", type=int, default=2048)
+    pl.add_argument("--density", type=float, default=0.01)
     r = sub.add_parser("run", help="run experiments and write a results JSON and plots")
     r.add_argument("--experiment", default="all", choices=["convert", "1", "2", "all"],
                    help="convert: conversion demo; 1: kill switch; 2: null test; all: every one")
@@ -52,11 +64,72 @@ def _check_run_args(a) -> None:
         raise UsageError(f"--model {m}: not a file, a directory, a Hugging Face id (org/name), smollm2-135m or tiny")
 
 
+def _profile_budget(name: str) -> float:
+    from .plan import profiles
+
+    known = profiles()
+    if name not in known:
+        raise UsageError(f"--profile {name}: unknown; markers.ini has {', '.join(known)}")
+    return known[name]["vram_gib"]
+
+
+def cmd_plan(a) -> int:
+    from .config import validate_density
+    from .plan import decide, model_config, plan_all
+
+    if a.seq_len <= 0:
+        raise UsageError(f"--seq-len must be positive, got {a.seq_len}")
+    validate_density(a.density)
+    budget = _profile_budget(a.profile)
+    plans = plan_all(model_config(a.model), a.seq_len, a.density)
+    print(f"{a.model} on {a.profile} ({budget:g} GiB), seq_len {a.seq_len}, batch 1")
+    print(f"{'precision':<10}{'weights':>9}{'embed':>8}{'head':>8}{'kv':>8}{'context':>9}{'total':>9}  fits")
+    for p in plans.values():
+        print(f"{p.precision:<10}{p.weights_gib:>9.2f}{p.embeddings_gib:>8.2f}{p.head_gib:>8.2f}{p.kv_cache_gib:>8.2f}"
+              f"{p.context_gib:>9.2f}{p.total_gib:>9.2f}  {'yes' if p.total_gib <= budget else 'no'}")
+    d = decide(plans, budget)
+    if d.precision is None:
+        raise UsageError(f"{a.model} on {a.profile}: {d.message}")
+    print(("4-bit required: " if d.auto_4bit else "") + d.message)
+    return 0
+
+
+def cmd_check_gpu(a) -> int:
+    import json
+
+    from .gpu import check_gpu
+
+    report = check_gpu()
+    if a.json:
+        print(json.dumps(report, indent=2, default=str))
+    else:
+        for k, v in report.items():
+            print(f"{k:>22}: {v}")
+    return 0
+
+
+def _apply_policy(a, ctx_extra: dict) -> None:
+    """Before anything loads: under 8 GB a large model goes 4-bit; one that never fits is refused."""
+    if not a.profile:
+        return
+    from .plan import decide, model_config, plan_all
+
+    budget = _profile_budget(a.profile)
+    requested = "fp16" if a.no_quantization else {4: "int4", 8: "int8"}[a.quantization_bits]
+    d = decide(plan_all(model_config(a.model)), budget, requested)
+    if d.precision is None:
+        raise UsageError(f"{a.model} on {a.profile}: {d.message}")
+    ctx_extra["memory_policy"] = {"profile": a.profile, "budget_gib": budget, "requested": requested,
+                                  "precision": d.precision, "auto_4bit": d.auto_4bit, "reason": d.message}
+
+
 def cmd_run(a) -> int:
     from .experiments import RunContext, load_all
     from .results import environment, results_path, write_json
 
     _check_run_args(a)
+    facts: dict = {}
+    _apply_policy(a, facts)
     experiments = load_all()
     wanted = list(experiments) if a.experiment == "all" else [{"1": "kill_switch", "2": "null_test"}.get(
         a.experiment, a.experiment)]
@@ -66,11 +139,12 @@ def cmd_run(a) -> int:
     ctx = RunContext(model=a.model, output_dir=a.output_dir, seed=a.seed, device=a.device, text=a.text,
                      profile=a.profile, num_canaries=a.num_canaries, canary_format=a.canary_format,
                      quantization_bits=a.quantization_bits, no_quantization=a.no_quantization,
-                     progress=not a.no_progress)
+                     progress=not a.no_progress, extra=facts)
     path = results_path(a.output_dir, a.profile)
     payload = {"environment": environment(a.device), "args": {k: str(v) for k, v in vars(a).items()}}
+    keys = {"kill_switch": "exp1_kill_switch", "null_test": "exp2_null_test"}
     for name in wanted:
-        payload[name if name != "kill_switch" else "exp1_kill_switch"] = experiments[name](ctx)
+        payload[keys.get(name, name)] = experiments[name](ctx)
         payload["run_facts"] = ctx.extra
         write_json(path, payload)  # after each experiment: nothing lost if a later one fails
     print(f"\nresults: {path}")
@@ -78,13 +152,10 @@ def cmd_run(a) -> int:
 
 
 def main(argv=None) -> int:
-    args = _parser().parse_args(argv)
     try:
-        return {"run": cmd_run}[args.command](args)
-    except UsageError as e:
-        print(f"libortho: error: {e}", file=sys.stderr)
-        return 2
-    except (FileNotFoundError, ValueError) as e:
+        args = _parser().parse_args(argv)
+        return {"run": cmd_run, "plan": cmd_plan, "check-gpu": cmd_check_gpu}[args.command](args)
+    except (UsageError, FileNotFoundError, ValueError) as e:
         print(f"libortho: error: {e}", file=sys.stderr)
         return 2
 

@@ -1,0 +1,194 @@
+"""Memory planning from a model's config alone: does it fit a GPU profile, and at which precision.
+
+The model is instantiated on the meta device (no weights, no download), its parameters counted by role,
+and each role priced per precision. Policy from the Llama 3 guides: under 8 GB of budget a large model
+is loaded in 4-bit; one that does not fit even in 4-bit is refused before anything loads.
+"""
+from __future__ import annotations
+
+import configparser
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .llama import is_target, LLAMA_LINEARS
+
+GIB = 1024**3
+CUDA_CONTEXT_GIB = 0.5  # CUDA context + allocator slack, the allowance every plan reserves
+AUTO_4BIT_BELOW_GIB = 8.0
+MARKERS_INI = Path(__file__).resolve().parent.parent / "markers.ini"
+
+_LLAMA3 = dict(vocab_size=128256, num_key_value_heads=8, rope_theta=500000.0, max_position_embeddings=8192)
+_8B = dict(_LLAMA3, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+           tie_word_embeddings=False)
+_3B = dict(_LLAMA3, hidden_size=3072, intermediate_size=8192, num_hidden_layers=28, num_attention_heads=24,
+           tie_word_embeddings=True)
+_70B = dict(_LLAMA3, hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
+            tie_word_embeddings=False)
+_405B = dict(_LLAMA3, hidden_size=16384, intermediate_size=53248, num_hidden_layers=126, num_attention_heads=128,
+             tie_word_embeddings=False)
+# Shapes of the models the Llama 3 guides name (from their published config.json), so `plan` needs no network.
+KNOWN_CONFIGS = {
+    "meta-llama/Meta-Llama-3-8B": _8B,
+    "meta-llama/Meta-Llama-3-8B-Instruct": _8B,
+    "meta-llama/Llama-3.1-8B-Instruct": _8B,
+    "meta-llama/Meta-Llama-3.1-8B-Instruct": _8B,
+    "meta-llama/Llama-3.2-3B": _3B,
+    "meta-llama/Llama-3.2-3B-Instruct": _3B,
+    "meta-llama/Meta-Llama-3-70B": _70B,
+    "meta-llama/Meta-Llama-3-70B-Instruct": _70B,
+    "meta-llama/Llama-3.1-405B": _405B,
+    "meta-llama/Meta-Llama-3.1-405B": _405B,
+    "meta-llama/Llama-3.1-405B-Instruct": _405B,
+    "HuggingFaceTB/SmolLM2-135M-Instruct": dict(vocab_size=49152, hidden_size=576, intermediate_size=1536,
+                                               num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
+                                               tie_word_embeddings=True, max_position_embeddings=8192),
+}
+ALIASES = {"smollm2-135m": "HuggingFaceTB/SmolLM2-135M-Instruct"}
+
+
+def profiles(path: Path = MARKERS_INI) -> dict[str, dict]:
+    """GPU profiles from markers.ini: {name: {vram_gib, arch, description}}."""
+    cp = configparser.ConfigParser()
+    if not cp.read(path):
+        raise FileNotFoundError(f"{path} is missing")
+    return {s: {"vram_gib": float(cp[s]["vram_gib"]), "arch": cp[s].get("arch", ""),
+                "description": cp[s].get("description", "")} for s in cp.sections()}
+
+
+def model_config(model: str):
+    """A transformers config for `model` without downloading weights (known ids need no network)."""
+    from transformers import AutoConfig, LlamaConfig
+
+    key = ALIASES.get(model, model)
+    if key in KNOWN_CONFIGS:
+        return LlamaConfig(**KNOWN_CONFIGS[key])
+    p = Path(model)
+    if p.is_dir():
+        return AutoConfig.from_pretrained(p)
+    if p.suffix == ".gguf" and p.is_file():
+        return AutoConfig.from_pretrained(p.parent, gguf_file=p.name)
+    if p.suffix == ".gguf" or model.startswith(("/", ".")):
+        raise FileNotFoundError(f"model {model} not found")
+    try:
+        return AutoConfig.from_pretrained(model)
+    except OSError as e:
+        raise ValueError(f"unknown model {model!r}: not a known id ({', '.join(sorted(KNOWN_CONFIGS))}), "
+                         f"and its config could not be fetched ({str(e).splitlines()[0][:120]})") from None
+
+
+@dataclass
+class ParamCount:
+    linears: int = 0  # the converted q/k/v/o/gate/up/down weights
+    embeddings: int = 0
+    head: int = 0
+    other: int = 0  # norms, biases
+    rows: int = 0  # output rows of the linears (CSR row pointers)
+    tied: bool = False
+
+
+def count_params(config) -> ParamCount:
+    """Count parameters by role on the meta device: no memory, no weights."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    c = ParamCount(tied=bool(getattr(config, "tie_word_embeddings", False)))
+    for name, mod in model.named_modules():
+        if isinstance(mod, torch.nn.Linear) and is_target(name, LLAMA_LINEARS):
+            c.linears += mod.weight.numel()
+            c.rows += mod.out_features
+    c.embeddings = model.get_input_embeddings().weight.numel()
+    c.head = model.get_output_embeddings().weight.numel()
+    total = sum(p.numel() for p in model.parameters())  # tied weights are counted once here
+    c.other = total - c.linears - c.embeddings - (0 if c.tied else c.head)
+    return c
+
+
+@dataclass
+class Plan:
+    precision: str
+    weights_gib: float
+    embeddings_gib: float
+    head_gib: float
+    kv_cache_gib: float
+    context_gib: float
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def total_gib(self) -> float:
+        return self.weights_gib + self.embeddings_gib + self.head_gib + self.kv_cache_gib + self.context_gib
+
+
+def bytes_per_weight(precision: str, group_size: int = 64) -> float:
+    return {"fp16": 2.0, "int8": 1.0 + 2 / 4096, "int4": (4 + 16 / group_size) / 8}[precision]
+
+
+def plan_all(config, seq_len: int = 2048, density: float = 0.01, batch: int = 1, group_size: int = 64
+             ) -> dict[str, Plan]:
+    """GPU memory for fp16, 8-bit, 4-bit and libortho (4-bit base + `density` ortho in fp16/int16 CSR).
+
+    Quantized plans keep the embedding table in CPU memory (a lookup of one row per token; the guides'
+    advice for small cards) and quantize the head like the linears.
+    """
+    c = count_params(config)
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    kv = 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim * seq_len * batch * 2 / GIB
+    other = c.other * 2 / GIB
+    out = {}
+    for prec in ("fp16", "int8", "int4", "libortho"):
+        b = bytes_per_weight("int4" if prec == "libortho" else prec, group_size)
+        weights = c.linears * b / GIB + other
+        notes = []
+        if prec == "libortho":
+            nnz = density * c.linears
+            weights += (nnz * (2 + 2) + (c.rows + 1) * 4) / GIB  # fp16 values, int16 columns, int32 row pointers
+            notes.append(f"ortho stream at density {density:g}")
+        if prec == "fp16":
+            emb = c.embeddings * 2 / GIB
+            head = 0.0 if c.tied else c.head * 2 / GIB
+        else:
+            emb = 0.0
+            head = c.head * b / GIB
+            notes.append("embeddings kept in CPU memory; head quantized like the linears")
+        out[prec] = Plan(prec, weights, emb, head, kv, CUDA_CONTEXT_GIB, notes)
+    return out
+
+
+@dataclass
+class Decision:
+    precision: str | None  # None: refused
+    auto_4bit: bool
+    message: str
+
+
+def decide(plans: dict[str, Plan], budget_gib: float, requested: str = "fp16") -> Decision:
+    """Apply the guides' policy to a budget: keep the request if it fits, else 4-bit under 8 GB, else refuse."""
+    if plans[requested].total_gib <= budget_gib:
+        return Decision(requested, False, f"{requested} fits: {plans[requested].total_gib:.2f} of {budget_gib:g} GiB")
+    if budget_gib < AUTO_4BIT_BELOW_GIB and requested in ("fp16", "int8"):
+        if plans["int4"].total_gib <= budget_gib:
+            return Decision("int4", True, f"{requested} needs {plans[requested].total_gib:.2f} GiB > {budget_gib:g} GiB: "
+                                          f"loading in 4-bit ({plans['int4'].total_gib:.2f} GiB)")
+    fitting = [p for p in ("fp16", "int8", "int4", "libortho") if plans[p].total_gib <= budget_gib]
+    if fitting:
+        return Decision(None, False, f"{requested} needs {plans[requested].total_gib:.2f} GiB > {budget_gib:g} GiB; "
+                                     f"fits: {', '.join(fitting)}")
+    return Decision(None, False, f"does not fit in {budget_gib:g} GiB even in 4-bit "
+                                 f"({plans['int4'].total_gib:.1f} GiB needed); {fits_hint(budget_gib)}")
+
+
+def fits_hint(budget_gib: float) -> str:
+    """Which known models would fit the budget in 4-bit, for refusal messages."""
+    from transformers import LlamaConfig
+
+    names, seen = [], set()
+    for name, shape in KNOWN_CONFIGS.items():
+        key = tuple(sorted(shape.items()))
+        if key in seen:
+            continue
+        seen.add(key)
+        if plan_all(LlamaConfig(**shape))["int4"].total_gib <= budget_gib:
+            names.append(name)
+    return "what fits in 4-bit: " + (", ".join(names) if names else "none of the known models")

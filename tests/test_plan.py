@@ -1,0 +1,50 @@
+import pytest
+
+from libortho.plan import KNOWN_CONFIGS, count_params, decide, model_config, plan_all, profiles
+
+
+def test_profiles_from_markers_ini():
+    p = profiles()
+    assert p["gtx4050"]["vram_gib"] == 6 and {"rtx4090", "a100", "h100"} <= set(p)
+
+
+def test_llama3_8b_parameter_count():
+    c = count_params(model_config("meta-llama/Meta-Llama-3-8B"))
+    total = c.linears + c.embeddings + c.head + c.other
+    assert total == pytest.approx(8.03e9, rel=0.01)  # the published 8.03B
+    assert c.embeddings == c.head == 128256 * 4096 and not c.tied
+
+
+def test_smollm2_matches_real_model(smollm2_state):
+    c = count_params(model_config("smollm2-135m"))
+    real = sum(p.numel() for p in smollm2_state.model.parameters())
+    assert c.linears + c.embeddings + c.other == real and c.tied
+
+
+def test_plan_ordering_and_kv():
+    plans = plan_all(model_config("meta-llama/Meta-Llama-3-8B"), seq_len=2048)
+    t = {k: v.total_gib for k, v in plans.items()}
+    assert t["fp16"] > t["int8"] > t["libortho"] > t["int4"]
+    # 2 (k,v) x 32 layers x 8 heads x 128 dims x 2048 tokens x 2 bytes = 256 MiB
+    assert plans["fp16"].kv_cache_gib == pytest.approx(0.25)
+
+
+def test_policy_gtx4050():
+    p8 = plan_all(model_config("meta-llama/Llama-3.1-8B-Instruct"))
+    d = decide(p8, 6.0)
+    assert d.precision == "int4" and d.auto_4bit
+    d70 = decide(plan_all(model_config("meta-llama/Meta-Llama-3-70B")), 6.0)
+    assert d70.precision is None and "Meta-Llama-3-8B" in d70.message
+    assert decide(p8, 80.0).precision == "fp16"
+
+
+def test_unknown_model_offline(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ValueError, match="unknown model"):
+        model_config("nobody/no-such-model")
+    with pytest.raises(FileNotFoundError):
+        model_config("/no/such/model.gguf")
+
+
+def test_known_configs_are_llama3_vocab():
+    assert all(v["vocab_size"] == 128256 for k, v in KNOWN_CONFIGS.items() if "meta-llama" in k)
