@@ -24,6 +24,17 @@ FORMAT_VERSION = "1"
 ORTHO_KEYS = ("ortho_crow", "ortho_col", "ortho_values")
 
 
+def dense_weight(lin: nn.Module) -> torch.Tensor:
+    """The layer's weight as a dense matrix; a bitsandbytes 4-bit layer (a model loaded in 4-bit to fit a
+    small card) is dequantized, so its NF4 values become the source of the INT4 base."""
+    w = lin.weight
+    if getattr(w, "quant_state", None) is not None:  # bnb Params4bit
+        import bitsandbytes.functional as bnbf
+
+        return bnbf.dequantize_4bit(w.data, w.quant_state).to(w.quant_state.dtype)
+    return w.detach()
+
+
 def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
     parent, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent) if parent else model, child, module)
@@ -79,7 +90,7 @@ def orthogonalize_(model: nn.Module, config: OrthoConfig | None = None,
     t_calib = time.perf_counter() - t0
     gen = torch.Generator().manual_seed(config.seed)
     for name, lin in tqdm(linears.items(), desc="orthogonalize", disable=not progress, leave=False):
-        w = lin.weight.detach()
+        w = dense_weight(lin)
         check_finite(w, f"weight of {name}")
         try:
             src = w if config.mode is Mode.POSTHOC else public_sd[f"{name}.weight"].to(w.device, w.dtype)

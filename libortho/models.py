@@ -81,8 +81,13 @@ def tiny_llama(seed: int = 0, vocab_size: int | None = None, hidden_size: int = 
     return LlamaForCausalLM(cfg).eval()
 
 
-def load_model(source: str = EMBEDDED, dtype: torch.dtype = torch.float32, device: str = "cpu") -> Loaded:
-    """Load `source`: 'smollm2-135m', 'tiny', a .gguf file, a local directory or a Hugging Face id."""
+def load_model(source: str = EMBEDDED, dtype: torch.dtype = torch.float32, device: str = "cpu",
+               bits: int | None = None) -> Loaded:
+    """Load `source`: 'smollm2-135m', 'tiny', a .gguf file, a local directory or a Hugging Face id.
+
+    `bits=4` (or 8) loads a directory or hub model through bitsandbytes (NF4 / LLM.int8) so a large model
+    fits a small card; `orthogonalize_` dequantizes such layers when it builds the INT4 base.
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if source == EMBEDDED:
@@ -101,6 +106,15 @@ def load_model(source: str = EMBEDDED, dtype: torch.dtype = torch.float32, devic
     else:  # local directory or hub id: the real loading code, for users who have them
         if not Path(source).is_dir() and "/" not in str(source):
             raise ValueError(f"unknown model {source!r}: use {EMBEDDED}, tiny, a .gguf file, a directory or an HF id")
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+        kw = {}
+        if bits in (4, 8):
+            from transformers import BitsAndBytesConfig
+
+            kw = {"device_map": device, "quantization_config": BitsAndBytesConfig(
+                load_in_4bit=bits == 4, load_in_8bit=bits == 8, bnb_4bit_quant_type="nf4",
+                bnb_4bit_compute_dtype=dtype)}
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kw)
         tok, name = AutoTokenizer.from_pretrained(source), str(source)
+        if kw:
+            return Loaded(model.eval(), tok, name, str(source))
     return Loaded(model.to(device).eval(), tok, name, str(source))

@@ -171,3 +171,16 @@ def test_truncated_and_foreign_files_rejected(tmp_path):
 
 def test_ortholinear_is_exported():
     assert OrthoLinear.__module__ == "libortho.linear"
+
+
+def test_convert_from_bnb_nf4_model(tmp_path, tokenizer):
+    """A model loaded in 4-bit to fit a small card converts from its dequantized NF4 weights."""
+    from libortho.models import load_model
+
+    small().save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    loaded = load_model(str(tmp_path), bits=4)
+    nf4 = loaded.model
+    ref = nf4(input_ids=IDS).logits
+    orthogonalize_(nf4, OrthoConfig(density=1.0, group_size=32, score="magnitude"), progress=False)
+    torch.testing.assert_close(nf4(input_ids=IDS).logits, ref, rtol=1e-3, atol=1e-3)

@@ -35,6 +35,11 @@ class RunContext:
     progress: bool = True
     extra: dict = field(default_factory=dict)  # facts for the JSON (e.g. auto 4-bit loading)
 
+    @property
+    def load_bits(self) -> int | None:
+        """Bits to load the model in, as the memory policy decided (None: full precision)."""
+        return {"int4": 4, "libortho": 4, "int8": 8}.get(self.extra.get("memory_policy", {}).get("precision"))
+
 
 def load_all() -> dict[str, Callable]:
     """Import the experiment modules so they register themselves."""

@@ -33,7 +33,7 @@ def greedy(model, tokenizer, prompt: str, new_tokens: int = 24) -> str:
 @register("convert")
 def run(ctx: RunContext, density: float = 0.01, group_size: int = 64) -> dict:
     torch.manual_seed(ctx.seed)
-    loaded = load_model(ctx.model, device=ctx.device)
+    loaded = load_model(ctx.model, device=ctx.device, bits=ctx.load_bits)
     model, tok = loaded.model, loaded.tokenizer
     text = load_text(ctx.text)
     ids = encode(tok, text.text, DEMO_PROTOCOL)
