@@ -184,3 +184,31 @@ def test_convert_from_bnb_nf4_model(tmp_path, tokenizer):
     ref = nf4(input_ids=IDS).logits
     orthogonalize_(nf4, OrthoConfig(density=1.0, group_size=32, score="magnitude"), progress=False)
     torch.testing.assert_close(nf4(input_ids=IDS).logits, ref, rtol=1e-3, atol=1e-3)
+
+
+def test_smollm2_posthoc_one_percent(smollm2, calib_batches, tokenizer, eval_text):
+    """The real model: conversion time within budget, alpha 1 beats alpha 0, generate works, alpha 0 = INT4."""
+    import time
+
+    from libortho import cache_base_
+    from libortho.baselines import int4_rtn_
+    from libortho.perplexity import Protocol, encode, perplexity
+    from libortho.thresholds import load as thresholds
+
+    prot = Protocol(max_length=256, stride=256, max_tokens=768)
+    ids = encode(tokenizer, eval_text.text, prot)
+    rtn = copy.deepcopy(smollm2)
+    int4_rtn_(rtn, group_size=64)
+    t0 = time.perf_counter()
+    orthogonalize_(smollm2, OrthoConfig(density=0.01, group_size=64), calibration=calib_batches, progress=False)
+    secs = time.perf_counter() - t0
+    assert secs < thresholds("convert")["max_convert_seconds"]
+    cache_base_(smollm2)
+    ppl = {}
+    for a in (0.0, 1.0):
+        set_alpha(smollm2, a)
+        ppl[a] = perplexity(smollm2, ids, prot)
+    assert ppl[1.0] < ppl[0.0]
+    assert ppl[0.0] == perplexity(rtn, ids, prot)  # the kill switch is exactly plain INT4 of these weights
+    out = smollm2.generate(ids[:8].unsqueeze(0), max_new_tokens=4, do_sample=False, pad_token_id=2)
+    assert out.shape == (1, 12)
