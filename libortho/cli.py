@@ -65,12 +65,12 @@ def _check_run_args(a) -> None:
 
 
 def _profile_budget(name: str) -> float:
-    from .plan import profiles
+    from .gpu import profiles
 
     known = profiles()
     if name not in known:
         raise UsageError(f"--profile {name}: unknown; markers.ini has {', '.join(known)}")
-    return known[name]["vram_gib"]
+    return known[name].vram_gib
 
 
 def cmd_plan(a) -> int:

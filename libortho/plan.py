@@ -6,7 +6,6 @@ is loaded in 4-bit; one that does not fit even in 4-bit is refused before anythi
 """
 from __future__ import annotations
 
-import configparser
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,7 +16,6 @@ from .llama import is_target, LLAMA_LINEARS
 GIB = 1024**3
 CUDA_CONTEXT_GIB = 0.5  # CUDA context + allocator slack, the allowance every plan reserves
 AUTO_4BIT_BELOW_GIB = 8.0
-MARKERS_INI = Path(__file__).resolve().parent.parent / "markers.ini"
 
 _LLAMA3 = dict(vocab_size=128256, num_key_value_heads=8, rope_theta=500000.0, max_position_embeddings=8192)
 _8B = dict(_LLAMA3, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
@@ -46,15 +44,6 @@ KNOWN_CONFIGS = {
                                                tie_word_embeddings=True, max_position_embeddings=8192),
 }
 ALIASES = {"smollm2-135m": "HuggingFaceTB/SmolLM2-135M-Instruct"}
-
-
-def profiles(path: Path = MARKERS_INI) -> dict[str, dict]:
-    """GPU profiles from markers.ini: {name: {vram_gib, arch, description}}."""
-    cp = configparser.ConfigParser()
-    if not cp.read(path):
-        raise FileNotFoundError(f"{path} is missing")
-    return {s: {"vram_gib": float(cp[s]["vram_gib"]), "arch": cp[s].get("arch", ""),
-                "description": cp[s].get("description", "")} for s in cp.sections()}
 
 
 def model_config(model: str):

@@ -1,11 +1,6 @@
 import pytest
 
-from libortho.plan import KNOWN_CONFIGS, count_params, decide, model_config, plan_all, profiles
-
-
-def test_profiles_from_markers_ini():
-    p = profiles()
-    assert p["gtx4050"]["vram_gib"] == 6 and {"rtx4090", "a100", "h100"} <= set(p)
+from libortho.plan import KNOWN_CONFIGS, count_params, decide, model_config, plan_all
 
 
 def test_llama3_8b_parameter_count():
