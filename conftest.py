@@ -44,7 +44,7 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU (none found); runs with `pytest -m <profile>` on one"))
         elif marked:
             need = min(profiles[n]["vram_gib"] for n in marked)
-            if total < need:
+            if total < 0.97 * need:  # nominal sizes: an "80 GB" H100 reports 79.6 GiB
                 item.add_marker(pytest.mark.skip(reason=f"GPU has {total:.1f} GiB, profile {marked} needs {need:g} GiB"))
 
 

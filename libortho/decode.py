@@ -27,6 +27,11 @@ def rotate_half(x):
     return torch.cat((-x2, x1), dim=-1)
 
 
+def apply_rope(x, cos, sin_signed):
+    """x * cos + rotate_half(x) * sin, as 3 kernels: rotate_half(x) * sin == roll(x) * [-sin1, sin2]."""
+    return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, -1), sin_signed)
+
+
 class StaticDecoder:
     """Greedy batch-1 generation over a static KV cache of `max_seq` positions.
 
@@ -57,37 +62,45 @@ class StaticDecoder:
         pos = torch.arange(max_seq)[None]
         cos, sin = rope(torch.zeros(1, dtype=torch.float32), pos)  # (1, S, hd)
         self.cos, self.sin = cos[0].to(self.device, dtype), sin[0].to(self.device, dtype)
+        half = self.hd // 2
+        self.sin_signed = torch.cat((-self.sin[:, :half], self.sin[:, half:]), -1)
+        self.mask_bias = torch.zeros(max_seq, dtype=torch.float32, device=self.device)
+        self.neg_inf = torch.full((max_seq,), float("-inf"), device=self.device)
+        self.zero = torch.zeros((), device=self.device)
         self.arange = torch.arange(max_seq, device=self.device)
         self.pos = torch.zeros(1, dtype=torch.long, device=self.device)
-        self.mask = torch.zeros(max_seq, dtype=torch.bool, device=self.device)
         self.tok = torch.zeros(1, 1, dtype=torch.long, device=self.device)
         self.emb_in = torch.zeros(1, 1, self.H, dtype=dtype, device=self.device)
         self.graph, self.graph_sig = None, None
         self.ortho = _ortho_modules(model)
 
     # -- the model, written out once ---------------------------------------------------------------
-    def _attn(self, i, layer, h, pos, prefill: bool):
+    def _attn(self, i, layer, h, pos, rope, prefill: bool):
         a = layer.self_attn
         T = h.shape[1]
+        cos, sin_s = rope  # (1, 1, T, hd)
         q = a.q_proj(h).view(1, T, self.nh, self.hd).transpose(1, 2)  # (1, nh, T, hd)
         k = a.k_proj(h).view(1, T, self.nkv, self.hd).transpose(1, 2)  # (1, nkv, T, hd)
         v = a.v_proj(h).view(1, T, self.nkv, self.hd).transpose(1, 2)
-        cos, sin = self.cos[pos][None, None], self.sin[pos][None, None]  # (1, 1, T, hd)
-        q = q * cos + rotate_half(q) * sin
-        k = k * cos + rotate_half(k) * sin
+        q, k = apply_rope(q, cos, sin_s), apply_rope(k, cos, sin_s)
         self.k_cache[i].index_copy_(2, pos, k)
         self.v_cache[i].index_copy_(2, pos, v)
         if prefill:  # the prompt starts at position 0
             o = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-        else:
-            o = F.scaled_dot_product_attention(q, self.k_cache[i], self.v_cache[i],
-                                               attn_mask=self.mask.view(1, 1, 1, -1), enable_gqa=True)
-        return a.o_proj(o.transpose(1, 2).reshape(1, T, self.nh * self.hd))
+            o = o.transpose(1, 2).reshape(1, T, self.nh * self.hd)
+        else:  # one query: grouped heads against the whole static cache, future positions masked
+            g = self.nh // self.nkv
+            qg = q.reshape(1, self.nkv, g, self.hd)  # query heads j*g .. j*g+g-1 share kv head j
+            s = torch.matmul(qg, self.k_cache[i].transpose(-1, -2)).float()  # (1, nkv, g, S)
+            p = torch.softmax(torch.add(self.mask_bias, s, alpha=self.hd ** -0.5), -1).to(q.dtype)
+            o = torch.matmul(p, self.v_cache[i]).view(1, 1, self.nh * self.hd)  # (1, 1, nh*hd)
+        return a.o_proj(o)
 
     def _forward(self, x, pos, prefill: bool):  # x (1, T, H) -> logits of the last position (1, V)
+        rope = (self.cos[pos][None, None], self.sin_signed[pos][None, None])  # once per step, not per layer
         for i, layer in enumerate(self.layers):
             h = F.rms_norm(x, (self.H,), layer.input_layernorm.weight, self.eps)
-            x = x + self._attn(i, layer, h, pos, prefill)
+            x = x + self._attn(i, layer, h, pos, rope, prefill)
             h = F.rms_norm(x, (self.H,), layer.post_attention_layernorm.weight, self.eps)
             m = layer.mlp
             x = x + m.down_proj(F.silu(m.gate_proj(h)) * m.up_proj(h))
@@ -99,7 +112,7 @@ class StaticDecoder:
 
     def _step(self):  # one decode token, all on the device: the part that is captured
         x = self.embed[self.tok] if self.embed_on_device else self.emb_in  # (1, 1, H)
-        torch.le(self.arange, self.pos, out=self.mask)
+        torch.where(self.arange <= self.pos, self.zero, self.neg_inf, out=self.mask_bias)
         logits = self._forward(x, self.pos, prefill=False)
         self.tok.copy_(logits.argmax(-1, keepdim=True))
         self.pos.add_(1)

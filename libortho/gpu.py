@@ -15,6 +15,9 @@ from pathlib import Path
 
 GIB = 1024**3
 MARKERS_INI = Path(__file__).resolve().parent.parent / "markers.ini"
+# Cards report a little less than their nominal size (an "80 GB" H100: 79.6 GiB): within this share of a
+# profile's budget a card still counts as that size.
+NOMINAL_SLACK = 0.97
 # What the CUDA context, cuBLAS and Triton take outside the caching allocator when it cannot be measured.
 DEFAULT_CONTEXT_GIB = 0.75
 
@@ -55,7 +58,7 @@ def cap_fraction(profile: Profile, total_bytes: int, context_bytes: int | None =
     measured when given, else DEFAULT_CONTEXT_GIB).
     Raises ValueError when the card is smaller than the profile (it cannot emulate it).
     """
-    if total_bytes < profile.budget_bytes:
+    if total_bytes < NOMINAL_SLACK * profile.budget_bytes:
         raise ValueError(f"this GPU has {total_bytes / GIB:.1f} GiB, less than profile {profile.name}'s "
                          f"{profile.vram_gib:g} GiB budget")
     ctx = DEFAULT_CONTEXT_GIB * GIB if context_bytes is None else context_bytes
@@ -243,7 +246,7 @@ def check_gpu(device: int = 0) -> dict:
     )
     info["profiles"] = {}
     for n, p in profs.items():
-        fits = total >= p.budget_bytes
+        fits = total >= NOMINAL_SLACK * p.budget_bytes
         info["profiles"][n] = {"fits": fits, "vram_gib": p.vram_gib,
                                "reason": f"{total / GIB:.1f} GiB >= {p.vram_gib:g} GiB budget" if fits else
                                f"{total / GIB:.1f} GiB < {p.vram_gib:g} GiB budget"}

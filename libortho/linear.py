@@ -119,7 +119,8 @@ class OrthoLinear(nn.Module):
                                  f"group_size {self.group_size}, in_features {self.in_features}); use 'auto'")
         w = self.dequantized_base(x.dtype)
         # alpha == 0 must not read the ortho stream: the kill switch is a branch, not a multiply by 0.
-        if self.has_ortho and self.nnz and self.alpha.item() != 0:
+        on = self._alpha_hint if self._alpha_hint is not None else self.alpha.item() != 0  # hint: no sync in graphs
+        if self.has_ortho and self.nnz and on:
             w = w + self.alpha.to(x.dtype) * self.ortho_dense(x.dtype)
         return F.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
 

@@ -49,8 +49,11 @@ def random_ortho_linear(out_f: int, in_f: int, density: float, group_size: int, 
     m.scales = ((1 + 0.1 * torch.randn(out_f, g, device=device, generator=gen)) * (std / CODE_STD)).to(dtype)
     per_row = int(round(density * in_f))
     m.ortho_crow = (torch.arange(out_f + 1, device=device, dtype=torch.int32) * per_row)
-    cols = torch.randint(0, in_f, (out_f, per_row), device=device, generator=gen, dtype=torch.int32)
-    m.ortho_col = cols.sort(dim=1).values.flatten().to(index_dtype(in_f))
+    # one column per stratum of the row: unique and sorted, as a selection mask gives them
+    width = in_f // max(per_row, 1)
+    off = torch.randint(0, max(width, 1), (out_f, per_row), device=device, generator=gen, dtype=torch.int32)
+    cols = torch.arange(per_row, device=device, dtype=torch.int32) * width + off
+    m.ortho_col = cols.flatten().to(index_dtype(in_f))
     m.ortho_values = nn.Parameter((torch.randn(out_f * per_row, device=device, generator=gen) * std / 2).to(dtype),
                                   requires_grad=False)
     m.alpha = torch.tensor(1.0, device=device)
@@ -58,13 +61,14 @@ def random_ortho_linear(out_f: int, in_f: int, density: float, group_size: int, 
 
 
 @torch.no_grad()
-def build(config=None, density: float = 0.01, group_size: int = 128, dtype=torch.bfloat16, device="cuda",
+def build(config=None, density: float = 0.01, group_size: int | None = None, dtype=torch.bfloat16, device="cuda",
           embed_device: str | None = None, seed: int = 0, head_bits: int = 4):
     """A shape-only Llama-family model: OrthoLinear linears and an INT4 head, built without dense weights.
 
     Args:
         config: a LlamaConfig (default: Llama-3-8B's).
         density: ortho share of every converted linear.
+        group_size: INT4 group; default the largest of 128/64/32 dividing every layer width.
         embed_device: where the embedding table lives; "cpu" keeps its 1 GB (8B shape) off the GPU (the
             decoder gathers one row per token). Default: "cpu" when the table is over 256 MB.
         head_bits: 4 -> the LM head is an INT4 OrthoLinear with no ortho stream; 16 -> dense in `dtype`.
@@ -75,6 +79,8 @@ def build(config=None, density: float = 0.01, group_size: int = 128, dtype=torch
     from transformers import LlamaForCausalLM
 
     cfg = config or llama3_8b_config()
+    if group_size is None:
+        group_size = next(g for g in (128, 64, 32, 16, 2) if cfg.hidden_size % g == 0 and cfg.intermediate_size % g == 0)
     gen = torch.Generator(device=device).manual_seed(seed)
     with torch.device("meta"):
         model = LlamaForCausalLM(cfg)

@@ -58,8 +58,6 @@ def dual_linear_forward(m, x: torch.Tensor) -> torch.Tensor | None:
     else:  # prefill: matrix-bound, so one dequantization pass then a cuBLAS product
         w = td.dequant(m.qweight, m.scales, m.zeros, m.group_size, x.dtype)
         if on:
-            counts = (m.ortho_crow[1:] - m.ortho_crow[:-1]).long()
-            rows = torch.repeat_interleave(torch.arange(m.out_features, device=w.device), counts)
-            w.index_put_((rows, m.ortho_col.long()), (m.ortho_values * m.alpha).to(w.dtype), accumulate=True)
+            td.csr_scatter_add_(w, m.ortho_crow, m.ortho_col, m.ortho_values, m.alpha)
         y = F.linear(x2, w, None if bias is None else bias.to(x.dtype))
     return y.reshape(*x.shape[:-1], m.out_features)
