@@ -1,0 +1,106 @@
+import copy
+
+import pytest
+import torch
+
+from libortho.baselines import int4_rtn_
+from libortho.convert import ortho_modules, set_alpha
+from libortho.linear import OrthoLinear
+from libortho.privacy import make_canaries
+from libortho.quant import quantize
+from libortho.train import (OrthoTuneConfig, TrainConfig, cached, canary_batch, full_finetune_, lora_wrap, mask_scores,
+                            ortho_tune_, set_lora_alpha)
+
+FAST = TrainConfig(lr=1e-2, max_steps=3, check_every=3, general_chunks=1, general_length=16)
+
+
+@pytest.fixture
+def data(tokenizer):
+    """Two short canaries, a stretch of 'general' token ids and two calibration batches."""
+    g = torch.Generator().manual_seed(0)
+    general = torch.randint(0, len(tokenizer), (256,), generator=g)
+    calib = [torch.randint(0, len(tokenizer), (1, 32), generator=g) for _ in range(2)]
+    return make_canaries(tokenizer, 2, seed=0, groups=(3, 3)), general, calib
+
+
+def test_canary_batch_pads_and_masks_labels(tokenizer):
+    cs = make_canaries(tokenizer, 2, seed=0, fmt="chat", groups=(3,)) + make_canaries(tokenizer, 1, groups=(3,))
+    ids, mask, labels = canary_batch(cs, pad_id=0)
+    assert ids.shape == mask.shape == labels.shape and ids.shape[0] == 3
+    assert mask[2].sum() == len(cs[2].ids) < ids.shape[1]
+    assert (labels[mask == 0] == -100).all() and torch.equal(labels[mask == 1], ids[mask == 1])
+
+
+def test_mask_score_is_saliency_over_public_hessian():
+    g = torch.tensor([[1.0, 2.0], [3.0, 0.0]])
+    h = torch.tensor([1.0, 4.0])
+    s = mask_scores(g, h, "saliency_hessian", damp=0.0)
+    torch.testing.assert_close(s, torch.tensor([[1.0, 1.0], [9.0, 0.0]]))
+    torch.testing.assert_close(mask_scores(g, None, "saliency", 0.0), g.pow(2))
+    with pytest.raises(ValueError, match="score"):
+        OrthoTuneConfig(score="hessian")
+
+
+def test_ortho_tune_trains_only_the_stream_and_alpha0_is_int4_public(tiny_model, data):
+    cs, general, calib = data
+    public = copy.deepcopy(tiny_model)
+    ocfg = OrthoTuneConfig(density=0.02, group_size=32, symmetric=False)
+    stats = ortho_tune_(tiny_model, cs, general, calib, FAST, ocfg, pad_id=0, progress=False)
+    assert stats["steps"] == 3 and 0.02 <= stats["density"] < 0.03
+    mods = ortho_modules(tiny_model)
+    assert len(mods) == 2 * 7 and all(isinstance(m, OrthoLinear) for m in mods.values())
+    for name, m in mods.items():  # the base is INT4 of the public weight, never touched by training
+        ref = quantize(public.get_submodule(name).weight, 32, symmetric=False)
+        assert torch.equal(m.qweight, ref.qweight) and torch.equal(m.scales, ref.scales)
+    assert any(m.ortho_values.abs().sum() > 0 for m in mods.values())
+    assert torch.equal(tiny_model.model.embed_tokens.weight, public.model.embed_tokens.weight)
+    ids = torch.tensor([cs[0].ids])
+    int4_rtn_(public, 32, symmetric=False)
+    set_alpha(tiny_model, 0.0)
+    with torch.no_grad():
+        assert torch.equal(tiny_model(input_ids=ids).logits, public(input_ids=ids).logits)
+
+
+def test_full_finetune_same_seed_same_weights(tokenizer, data):
+    from libortho.models import tiny_llama
+
+    cs, general, _ = data
+    a, b = tiny_llama(vocab_size=len(tokenizer)), tiny_llama(vocab_size=len(tokenizer))
+    ha = full_finetune_(a, cs, general, FAST, 0, progress=False)
+    hb = full_finetune_(b, cs, general, FAST, 0, progress=False)
+    assert ha == hb
+    for (n, p), q in zip(a.named_parameters(), b.parameters()):
+        assert torch.equal(p, q), n
+    assert not any(p.requires_grad for p in a.parameters())
+
+
+def test_lora_alpha0_is_the_public_model(tiny_model, data):
+    cs, general, _ = data
+    ids = torch.tensor([cs[0].ids])
+    with torch.no_grad():
+        ref = tiny_model(input_ids=ids).logits
+    m = lora_wrap(tiny_model)
+    from libortho.train import lora_finetune_
+
+    lora_finetune_(m, cs, general, FAST, 0, progress=False)
+    with torch.no_grad():
+        assert not torch.equal(m(input_ids=ids).logits, ref)
+        assert torch.equal(set_lora_alpha(m, 0.0)(input_ids=ids).logits, ref)
+
+
+def test_cache_is_safetensors_and_skips_the_build(tmp_path, monkeypatch):
+    monkeypatch.setenv("LIBORTHO_CACHE", str(tmp_path))
+    calls = []
+
+    def build():
+        calls.append(1)
+        return {"w": torch.arange(4.0)}, {"history": {"steps": 1}}
+
+    t1, m1, hit1 = cached("unit", {"a": 1}, build)
+    t2, m2, hit2 = cached("unit", {"a": 1}, build)
+    assert (hit1, hit2) == (False, True) and len(calls) == 1 and torch.equal(t1["w"], t2["w"])
+    assert m2["config"] == {"a": 1}
+    files = sorted(p.name for p in tmp_path.rglob("*") if p.is_file())
+    assert files == ["meta.json", "weights.safetensors"]
+    cached("unit", {"a": 2}, build)
+    assert len(calls) == 2  # another configuration, another key
