@@ -305,6 +305,8 @@ def plot(inner: dict, path: Path) -> Path:
 def run(ctx: RunContext, size: Size | None = None, arms: tuple[str, ...] = ARMS) -> dict:
     """Build and measure every arm; write `exp1_kill_switch.png` to `ctx.output_dir`; return the JSON section."""
     size = size or FULL
+    if str(ctx.device).startswith("cuda"):  # same seed, same numbers: no atomics-order noise in backward
+        torch.use_deterministic_algorithms(True, warn_only=True)
     if ctx.num_canaries:
         size = replace(size, num_canaries=ctx.num_canaries)
     exp = KillSwitch(ctx.model, size, ctx.seed, ctx.canary_format, ctx.text, ctx.device, ctx.progress)
