@@ -21,7 +21,10 @@ from .llama import LLAMA_LINEARS
 from .quant import OFFSET, QMAX, QMIN, QuantizedTensor, _search_clip, check_finite, pack_int4, quant_params, \
     resolve_group_size
 
-DAMP = 0.01  # dampening: this share of mean(diag H) is added to the diagonal (the GPTQ paper's 1%)
+DAMP = 0.1  # dampening: share of mean(diag H) added to the diagonal (see note below)
+# The paper's 1% assumes ~260K calibration tokens. With a few thousand, 1% overfits the calibration text:
+# on SmolLM2-135M (4096 fortunes tokens), the output error on *held-out fortunes* was lowest at 10%
+# (1%: up to 1.2x higher; 30%: about equal); AutoGPTQ's documentation also suggests 0.1.
 BLOCK = 128  # columns rounded per block before the lazy update of the rest (speed only, same result)
 
 
@@ -57,6 +60,19 @@ def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, group_size: int | None
         >>> qt.dequantize().shape
         torch.Size([16, 64])
     """
+    if w.device.type != "cpu":
+        return _gptq(w, hessian, group_size, symmetric, dtype, clip_search, pad, damp)
+    # The column loop is thousands of tiny ops: on CPU, intra-op threads only add synchronisation
+    # (measured 30x slower with 2 threads than with 1 on a busy 2-core machine).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _gptq(w, hessian, group_size, symmetric, dtype, clip_search, pad, damp)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _gptq(w, hessian, group_size, symmetric, dtype, clip_search, pad, damp) -> QuantizedTensor:
     if w.dim() != 2:
         raise ValueError(f"expected a 2-D weight, got shape {tuple(w.shape)}")
     check_finite(w)

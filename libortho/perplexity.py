@@ -29,7 +29,8 @@ class Protocol:
     max_tokens: int | None = None  # evaluate only the first N tokens (short runs in `make test`)
     bos: str = "none: text tokenized as one stream, add_special_tokens=False; first token unscored"
     masking: str = ("context tokens of each window (scored by an earlier window) are labelled -100: every token "
-                    "from position 1 on is scored exactly once; PPL = exp(total NLL / scored tokens)")
+                    "from position 1 on is scored exactly once (stride == max_length: windows overlap by one "
+                    "token); PPL = exp(total NLL / scored tokens)")
     kl: str = ("mean over the same scored tokens of KL(p_fp || p_arm), nats, full vocabulary, "
                "log-softmax in float32")
 
@@ -47,16 +48,23 @@ def encode(tokenizer, text: str, protocol: Protocol) -> torch.Tensor:
 
 
 def windows(n_tokens: int, protocol: Protocol) -> list[tuple[int, int, int]]:
-    """(begin, end, first scored position) of each window; every position >= 1 is scored exactly once."""
+    """(begin, end, first scored position) of each window; every position >= 1 is scored exactly once.
+
+    A window after the first starts `max_length - stride` tokens before its first scored position (at
+    least one, so that with `stride == max_length` the token at a window's start still has a predecessor
+    to be predicted from: such windows overlap by one token).
+    """
     if protocol.stride <= 0 or protocol.stride > protocol.max_length:
         raise ValueError(f"stride must be in [1, max_length], got {protocol.stride}")
-    out, prev_end = [], 0
-    for begin in range(0, n_tokens, protocol.stride):
+    if protocol.max_length < 2:
+        raise ValueError(f"max_length must be >= 2 (a token and its context), got {protocol.max_length}")
+    context = max(protocol.max_length - protocol.stride, 1)
+    out, first = [], 1
+    while first < n_tokens:
+        begin = max(0, first - context) if out else 0
         end = min(begin + protocol.max_length, n_tokens)
-        out.append((begin, end, max(prev_end, begin + 1)))
-        prev_end = end
-        if end == n_tokens:
-            break
+        out.append((begin, end, first))
+        first = end
     return out
 
 

@@ -1,0 +1,124 @@
+"""Experiment 2, the null test (issue 4), as assertions.
+
+Every threshold comes from thresholds.toml [exp2_null_test]; tighten them there. `make test` runs the
+checks on a 1021-token slice of the default text with the arms they need (`SMOKE`); `pytest bench/ -m real`
+runs the full plan (every INT4 configuration, NF4, both libortho bases) and writes
+results/exp2_null_test.json and .png.
+"""
+import json
+from pathlib import Path
+
+import pytest
+
+from libortho.baselines import nf4_bits_per_weight
+from libortho.experiments import load_all
+from libortho.experiments.null_test import FULL, SMOKE, load_eval_text, run_null_test
+from libortho.results import environment, write_json
+from libortho.thresholds import load
+
+TH = load("exp2_null_test")
+RESULTS = Path(__file__).resolve().parent.parent / "results"
+
+
+@pytest.fixture(scope="module")
+def smoke(smollm2_state, eval_text, tmp_path_factory):
+    """The null test on a 1021-token slice of the default text: 3 INT4 arms, NF4, both libortho bases."""
+    s = smollm2_state
+    return run_null_test(s.model, s.tokenizer, eval_text, SMOKE, 0, False, s.name, tmp_path_factory.mktemp("exp2"))
+
+
+@pytest.fixture(scope="module")
+def full(smollm2_state, eval_text):
+    """The full null test; writes results/exp2_null_test.json (with date and machine) and the PNG."""
+    s = smollm2_state
+    out = run_null_test(s.model, s.tokenizer, eval_text, FULL, 0, True, s.name, RESULTS)
+    write_json(RESULTS / "exp2_null_test.json", {"environment": environment("cpu"), "exp2_null_test": out})
+    return out
+
+
+RUNS = ["smoke", pytest.param("full", marks=pytest.mark.real)]
+
+
+@pytest.fixture(params=RUNS)
+def result(request):
+    return request.getfixturevalue(request.param)
+
+
+def test_alpha0_is_the_int4_base_bit_for_bit(result):
+    """Item 1: PPL(alpha 0) equals the PPL of the INT4 arm the base was built from, from the same bytes."""
+    arms = result["arms"]
+    for prefix, info in result["libortho"].items():
+        assert info["base_bit_identical_to_arm"], f"{prefix}: packed base differs from arm {info['base']}"
+        a0, base = arms[f"{prefix}_a0"], arms[info["base"]]
+        assert (a0["ppl"], a0["kl_vs_fp"]) == (base["ppl"], base["kl_vs_fp"])
+    assert result["libortho"]["libortho_posthoc"]["base"] == result["best_int4"]
+
+
+def test_posthoc_alpha1_beats_alpha0(result):
+    """Item 2, on the control base (the best base here holds the weights exactly: nothing to restore)."""
+    arms = result["arms"]
+    a0, a1 = arms["libortho_posthoc_control_a0"]["ppl"], arms["libortho_posthoc_control_a1"]["ppl"]
+    assert a1 < a0 * TH["posthoc_alpha1_max_ratio"]
+    assert arms["libortho_posthoc_a1"]["ppl"] <= arms["libortho_posthoc_a0"]["ppl"]  # never worse
+    assert arms["libortho_posthoc_control_a1"]["kl_vs_fp"] < arms["libortho_posthoc_control_a0"]["kl_vs_fp"]
+
+
+def test_best_int4_base_within_bound_and_every_configuration_shown(result):
+    """Item 3 (see the JSON notes: on the embedded Q4_1-born model the bound is met by its own grid)."""
+    arms, best = result["arms"], result["best_int4"]
+    assert arms[best]["ppl_ratio_vs_fp"] <= TH["best_int4_max_ppl_ratio"]
+    assert set(result["int4_configurations_tried"]) <= set(arms)
+    assert all(arms[best]["kl_vs_fp"] <= arms[g]["kl_vs_fp"] for g in result["int4_configurations_tried"])
+    assert any("Q4_1" in n for n in result["notes"])
+
+
+def test_gptq_beats_rtn_off_grid(result):
+    """The error-compensating quantizer earns its place where the weights do not lie on the grid."""
+    arms = result["arms"]
+    assert arms["gptq_g128_sym"]["ppl"] < arms["rtn_g128_sym"]["ppl"] * TH["gptq_vs_rtn_max_ratio"]
+    assert arms["gptq_g128_sym"]["kl_vs_fp"] < arms["rtn_g128_sym"]["kl_vs_fp"]
+
+
+def test_bits_per_weight_reported(result):
+    """Item 4: NF4 and every INT4 arm carry their storage cost."""
+    arms = result["arms"]
+    assert arms["nf4"]["bits_per_weight"] == pytest.approx(nf4_bits_per_weight())
+    for g in result["int4_configurations_tried"]:
+        assert 4 < arms[g]["bits_per_weight"] <= 6, g
+    assert arms["rtn_g32_asym"]["bits_per_weight"] == 6.0  # fp32 scale and zero per 32 weights
+    assert arms["rtn_g128_sym"]["short_last_group"] and not arms["rtn_g32_asym"]["short_last_group"]
+    assert arms["libortho_posthoc_control_a1"]["bits_per_weight"] > arms["rtn_g128_sym"]["bits_per_weight"]
+
+
+def test_kl_vs_fp(result):
+    arms = result["arms"]
+    assert arms["fp"]["kl_vs_fp"] == 0.0
+    for g in result["int4_configurations_tried"] + ["nf4"]:
+        assert 0 <= arms[g]["kl_vs_fp"] <= TH["int4_max_kl_vs_fp"], g
+    assert arms["rtn_g128_sym"]["kl_vs_fp"] > 0
+
+
+def test_protocol_dataset_and_plot_recorded(result):
+    p = result["protocol"]
+    assert {"max_length", "stride", "bos", "masking", "kl", "tokens_scored", "windows"} <= set(p)
+    assert p["tokens_scored"] == p["tokens_evaluated"] - 1
+    assert result["dataset"] == "debian:jargon-text"
+    assert Path(result["plot"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    json.dumps(result)  # the section must serialise as it is
+
+
+def test_registered_for_the_cli():
+    assert "null_test" in load_all()
+
+
+def test_text_sources(monkeypatch, tmp_path, eval_text):
+    """WikiText-2 fails over at once when offline; a user's file is used and named."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    text, fallback = load_eval_text("wikitext")
+    assert text.name == "debian:jargon-text" and "HF_HUB_OFFLINE" in fallback
+    f = tmp_path / "mine.txt"
+    f.write_text(eval_text.text[:2000], encoding="utf-8")
+    text, fallback = load_eval_text(str(f))
+    assert text.name == f"file:{f}" and fallback is None
+    with pytest.raises(FileNotFoundError):
+        load_eval_text(str(tmp_path / "missing.txt"))

@@ -1,0 +1,343 @@
+"""Experiment 2, the null test: does libortho cost anything when the ortho stream is switched off?
+
+Every arm is scored by the one pinned protocol (`libortho.perplexity`) on the same windows: perplexity
+and the mean per-token KL from the full-precision model. The arms:
+
+    fp                     the model as loaded
+    rtn_g{32,64,128}_{sym,asym}   INT4 round-to-nearest (group 128 has a short last group on widths
+                                  such as SmolLM2's 576: `pad=True`, labelled `short_last_group`)
+    gptq_g..._{sym,asym}   INT4 with GPTQ error feedback, from the calibration pass's full Hessian
+    nf4                    bitsandbytes NF4, block 64, double quantization
+    libortho_posthoc_a{0,1}  libortho over the best measured INT4 base (lowest KL vs fp), 5% density
+    libortho_posthoc_control_a{0,1}  the same over a pinned control base (group-128 symmetric RTN)
+
+alpha 0 must reproduce the INT4 arm its base was built from bit for bit (checked on the packed tensors
+and on the numbers), and alpha 1 must not be worse than alpha 0.
+"""
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..baselines import nf4_
+from ..config import OrthoConfig
+from ..convert import cache_base_, ortho_modules, orthogonalize_, set_alpha
+from ..data import load_text
+from ..gptq import DAMP, bits_per_weight, gptq_
+from ..llama import LLAMA_LINEARS
+from ..models import load_model
+from ..perplexity import Protocol, encode, evaluate, reference_logprobs
+from ..quant import QuantizedTensor, quantize
+from ..select import collect_hessian, hessian_diag_of, target_linears
+from ..thresholds import load as load_thresholds
+from . import RunContext, register
+from .demo import calibration_batches
+
+
+@dataclass(frozen=True)
+class Grid:
+    """One INT4 configuration: quantizer, group size, symmetric or not."""
+
+    quantizer: str  # "rtn" | "gptq"
+    group_size: int
+    symmetric: bool
+
+    @property
+    def name(self) -> str:
+        return f"{self.quantizer}_g{self.group_size}_{'sym' if self.symmetric else 'asym'}"
+
+
+ALL_GRIDS = tuple(Grid(q, g, s) for q in ("rtn", "gptq") for g in (32, 64, 128) for s in (True, False))
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What one run of the null test measures."""
+
+    protocol: Protocol
+    grids: tuple[Grid, ...] = ALL_GRIDS
+    nf4: bool = True
+    density: float = 0.05
+    control: Grid | None = Grid("rtn", 128, True)  # a base whose grid does not match the weights' origin
+    calib_batches: int = 16
+    calib_length: int = 256
+    alphas: tuple[float, ...] = field(default=(0.0, 1.0))
+
+
+FULL = Plan(Protocol(max_length=512, stride=256, max_tokens=2048))
+# `make test`: a short slice and the arms the acceptance checks need
+SMOKE = Plan(Protocol(max_length=256, stride=256, max_tokens=1021),  # 1 + 4 x 255: four full windows
+             grids=(Grid("rtn", 32, False), Grid("rtn", 128, True), Grid("gptq", 128, True)),
+             calib_batches=8, calib_length=256)
+
+Q4_1_NOTE = ("The embedded SmolLM2-135M-Instruct is loaded from a Q4_1 GGUF (group-32 asymmetric 4-bit, "
+             "min/max grid) and dequantized to fp32, so its 'full-precision' weights already lie on the "
+             "group-32 asymmetric INT4 grid: rtn_g32_asym reproduces them bit for bit (max |W - INT4(W)| = "
+             "{resid:g}) and its perplexity equals fp's. That the best INT4 base is within the ppl bound "
+             "here says nothing about quantizer quality; the configurations whose grid does not match "
+             "(group 64/128) show what the quantizers do, and GPTQ's gain is measured there. For the same "
+             "reason the posthoc ortho stream over that base holds only zeros, so alpha 1 equals alpha 0 "
+             "on it; acceptance item 2 is checked on the control base.")
+
+
+def _packed_arm(model, grid: Grid, hessian) -> dict[str, QuantizedTensor]:
+    """Quantize `model`'s target linears in place; returns the packed tensors."""
+    if grid.quantizer == "gptq":
+        return gptq_(model, hessian, grid.group_size, grid.symmetric, pad=True)
+    packed = {}
+    with torch.no_grad():
+        for name, lin in target_linears(model, LLAMA_LINEARS).items():  # what baselines.int4_rtn_ does
+            qt = quantize(lin.weight, grid.group_size, grid.symmetric, pad=True)
+            lin.weight.copy_(qt.dequantize(lin.weight.dtype))
+            packed[name] = qt
+    return packed
+
+
+def _ortho_bits(model) -> float:
+    """Ortho stream storage per weight of the converted linears: values + column indices + row pointers."""
+    bits = numel = 0
+    for m in ortho_modules(model).values():
+        bits += m.nnz * (torch.finfo(m.ortho_values.dtype).bits + torch.iinfo(m.ortho_col.dtype).bits)
+        bits += m.ortho_crow.numel() * 32
+        numel += m.in_features * m.out_features
+    return bits / numel
+
+
+def _same_base(model, packed: dict[str, QuantizedTensor]) -> bool:
+    """True when every OrthoLinear's packed base equals the INT4 arm's tensors exactly."""
+    mods = ortho_modules(model)
+    if set(mods) != set(packed):
+        return False
+    for n, m in mods.items():
+        q = packed[n]
+        if not (torch.equal(m.qweight, q.qweight) and torch.equal(m.scales, q.scales)
+                and ((m.zeros is None and q.zeros is None) or (m.zeros is not None and q.zeros is not None
+                                                               and torch.equal(m.zeros, q.zeros)))):
+            return False
+    return True
+
+
+def _round(d: dict) -> dict:
+    return {k: (round(v, 6) if isinstance(v, float) else v) for k, v in d.items()}
+
+
+def run_null_test(model, tokenizer, text, plan: Plan = FULL, seed: int = 0, progress: bool = True,
+                  model_name: str = "model", output_dir: Path | None = None, log=print) -> dict:
+    """Measure every arm of `plan` on `text`; returns the `exp2_null_test` section.
+
+    Args:
+        model: the full-precision model (left unchanged: every arm works on a copy).
+        tokenizer: its tokenizer.
+        text: a `libortho.data.Text` (its name is reported as the dataset).
+        plan: protocol, INT4 grids, density, control base, calibration size.
+        output_dir: where the bar chart goes (None: no chart).
+    """
+    torch.manual_seed(seed)
+    t_start = time.perf_counter()
+    p = plan.protocol
+    ids = encode(tokenizer, text.text, p)
+    dtype = next(model.parameters()).dtype
+    targets = target_linears(model, LLAMA_LINEARS)
+    widths = sorted({m.in_features for m in targets.values()})
+
+    def measure(arm_model, what: str) -> dict:
+        t0 = time.perf_counter()
+        r = evaluate(arm_model, ids, p, reference=ref, progress=progress)
+        r["seconds"] = round(time.perf_counter() - t0, 1)
+        log(f"  {what:34s} ppl {r['ppl']:9.4f}   kl_vs_fp {r['kl_vs_fp']:.5f}")
+        return r
+
+    log(f"null test: {model_name} on {text.name}, {ids.numel()} tokens, windows {p.max_length}/{p.stride}")
+    ref = reference_logprobs(model, ids, p, progress)
+    arms: dict[str, dict] = {}
+    fp = measure(model, "fp")
+    arms["fp"] = {**fp, "kind": "fp", "bits_per_weight": float(torch.finfo(dtype).bits)}
+
+    calib = calibration_batches(tokenizer, plan.calib_batches, plan.calib_length)
+    t0 = time.perf_counter()
+    hessian = collect_hessian(model, calib, LLAMA_LINEARS, progress)
+    calib_s = time.perf_counter() - t0
+
+    packed_by_arm: dict[str, dict[str, QuantizedTensor]] = {}
+    for g in plan.grids:
+        m = copy.deepcopy(model)
+        t0 = time.perf_counter()
+        packed = _packed_arm(m, g, hessian)
+        q_s = time.perf_counter() - t0
+        arms[g.name] = {**measure(m, g.name), "kind": g.quantizer, "group_size": g.group_size,
+                        "symmetric": g.symmetric, "short_last_group": any(w % g.group_size for w in widths),
+                        "bits_per_weight": bits_per_weight(packed), "quantize_seconds": round(q_s, 1)}
+        packed_by_arm[g.name] = packed
+        del m
+    if plan.nf4:
+        m = copy.deepcopy(model)
+        bits = nf4_(m)
+        arms["nf4"] = {**measure(m, "nf4"), "kind": "nf4", "blocksize": 64, "double_quant": True,
+                       "bits_per_weight": bits}
+        del m
+
+    int4 = [g for g in plan.grids]
+    best = min(int4, key=lambda g: (arms[g.name]["kl_vs_fp"], arms[g.name]["bits_per_weight"], g.name))
+    bases = [("libortho_posthoc", best)]
+    if plan.control is not None and plan.control != best and plan.control in plan.grids:
+        bases.append(("libortho_posthoc_control", plan.control))
+    libortho = {}
+    diag = hessian_diag_of(hessian)
+    for prefix, g in bases:
+        m = copy.deepcopy(model)
+        cfg = OrthoConfig(density=plan.density, group_size=g.group_size, symmetric=g.symmetric, pad=True,
+                          mode="posthoc", score="hessian", seed=seed, quantizer=g.quantizer)
+        orthogonalize_(m, cfg, hessian=hessian if g.quantizer == "gptq" else None, hessian_diag=diag,
+                       progress=progress)
+        same = _same_base(m, packed_by_arm[g.name])
+        resid = max((lin.weight.detach().float() - ortho_modules(m)[n].dequantized_base(torch.float32)).abs()
+                    .max().item() for n, lin in targets.items())
+        cache_base_(m)
+        base_bits, o_bits = bits_per_weight(packed_by_arm[g.name]), _ortho_bits(m)
+        for a in plan.alphas:
+            set_alpha(m, a)
+            arms[f"{prefix}_a{a:g}"] = {**measure(m, f"{prefix} alpha {a:g} ({g.name})"), "kind": "libortho",
+                                        "alpha": a, "base": g.name, "density": plan.density,
+                                        "bits_per_weight": base_bits + (o_bits if a else 0.0),
+                                        "bits_per_weight_stored": base_bits + o_bits}
+        libortho[prefix] = {"base": g.name, "config": cfg.to_dict(), "base_bit_identical_to_arm": same,
+                            "max_abs_residual": resid, "ortho_bits_per_weight": o_bits}
+        del m
+
+    for r in arms.values():
+        r["ppl_ratio_vs_fp"] = r["ppl"] / arms["fp"]["ppl"]
+    arms = {k: _round(v) for k, v in arms.items()}
+    notes = []
+    if "Q4_1" in model_name or model_name.startswith("SmolLM2-135M"):
+        notes.append(Q4_1_NOTE.format(resid=libortho["libortho_posthoc"]["max_abs_residual"]))
+    notes.append("bits_per_weight counts the converted linears only (embeddings and norms stay as loaded); "
+                 f"INT4 scales/zeros are stored in the model's dtype ({str(dtype).replace('torch.', '')}), "
+                 "so a group-32 asymmetric grid costs 4 + 2*32/32 bits. libortho at alpha 1 adds the ortho "
+                 "stream (value, int16 column, int32 row pointers); at alpha 0 only the base is read.")
+    notes.append("GPTQ here: no activation reordering (the storage holds no per-column group index), "
+                 f"{DAMP:.0%} dampening (chosen on held-out fortunes, never on the evaluation text), group scales "
+                 "set from the error-updated weights, Hessians of the full-precision model (not sequential); from "
+                 f"{plan.calib_batches}x{plan.calib_length} fortunes tokens, the same pass as the hessian score.")
+    out = {
+        "model": model_name,
+        "dataset": text.name,
+        "protocol": {**p.to_dict(), "tokens_scored": fp["tokens"], "tokens_evaluated": int(ids.numel()),
+                     "windows": len(ref), "same_windows_every_arm": True, "tokenizer": type(tokenizer).__name__},
+        "calibration": {"text": "debian:fortunes", "batches": plan.calib_batches, "length": plan.calib_length,
+                        "seconds": round(calib_s, 1)},
+        "arms": arms,
+        "best_int4": best.name,
+        "best_int4_selection": "lowest kl_vs_fp over every INT4 configuration tried (ties: fewer bits)",
+        "int4_configurations_tried": [g.name for g in plan.grids],
+        "libortho": libortho,
+        "acceptance": acceptance(arms, best.name, libortho, plan),
+        "notes": notes,
+        "seed": seed,
+        "seconds": round(time.perf_counter() - t_start, 1),
+    }
+    if output_dir is not None:
+        out["plot"] = str(plot(out, Path(output_dir) / "exp2_null_test.png"))
+    return out
+
+
+def acceptance(arms: dict, best: str, libortho: dict, plan: Plan) -> dict:
+    """The issue's acceptance items, evaluated against thresholds.toml [exp2_null_test]."""
+    th = load_thresholds("exp2_null_test")
+    a0, a1 = f"_a{plan.alphas[0]:g}", f"_a{plan.alphas[-1]:g}"
+    res = {"alpha0_equals_base": all(
+        arms[f"{p}{a0}"]["ppl"] == arms[info["base"]]["ppl"] and info["base_bit_identical_to_arm"]
+        for p, info in libortho.items())}
+    ctl = "libortho_posthoc_control" if "libortho_posthoc_control" in libortho else "libortho_posthoc"
+    res["posthoc_alpha1_below_alpha0"] = {
+        p: arms[f"{p}{a1}"]["ppl"] < arms[f"{p}{a0}"]["ppl"] for p in libortho}
+    res["posthoc_alpha1_below_alpha0_checked_on"] = ctl
+    res["best_int4_ppl_ratio"] = arms[best]["ppl_ratio_vs_fp"]
+    res["best_int4_within_bound"] = arms[best]["ppl_ratio_vs_fp"] <= th["best_int4_max_ppl_ratio"]
+    res["every_quantized_arm_has_bits"] = all(
+        isinstance(r.get("bits_per_weight"), float) for k, r in arms.items() if r["kind"] in ("rtn", "gptq", "nf4"))
+    res["thresholds"] = th
+    return res
+
+
+def plot(result: dict, path: Path) -> Path:
+    """Bar chart: perplexity (with fp and the 1.15x bound) and KL vs fp per arm, bits/weight on each bar."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    arms = result["arms"]
+    names = list(arms)
+    colors = {"fp": "black", "rtn": "tab:blue", "gptq": "tab:green", "nf4": "tab:purple", "libortho": "tab:orange"}
+    c = [colors[arms[n]["kind"]] for n in names]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 0.38 * len(names) + 1.8), sharey=True)
+    y = range(len(names))
+    ppl = [arms[n]["ppl"] for n in names]
+    ax1.barh(y, ppl, color=c)
+    fp = arms["fp"]["ppl"]
+    bound = result["acceptance"]["thresholds"].get("best_int4_max_ppl_ratio")
+    ax1.axvline(fp, color="black", ls="--", lw=1, label=f"fp {fp:.2f}")
+    if bound:
+        ax1.axvline(fp * bound, color="red", ls=":", lw=1, label=f"{bound:g} x fp")
+    for i, n in enumerate(names):
+        ax1.text(ppl[i], i, f" {ppl[i]:.2f}  ({arms[n]['bits_per_weight']:.2f} b/w)", va="center", fontsize=7)
+    ax1.set_yticks(list(y), names, fontsize=8)
+    ax1.invert_yaxis()
+    ax1.set_xlabel("perplexity (lower is better)")
+    ax1.set_xlim(0, max(ppl) * 1.45)
+    ax1.legend(fontsize=7, loc="lower right")
+    kl = [arms[n]["kl_vs_fp"] for n in names]
+    ax2.barh(y, kl, color=c)
+    ax2.set_xscale("symlog", linthresh=1e-3)
+    for i, v in enumerate(kl):
+        ax2.text(v, i, f" {v:.4f}", va="center", fontsize=7)
+    ax2.set_xlabel("mean KL(p_fp || p_arm) per token, nats")
+    p = result["protocol"]
+    fig.suptitle(f"Null test: {result['model']} on {result['dataset']} ({p['tokens_scored']} tokens, "
+                 f"windows {p['max_length']}, stride {p['stride']}); best INT4 = {result['best_int4']}", fontsize=9)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def load_eval_text(source: str):
+    """(Text, fallback reason or None): WikiText-2 fails over to the packaged default when unreachable."""
+    try:
+        return load_text(source), None
+    except ConnectionError as e:  # offline: fail over at once (data.wikitext probes before `datasets`)
+        if source != "wikitext":
+            raise
+        print(f"libortho: {e}; using the default text instead")
+        return load_text("default"), str(e)
+
+
+@register("null_test")
+def run(ctx: RunContext, plan: Plan = FULL) -> dict:
+    """`python -m libortho run --experiment 2`: the full null test on `ctx.model` and `ctx.text`."""
+    loaded = load_model(ctx.model, device=ctx.device)
+    requested = ctx.text
+    text, fallback = load_eval_text(ctx.text)
+    out = run_null_test(loaded.model, loaded.tokenizer, text, plan, ctx.seed, ctx.progress, loaded.name,
+                        ctx.output_dir)
+    out["dataset_requested"] = requested
+    if fallback:
+        out["dataset_fallback"] = fallback
+    out["plan"] = {"grids": [asdict(g) for g in plan.grids], "nf4": plan.nf4, "density": plan.density,
+                   "control": asdict(plan.control) if plan.control else None}
+    _print_table(out)
+    return out
+
+
+def _print_table(out: dict) -> None:
+    print(f"\n== exp2 null test: {out['model']} on {out['dataset']} ==")
+    print(f"{'arm':36s} {'ppl':>9s} {'x fp':>6s} {'kl_vs_fp':>9s} {'bits/w':>7s}")
+    for k, r in out["arms"].items():
+        print(f"{k:36s} {r['ppl']:9.3f} {r['ppl_ratio_vs_fp']:6.3f} {r['kl_vs_fp']:9.5f} {r['bits_per_weight']:7.3f}")
+    for n in out["notes"]:
+        print(f"note: {n}")
