@@ -66,13 +66,14 @@ class Plan:
     calib_batches: int = 16
     calib_length: int = 256
     alphas: tuple[float, ...] = field(default=(0.0, 1.0))
+    ortho_tuned: bool = True  # the ortho-tuned model of experiment 1, when its cache holds one (no training here)
 
 
 FULL = Plan(Protocol(max_length=512, stride=256, max_tokens=2048))
 # `make test`: a short slice and the arms the acceptance checks need
 SMOKE = Plan(Protocol(max_length=256, stride=256, max_tokens=1021),  # 1 + 4 x 255: four full windows
              grids=(Grid("rtn", 32, False), Grid("rtn", 128, True), Grid("gptq", 128, True)),
-             calib_batches=8, calib_length=256)
+             calib_batches=8, calib_length=256, ortho_tuned=False)
 
 Q4_1_NOTE = ("The embedded SmolLM2-135M-Instruct is loaded from a Q4_1 GGUF (group-32 asymmetric 4-bit, "
              "min/max grid) and dequantized to fp32, so its 'full-precision' weights already lie on the "
@@ -125,8 +126,28 @@ def _round(d: dict) -> dict:
     return {k: (round(v, 6) if isinstance(v, float) else v) for k, v in d.items()}
 
 
+def ortho_tuned_from_exp1(source: str, seed: int = 0, device: str = "cpu", progress: bool = False,
+                          train: bool = False):
+    """(model or None, facts): experiment 1's ortho-tuned model (canaries trained into the ortho stream over
+    INT4 of the public weights), read from its safetensors cache; trained only when `train=True`."""
+    try:
+        from ..train import _cache_path
+        from .kill_switch import FULL as KS_FULL, KillSwitch
+    except ImportError as e:
+        return None, {"status": f"unavailable: {e}"}
+    ks = KillSwitch(source, KS_FULL, seed=seed, device=device, progress=progress)
+    key = ks._key("ortho", ks.size.ortho, ortho=ks.ocfg.to_dict(), calib=list(ks.size.calib))
+    path = _cache_path("ortho", key)
+    if not (path / "weights.safetensors").is_file() and not train:
+        return None, {"status": f"not run: experiment 1 has not cached an ortho-tuned model at {path} "
+                                "(run `python -m libortho run --experiment 1` first)"}
+    m = ks.ortho_tuned()
+    return m, {"status": "ok", "cache": str(path), **ks.train_info.get("ortho_tuned", {})}
+
+
 def run_null_test(model, tokenizer, text, plan: Plan = FULL, seed: int = 0, progress: bool = True,
-                  model_name: str = "model", output_dir: Path | None = None, log=print) -> dict:
+                  model_name: str = "model", output_dir: Path | None = None, log=print,
+                  ortho_tuned=None) -> dict:
     """Measure every arm of `plan` on `text`; returns the `exp2_null_test` section.
 
     Args:
@@ -135,6 +156,8 @@ def run_null_test(model, tokenizer, text, plan: Plan = FULL, seed: int = 0, prog
         text: a `libortho.data.Text` (its name is reported as the dataset).
         plan: protocol, INT4 grids, density, control base, calibration size.
         output_dir: where the bar chart goes (None: no chart).
+        ortho_tuned: a callable returning (ortho-tuned model or None, facts), e.g. `ortho_tuned_from_exp1`;
+            its alpha 0 must equal the INT4 arm of its base grid.
     """
     torch.manual_seed(seed)
     t_start = time.perf_counter()
@@ -208,6 +231,25 @@ def run_null_test(model, tokenizer, text, plan: Plan = FULL, seed: int = 0, prog
                             "max_abs_residual": resid, "ortho_bits_per_weight": o_bits}
         del m
 
+    if plan.ortho_tuned and ortho_tuned is not None:
+        m, facts = ortho_tuned()
+        if m is not None:
+            mods = ortho_modules(m)
+            any_mod = next(iter(mods.values()))
+            g = Grid("rtn", any_mod.group_size, any_mod.symmetric)
+            facts["base"] = g.name
+            facts["base_bit_identical_to_arm"] = g.name in packed_by_arm and _same_base(m, packed_by_arm[g.name])
+            base_bits, o_bits = bits_per_weight({n: x.base() for n, x in mods.items()}), _ortho_bits(m)
+            for a in plan.alphas:
+                set_alpha(m, a)
+                arms[f"libortho_ortho_tuned_a{a:g}"] = {
+                    **measure(m, f"ortho-tuned alpha {a:g} ({g.name})"), "kind": "libortho", "alpha": a,
+                    "base": g.name, "bits_per_weight": base_bits + (o_bits if a else 0.0),
+                    "bits_per_weight_stored": base_bits + o_bits}
+            del m
+        else:
+            log(f"  ortho-tuned arm: {facts['status']}")
+        libortho["libortho_ortho_tuned"] = facts
     for r in arms.values():
         r["ppl_ratio_vs_fp"] = r["ppl"] / arms["fp"]["ppl"]
     arms = {k: _round(v) for k, v in arms.items()}
@@ -248,12 +290,13 @@ def acceptance(arms: dict, best: str, libortho: dict, plan: Plan) -> dict:
     """The issue's acceptance items, evaluated against thresholds.toml [exp2_null_test]."""
     th = load_thresholds("exp2_null_test")
     a0, a1 = f"_a{plan.alphas[0]:g}", f"_a{plan.alphas[-1]:g}"
+    measured = {p: info for p, info in libortho.items() if f"{p}{a0}" in arms and info.get("base") in arms}
     res = {"alpha0_equals_base": all(
         arms[f"{p}{a0}"]["ppl"] == arms[info["base"]]["ppl"] and info["base_bit_identical_to_arm"]
-        for p, info in libortho.items())}
+        for p, info in measured.items())}
     ctl = "libortho_posthoc_control" if "libortho_posthoc_control" in libortho else "libortho_posthoc"
     res["posthoc_alpha1_below_alpha0"] = {
-        p: arms[f"{p}{a1}"]["ppl"] < arms[f"{p}{a0}"]["ppl"] for p in libortho}
+        p: arms[f"{p}{a1}"]["ppl"] < arms[f"{p}{a0}"]["ppl"] for p in measured if "posthoc" in p}
     res["posthoc_alpha1_below_alpha0_checked_on"] = ctl
     res["best_int4_ppl_ratio"] = arms[best]["ppl_ratio_vs_fp"]
     res["best_int4_within_bound"] = arms[best]["ppl_ratio_vs_fp"] <= th["best_int4_max_ppl_ratio"]
@@ -294,7 +337,7 @@ def plot(result: dict, path: Path) -> Path:
     ax2.barh(y, kl, color=c)
     ax2.set_xscale("symlog", linthresh=1e-3)
     for i, v in enumerate(kl):
-        ax2.text(v, i, f" {v:.4f}", va="center", fontsize=7)
+        ax2.text(v, i, f" {v:.3g}", va="center", fontsize=7)
     ax2.set_xlabel("mean KL(p_fp || p_arm) per token, nats")
     p = result["protocol"]
     fig.suptitle(f"Null test: {result['model']} on {result['dataset']} ({p['tokens_scored']} tokens, "
@@ -324,7 +367,7 @@ def run(ctx: RunContext, plan: Plan = FULL) -> dict:
     requested = ctx.text
     text, fallback = load_eval_text(ctx.text)
     out = run_null_test(loaded.model, loaded.tokenizer, text, plan, ctx.seed, ctx.progress, loaded.name,
-                        ctx.output_dir)
+                        ctx.output_dir, ortho_tuned=lambda: ortho_tuned_from_exp1(ctx.model, ctx.seed, ctx.device))
     out["dataset_requested"] = requested
     if fallback:
         out["dataset_fallback"] = fallback
