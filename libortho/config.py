@@ -27,6 +27,7 @@ class Quantizer(str, Enum):
 class Backend(str, Enum):
     AUTO = "auto"  # fastest available for the device
     TORCH = "torch"  # plain-torch reference, runs everywhere
+    TRITON = "triton"  # the fused GPU kernel (libortho.kernels), or an error where it cannot run
 
 
 @dataclass

@@ -108,7 +108,9 @@ def orthogonalize_(model: nn.Module, config: OrthoConfig | None = None,
         h = hessian_diag.get(name) if hessian_diag is not None else None
         ortho = select(residual.to(w.dtype), config.density, config.score, h, gen)
         bias = lin.bias.detach() if lin.bias is not None else None
-        _set_module(model, name, OrthoLinear.from_parts(base, ortho, bias).to(w.device))
+        new = OrthoLinear.from_parts(base, ortho, bias).to(w.device)
+        new.backend = config.backend.value
+        _set_module(model, name, new)
     model.libortho_config = config
     model.libortho_stats = {"convert_seconds": time.perf_counter() - t0, "calibrate_seconds": t_calib,
                             "converted_linears": len(linears)}

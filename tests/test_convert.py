@@ -212,3 +212,8 @@ def test_smollm2_posthoc_one_percent(smollm2, calib_batches, tokenizer, eval_tex
     assert ppl[0.0] == perplexity(rtn, ids, prot)  # the kill switch is exactly plain INT4 of these weights
     out = smollm2.generate(ids[:8].unsqueeze(0), max_new_tokens=4, do_sample=False, pad_token_id=2)
     assert out.shape == (1, 12)
+
+
+def test_backend_reaches_every_layer():
+    m = orthogonalize_(small(), OrthoConfig(score="magnitude", group_size=32, backend="torch"), progress=False)
+    assert {x.backend for x in ortho_modules(m).values()} == {"torch"}
