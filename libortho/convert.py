@@ -253,9 +253,10 @@ def load(directory: str | Path, with_ortho: bool = True, dtype: torch.dtype | No
                          f"unexpected {sorted(unexpected)[:5]}")
     if getattr(config, "tie_word_embeddings", False):
         model.tie_weights()
+    model.libortho_config = OrthoConfig.from_dict(meta["libortho_config"])
     for m in ortho_modules(model).values():
         m.has_ortho = with_ortho
         m.alpha.fill_(1.0 if with_ortho else 0.0)
-    model.libortho_config = OrthoConfig.from_dict(meta["libortho_config"])
+        m.backend = model.libortho_config.backend.value
     model.eval()
     return model
