@@ -71,9 +71,11 @@ class Plan:
 
 FULL = Plan(Protocol(max_length=512, stride=256, max_tokens=2048))
 # `make test`: a short slice and the arms the acceptance checks need
+# (GPTQ is left to the full run: with the few calibration tokens a short run affords it overfits; its
+# make-test check is tests/test_gptq.py on real SmolLM2 layers, scored on held-out text.)
 SMOKE = Plan(Protocol(max_length=256, stride=256, max_tokens=1021),  # 1 + 4 x 255: four full windows
-             grids=(Grid("rtn", 32, False), Grid("rtn", 128, True), Grid("gptq", 128, True)),
-             calib_batches=8, calib_length=256, ortho_tuned=False)
+             grids=(Grid("rtn", 32, False), Grid("rtn", 128, True)),
+             calib_batches=4, calib_length=256, ortho_tuned=False)
 
 Q4_1_NOTE = ("The embedded SmolLM2-135M-Instruct is loaded from a Q4_1 GGUF (group-32 asymmetric 4-bit, "
              "min/max grid) and dequantized to fp32, so its 'full-precision' weights already lie on the "
@@ -260,6 +262,9 @@ def run_null_test(model, tokenizer, text, plan: Plan = FULL, seed: int = 0, prog
                  f"INT4 scales/zeros are stored in the model's dtype ({str(dtype).replace('torch.', '')}), "
                  "so a group-32 asymmetric grid costs 4 + 2*32/32 bits. libortho at alpha 1 adds the ortho "
                  "stream (value, int16 column, int32 row pointers); at alpha 0 only the base is read.")
+    notes.append("GPTQ vs RTN on the same grid (gptq_vs_rtn: ratios of ppl and of kl_vs_fp; below 1 = GPTQ "
+                 "better). KL vs fp, which scores every token's whole distribution, is the steadier measure on "
+                 f"{fp['tokens']} tokens; perplexity can move the other way on a grid where KL improves.")
     notes.append("GPTQ here: no activation reordering (the storage holds no per-column group index), "
                  f"{DAMP:.0%} dampening (chosen on held-out fortunes, never on the evaluation text), group scales "
                  "set from the error-updated weights, Hessians of the full-precision model (not sequential); from "
@@ -276,6 +281,7 @@ def run_null_test(model, tokenizer, text, plan: Plan = FULL, seed: int = 0, prog
         "best_int4_selection": "lowest kl_vs_fp over every INT4 configuration tried (ties: fewer bits)",
         "int4_configurations_tried": [g.name for g in plan.grids],
         "libortho": libortho,
+        "gptq_vs_rtn": gptq_vs_rtn(arms),
         "acceptance": acceptance(arms, best.name, libortho, plan),
         "notes": notes,
         "seed": seed,
@@ -283,6 +289,17 @@ def run_null_test(model, tokenizer, text, plan: Plan = FULL, seed: int = 0, prog
     }
     if output_dir is not None:
         out["plot"] = str(plot(out, Path(output_dir) / "exp2_null_test.png"))
+    return out
+
+
+def gptq_vs_rtn(arms: dict) -> dict:
+    """{grid: {ppl_ratio, kl_ratio}} of GPTQ over RTN for every grid measured with both (kl_ratio None at 0)."""
+    out = {}
+    for k, g in arms.items():
+        r = arms.get("rtn" + k[4:]) if k.startswith("gptq_") else None
+        if r is not None:
+            out[k[5:]] = {"ppl_ratio": round(g["ppl"] / r["ppl"], 4),
+                          "kl_ratio": round(g["kl_vs_fp"] / r["kl_vs_fp"], 4) if r["kl_vs_fp"] else None}
     return out
 
 
