@@ -1,7 +1,7 @@
 """Experiment 2, the null test (issue 4), as assertions.
 
 Every threshold comes from thresholds.toml [exp2_null_test]; tighten them there. `make test` runs the
-checks on a 1021-token slice of the default text with the arms they need (`SMOKE`); `pytest bench/ -m real`
+checks on a 766-token slice of the default text with the arms they need (`SMOKE`); `pytest bench/ -m real`
 runs the full plan (every INT4 configuration, NF4, both libortho bases) and writes
 results/exp2_null_test.json and .png.
 """
@@ -22,7 +22,7 @@ RESULTS = Path(__file__).resolve().parent.parent / "results"
 
 @pytest.fixture(scope="module")
 def smoke(smollm2_state, eval_text, tmp_path_factory):
-    """The null test on a 1021-token slice of the default text: 3 INT4 arms, NF4, both libortho bases."""
+    """The null test on a 766-token slice of the default text: 3 INT4 arms, NF4, both libortho bases."""
     s = smollm2_state
     return run_null_test(s.model, s.tokenizer, eval_text, SMOKE, 0, False, s.name, tmp_path_factory.mktemp("exp2"))
 

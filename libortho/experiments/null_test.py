@@ -73,7 +73,7 @@ FULL = Plan(Protocol(max_length=512, stride=256, max_tokens=2048))
 # `make test`: a short slice and the arms the acceptance checks need
 # (GPTQ is left to the full run: with the few calibration tokens a short run affords it overfits; its
 # make-test check is tests/test_gptq.py on real SmolLM2 layers, scored on held-out text.)
-SMOKE = Plan(Protocol(max_length=256, stride=256, max_tokens=1021),  # 1 + 4 x 255: four full windows
+SMOKE = Plan(Protocol(max_length=256, stride=256, max_tokens=766),  # 1 + 3 x 255: three full windows
              grids=(Grid("rtn", 32, False), Grid("rtn", 128, True)),
              calib_batches=4, calib_length=256, ortho_tuned=False)
 
