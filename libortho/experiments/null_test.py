@@ -370,7 +370,7 @@ def load_eval_text(source: str):
     """(Text, fallback reason or None): WikiText-2 fails over to the packaged default when unreachable."""
     try:
         return load_text(source), None
-    except ConnectionError as e:  # offline: fail over at once (data.wikitext probes before `datasets`)
+    except Exception as e:  # offline or blocked: fail over at once (data.wikitext probes before `datasets`)
         if source != "wikitext":
             raise
         print(f"libortho: {e}; using the default text instead")
