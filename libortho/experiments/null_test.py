@@ -129,22 +129,24 @@ def _round(d: dict) -> dict:
 
 
 def ortho_tuned_from_exp1(source: str, seed: int = 0, device: str = "cpu", progress: bool = False,
-                          train: bool = False):
+                          train: bool = False, size=None):
     """(model or None, facts): experiment 1's ortho-tuned model (canaries trained into the ortho stream over
-    INT4 of the public weights), read from its safetensors cache; trained only when `train=True`."""
+    INT4 of the public weights), read from its safetensors cache; trained only when `train=True`.
+    `size`: experiment 1's `Size` (default: its full size)."""
     try:
         from ..train import _cache_path
         from .kill_switch import FULL as KS_FULL, KillSwitch
     except ImportError as e:
         return None, {"status": f"unavailable: {e}"}
-    ks = KillSwitch(source, KS_FULL, seed=seed, device=device, progress=progress)
+    ks = KillSwitch(source, size or KS_FULL, seed=seed, device=device, progress=progress)
     key = ks._key("ortho", ks.size.ortho, ortho=ks.ocfg.to_dict(), calib=list(ks.size.calib))
     path = _cache_path("ortho", key)
     if not (path / "weights.safetensors").is_file() and not train:
         return None, {"status": f"not run: experiment 1 has not cached an ortho-tuned model at {path} "
                                 "(run `python -m libortho run --experiment 1` first)"}
     m = ks.ortho_tuned()
-    return m, {"status": "ok", "cache": str(path), **ks.train_info.get("ortho_tuned", {})}
+    return m, {"status": "ok", "cache": str(path), "exp1_size": ks.size.to_dict(),
+               **ks.train_info.get("ortho_tuned", {})}
 
 
 def run_null_test(model, tokenizer, text, plan: Plan = FULL, seed: int = 0, progress: bool = True,
