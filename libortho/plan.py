@@ -7,6 +7,7 @@ is loaded in 4-bit; one that does not fit even in 4-bit is refused before anythi
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 from pathlib import Path
 
 import torch
@@ -46,13 +47,23 @@ KNOWN_CONFIGS = {
 ALIASES = {"smollm2-135m": "HuggingFaceTB/SmolLM2-135M-Instruct"}
 
 
-def model_config(model: str):
-    """A transformers config for `model` without downloading weights (known ids need no network)."""
-    from transformers import AutoConfig, LlamaConfig
+class LlamaShape(SimpleNamespace):
+    """The shape of a known Llama-family model: the config fields `plan` reads, without transformers."""
 
+    def to_config(self):
+        from transformers import LlamaConfig
+
+        return LlamaConfig(**vars(self))
+
+
+def model_config(model: str):
+    """The config of `model` without downloading weights: known ids need no network (and no transformers
+    import, which alone takes seconds), local dirs and .gguf files are read, other ids fetched."""
     key = ALIASES.get(model, model)
     if key in KNOWN_CONFIGS:
-        return LlamaConfig(**KNOWN_CONFIGS[key])
+        return LlamaShape(**KNOWN_CONFIGS[key])
+    from transformers import AutoConfig
+
     p = Path(model)
     if p.is_dir():
         return AutoConfig.from_pretrained(p)
@@ -77,8 +88,22 @@ class ParamCount:
     tied: bool = False
 
 
+def llama_param_count(cfg: LlamaShape) -> ParamCount:
+    """Closed form for the Llama layout; tests check it equals `count_params` on the meta device."""
+    h, layers, vocab = cfg.hidden_size, cfg.num_hidden_layers, cfg.vocab_size
+    hd = getattr(cfg, "head_dim", None) or h // cfg.num_attention_heads
+    q, kv = cfg.num_attention_heads * hd, cfg.num_key_value_heads * hd
+    per_layer = h * q + 2 * h * kv + q * h + 3 * h * cfg.intermediate_size
+    rows = q + 2 * kv + h + 2 * cfg.intermediate_size + h
+    tied = bool(getattr(cfg, "tie_word_embeddings", False))
+    return ParamCount(linears=layers * per_layer, embeddings=vocab * h, head=vocab * h,
+                      other=(2 * layers + 1) * h, rows=layers * rows, tied=tied)
+
+
 def count_params(config) -> ParamCount:
-    """Count parameters by role on the meta device: no memory, no weights."""
+    """Count parameters by role on the meta device: no memory, no weights (known Llama shapes: closed form)."""
+    if isinstance(config, LlamaShape):
+        return llama_param_count(config)
     from transformers import AutoModelForCausalLM
 
     with torch.device("meta"):
@@ -170,14 +195,12 @@ def decide(plans: dict[str, Plan], budget_gib: float, requested: str = "fp16") -
 
 def fits_hint(budget_gib: float) -> str:
     """Which known models would fit the budget in 4-bit, for refusal messages."""
-    from transformers import LlamaConfig
-
     names, seen = [], set()
     for name, shape in KNOWN_CONFIGS.items():
         key = tuple(sorted(shape.items()))
         if key in seen:
             continue
         seen.add(key)
-        if plan_all(LlamaConfig(**shape))["int4"].total_gib <= budget_gib:
+        if plan_all(LlamaShape(**shape))["int4"].total_gib <= budget_gib:
             names.append(name)
     return "what fits in 4-bit: " + (", ".join(names) if names else "none of the known models")

@@ -10,6 +10,13 @@ def test_llama3_8b_parameter_count():
     assert c.embeddings == c.head == 128256 * 4096 and not c.tied
 
 
+@pytest.mark.parametrize("name", ["meta-llama/Meta-Llama-3-8B", "meta-llama/Llama-3.2-3B",
+                                  "HuggingFaceTB/SmolLM2-135M-Instruct"])
+def test_closed_form_equals_meta_device_count(name):
+    shape = model_config(name)
+    assert count_params(shape) == count_params(shape.to_config())  # the latter instantiates on meta
+
+
 def test_smollm2_matches_real_model(smollm2_state):
     c = count_params(model_config("smollm2-135m"))
     real = sum(p.numel() for p in smollm2_state.model.parameters())
