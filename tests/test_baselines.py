@@ -10,7 +10,7 @@ IDS = torch.randint(0, 255, (1, 10), generator=torch.Generator().manual_seed(0))
 def test_int4_rtn_equals_libortho_alpha_zero():
     a, b = tiny_llama(vocab_size=256), tiny_llama(vocab_size=256)
     bits = int4_rtn_(a, group_size=32)
-    orthogonalize_(b, OrthoConfig(group_size=32, score="magnitude"), progress=False)
+    orthogonalize_(b, OrthoConfig(group_size=32, symmetric=True, score="magnitude"), progress=False)
     set_alpha(b, 0.0)
     assert torch.equal(a(input_ids=IDS).logits, b(input_ids=IDS).logits)
     assert bits == 4 + 32 / 32
