@@ -41,6 +41,7 @@ class OrthoLinear(nn.Module):
         self.has_ortho = True  # False when loaded without the ortho file: the stream is physically absent
         self._base_cache: torch.Tensor | None = None
         self._rows_cache: torch.Tensor | None = None
+        self._merged: tuple | None = None  # (key, base + alpha * ortho) while the base is cached
         # "auto": the fused GPU kernel on CUDA bf16/fp16 inputs when it applies, else plain torch;
         # "torch": always plain torch (the reference); "triton": the GPU kernel or an error.
         self.backend = "auto"
@@ -90,6 +91,7 @@ class OrthoLinear(nn.Module):
     def cache_base_(self, enabled: bool = True) -> "OrthoLinear":
         """Keep the dequantized base in memory: faster on CPU, at the cost of a dense copy."""
         self._base_cache = self.dequantized_base() if enabled else None
+        self._merged = None
         return self
 
     # -- math ---------------------------------------------------------------------------------
@@ -121,8 +123,19 @@ class OrthoLinear(nn.Module):
         # alpha == 0 must not read the ortho stream: the kill switch is a branch, not a multiply by 0.
         on = self._alpha_hint if self._alpha_hint is not None else self.alpha.item() != 0  # hint: no sync in graphs
         if self.has_ortho and self.nnz and on:
-            w = w + self.alpha.to(x.dtype) * self.ortho_dense(x.dtype)
+            w = self._merged_weight(w, x.dtype)
         return F.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
+
+    def _merged_weight(self, base: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """base + alpha * ortho. With the base cached and no gradient wanted (evaluation at a fixed alpha), the
+        sum is kept until alpha, the ortho values (their in-place version counter) or the dtype change."""
+        if self._base_cache is None or (torch.is_grad_enabled() and self.ortho_values.requires_grad):
+            return base + self.alpha.to(dtype) * self.ortho_dense(dtype)
+        key = (self.alpha.item(), self.ortho_values._version, self.ortho_values.data_ptr(), dtype)
+        if self._merged is None or self._merged[0] != key:
+            with torch.no_grad():
+                self._merged = (key, base + self.alpha.to(dtype) * self.ortho_dense(dtype))
+        return self._merged[1]
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, group_size={self.group_size}, "

@@ -103,3 +103,19 @@ def test_no_ortho_layer_refuses_nonzero_alpha():
     with pytest.raises(ValueError, match="without its ortho stream"):
         lin.set_alpha(1.0)
     lin.set_alpha(0.0)
+
+
+def test_merged_cache_follows_alpha_and_values():
+    _, _, lin = make(density=0.2)
+    x = torch.randn(3, 64)
+    ref = {a: (lin.set_alpha(a), lin(x))[1] for a in (0.5, 1.0)}
+    lin.cache_base_(True)
+    with torch.no_grad():
+        for a in (0.5, 1.0, 0.5):
+            lin.set_alpha(a)
+            torch.testing.assert_close(lin(x), ref[a])
+        lin.ortho_values.mul_(2)  # an in-place edit invalidates the merged weight
+        lin.set_alpha(1.0)
+        expected = torch.nn.functional.linear(x, lin.base().dequantize() + lin.ortho_dense())
+        torch.testing.assert_close(lin(x), expected)
+        assert not torch.allclose(expected, ref[1.0])
