@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -28,28 +27,13 @@ import torch
 
 from libortho import thresholds
 from libortho.experiments import RunContext
-from libortho.experiments.kill_switch import ARMS, MAIN_ARMS, SWITCHED, KillSwitch, Size, plot, run
-from libortho.perplexity import Protocol
+from libortho.experiments.kill_switch import ARMS, MAIN_ARMS, SMALL, SWITCHED, KillSwitch, Size, plot, run
 from libortho.results import write_json
-from libortho.train import TrainConfig
 
 T = thresholds.load("exp1_kill_switch")
 RESULTS = Path(__file__).resolve().parent.parent / "results"
 
 
-def _quick(lr: float, max_steps: int) -> TrainConfig:
-    return TrainConfig(lr=lr, max_steps=max_steps, check_every=2, general_chunks=1, general_length=32)
-
-
-SMALL = {
-    # the tiny model is random: it is here to run every arm end to end, not to memorize
-    "tiny": Size(num_canaries=2, n_candidates=8, groups=(4, 4), ppl=Protocol(128, 128, 128), calib=(2, 32),
-                 finetune=_quick(3e-3, 4), ortho=_quick(3e-2, 4), lora=_quick(1e-2, 4), chunk=8),
-    "smollm2-135m": Size(num_canaries=3, n_candidates=16, groups=(4, 4), ppl=Protocol(256, 256, 256),
-                         calib=(2, 64), density=0.02, finetune=_quick(3e-4, 30), ortho=_quick(1e-2, 40),
-                         lora=_quick(3e-3, 30),
-                         alphas={"ortho_tuned": (0.0, 1.0)}, chunk=16),
-}
 SMALL_ARMS = {"tiny": ARMS, "smollm2-135m": MAIN_ARMS}
 CASES = [pytest.param(m, a, marks=[pytest.mark.slow] if m != "tiny" else [], id=f"{m}-{a}")
          for m in SMALL for a in SMALL_ARMS[m]]

@@ -39,6 +39,9 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--canary-format", choices=["plain", "chat"], default="plain")
     r.add_argument("--text", default="default", help="evaluation text: default, wikitext, or a file path")
     r.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    r.add_argument("--size", choices=["auto", "quick", "full"], default="auto",
+                   help="experiment size: full = the acceptance size (hours on a CPU), quick = the small size; "
+                        "auto = full on a GPU, quick on a CPU")
     r.add_argument("--no-progress", action="store_true")
     return p
 
@@ -139,7 +142,7 @@ def cmd_run(a) -> int:
     ctx = RunContext(model=a.model, output_dir=a.output_dir, seed=a.seed, device=a.device, text=a.text,
                      profile=a.profile, num_canaries=a.num_canaries, canary_format=a.canary_format,
                      quantization_bits=a.quantization_bits, no_quantization=a.no_quantization,
-                     progress=not a.no_progress, extra=facts)
+                     progress=not a.no_progress, size=a.size, extra=facts)
     path = results_path(a.output_dir, a.profile)
     payload = {"environment": environment(a.device), "args": {k: str(v) for k, v in vars(a).items()}}
     keys = {"kill_switch": "exp1_kill_switch", "null_test": "exp2_null_test"}

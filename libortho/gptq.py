@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from .llama import LLAMA_LINEARS
-from .quant import OFFSET, QMAX, QMIN, QuantizedTensor, _search_clip, check_finite, pack_int4, quant_params, \
+from .quant import OFFSET, QMAX, QMIN, QuantizedTensor, _search_clip, check_finite, check_weight, pack_int4, quant_params, \
     resolve_group_size
 
 DAMP = 0.1  # dampening: share of mean(diag H) added to the diagonal (see note below)
@@ -73,12 +73,7 @@ def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, group_size: int | None
 
 
 def _gptq(w, hessian, group_size, symmetric, dtype, clip_search, pad, damp) -> QuantizedTensor:
-    if w.dim() != 2:
-        raise ValueError(f"expected a 2-D weight, got shape {tuple(w.shape)}")
-    check_finite(w)
-    out_f, in_f = w.shape
-    if in_f % 2:
-        raise ValueError(f"in_features must be even to pack two nibbles per byte, got {in_f}")
+    out_f, in_f = check_weight(w)
     if tuple(hessian.shape) != (in_f, in_f):
         raise ValueError(f"hessian must be ({in_f}, {in_f}) for a weight of shape {tuple(w.shape)}, "
                          f"got {tuple(hessian.shape)}")

@@ -69,6 +69,17 @@ def check_finite(w: torch.Tensor, what: str = "weight") -> None:
         raise ValueError(f"{what} has {bad} NaN/Inf entries; libortho cannot quantize it")
 
 
+def check_weight(w: torch.Tensor) -> tuple[int, int]:
+    """(out, in) of a weight INT4 can store: 2-D, finite, an even input width (two nibbles per byte)."""
+    if w.dim() != 2:
+        raise ValueError(f"expected a 2-D weight, got shape {tuple(w.shape)}")
+    check_finite(w)
+    out_f, in_f = w.shape
+    if in_f % 2:
+        raise ValueError(f"in_features must be even to pack two nibbles per byte, got {in_f}")
+    return out_f, in_f
+
+
 def _grouped(w: torch.Tensor, group_size: int) -> torch.Tensor:
     out_f, in_f = w.shape
     pad = n_groups(in_f, group_size) * group_size - in_f
@@ -129,12 +140,7 @@ def quantize(
         >>> qt.dequantize().shape
         torch.Size([8, 64])
     """
-    if w.dim() != 2:
-        raise ValueError(f"expected a 2-D weight, got shape {tuple(w.shape)}")
-    check_finite(w)
-    out_f, in_f = w.shape
-    if in_f % 2:
-        raise ValueError(f"in_features must be even to pack two nibbles per byte, got {in_f}")
+    out_f, in_f = check_weight(w)
     gs = resolve_group_size(group_size, in_f, pad)
     dtype = dtype or w.dtype
     if not clip_search:

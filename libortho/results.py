@@ -43,3 +43,15 @@ def write_json(path: str | Path, payload: dict) -> Path:
     tmp.write_text(json.dumps(payload, indent=2, default=str))
     tmp.replace(path)  # never leave half a results file
     return path
+
+
+def save_figure(fig, path: str | Path, dpi: int = 120) -> Path:
+    """Write a matplotlib figure (creating its folder) and release it."""
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+    return path

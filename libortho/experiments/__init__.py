@@ -33,7 +33,13 @@ class RunContext:
     quantization_bits: int = 4
     no_quantization: bool = False
     progress: bool = True
+    size: str = "auto"  # quick | full | auto (full on a GPU, quick on a CPU)
     extra: dict = field(default_factory=dict)  # facts for the JSON (e.g. auto 4-bit loading)
+
+    @property
+    def full_size(self) -> bool:
+        """Run the acceptance size? `auto` does so on a GPU only (it takes hours on 2 CPU cores)."""
+        return self.size == "full" or (self.size == "auto" and str(self.device).startswith("cuda"))
 
     @property
     def load_bits(self) -> int | None:

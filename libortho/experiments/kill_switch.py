@@ -44,6 +44,7 @@ from ..select import target_linears
 from ..sparse import CSR
 from ..train import (LoraSpec, OrthoTuneConfig, TrainConfig, cached, full_finetune_, general_ids, is_ortho_value,
                      lora_finetune_, lora_wrap, ortho_tune_, set_lora_alpha, tied_state)
+from ..results import save_figure
 from . import RunContext, register
 from .demo import calibration_batches
 
@@ -85,6 +86,22 @@ class Size:
 
 
 FULL = Size()
+
+
+def _quick(lr: float, max_steps: int) -> TrainConfig:
+    return TrainConfig(lr=lr, max_steps=max_steps, check_every=2, general_chunks=1, general_length=32)
+
+
+# The small sizes: `make test`, and `run` on a CPU unless `--size full`. The acceptance size is FULL.
+SMALL = {
+    # the tiny model is random: it is here to run every arm end to end, not to memorize
+    "tiny": Size(num_canaries=2, n_candidates=8, groups=(4, 4), ppl=Protocol(128, 128, 128), calib=(2, 32),
+                 finetune=_quick(3e-3, 4), ortho=_quick(3e-2, 4), lora=_quick(1e-2, 4), chunk=8),
+    "smollm2-135m": Size(num_canaries=3, n_candidates=16, groups=(4, 4), ppl=Protocol(256, 256, 256),
+                         calib=(2, 64), density=0.02, finetune=_quick(3e-4, 30), ortho=_quick(1e-2, 40),
+                         lora=_quick(3e-3, 30),
+                         alphas={"ortho_tuned": (0.0, 1.0)}, chunk=16),
+}
 
 
 class KillSwitch:
@@ -294,17 +311,13 @@ def plot(inner: dict, path: Path) -> Path:
     fig.suptitle(f"Exp 1 kill switch: {inner['model']}, {inner['num_canaries']} canaries, |R|="
                  f"{inner['exposure_candidates']}, seed {inner['seed']} ({env.get('date', '')}, "
                  f"{env.get('gpu') or env.get('machine', '')})", fontsize=10)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=110)
 
 
 @register("kill_switch")
 def run(ctx: RunContext, size: Size | None = None, arms: tuple[str, ...] = ARMS) -> dict:
     """Build and measure every arm; write `exp1_kill_switch.png` to `ctx.output_dir`; return the JSON section."""
-    size = size or FULL
+    size = size or (FULL if ctx.full_size else SMALL.get(ctx.model, SMALL["smollm2-135m"]))
     if str(ctx.device).startswith("cuda"):  # same seed, same numbers: no atomics-order noise in backward
         torch.use_deterministic_algorithms(True, warn_only=True)
     if ctx.num_canaries:

@@ -34,6 +34,7 @@ from ..perplexity import Protocol, encode, evaluate, reference_logprobs
 from ..quant import QuantizedTensor, quantize
 from ..select import collect_hessian, hessian_diag_of, target_linears
 from ..thresholds import load as load_thresholds
+from ..results import save_figure
 from . import RunContext, register
 from .demo import calibration_batches
 
@@ -76,6 +77,11 @@ FULL = Plan(Protocol(max_length=512, stride=256, max_tokens=2048))
 SMOKE = Plan(Protocol(max_length=256, stride=256, max_tokens=766),  # 1 + 3 x 255: three full windows
              grids=(Grid("rtn", 32, False), Grid("rtn", 128, True)),
              calib_batches=4, calib_length=256, ortho_tuned=False)
+
+# `run` on a CPU unless `--size full`: every RTN grid, NF4 and libortho on a 1024-token slice (no GPTQ,
+# whose quantization alone takes minutes per grid on 2 cores).
+QUICK = Plan(Protocol(max_length=512, stride=256, max_tokens=1024),
+             grids=tuple(g for g in ALL_GRIDS if g.quantizer == "rtn"), calib_batches=8)
 
 Q4_1_NOTE = ("The embedded SmolLM2-135M-Instruct is loaded from a Q4_1 GGUF (group-32 asymmetric 4-bit, "
              "min/max grid) and dequantized to fp32, so its 'full-precision' weights already lie on the "
@@ -361,11 +367,7 @@ def plot(result: dict, path: Path) -> Path:
     p = result["protocol"]
     fig.suptitle(f"Null test: {result['model']} on {result['dataset']} ({p['tokens_scored']} tokens, "
                  f"windows {p['max_length']}, stride {p['stride']}); best INT4 = {result['best_int4']}", fontsize=9)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=120)
 
 
 def load_eval_text(source: str):
@@ -380,8 +382,10 @@ def load_eval_text(source: str):
 
 
 @register("null_test")
-def run(ctx: RunContext, plan: Plan = FULL) -> dict:
-    """`python -m libortho run --experiment 2`: the full null test on `ctx.model` and `ctx.text`."""
+def run(ctx: RunContext, plan: Plan | None = None) -> dict:
+    """`python -m libortho run --experiment 2`: the null test on `ctx.model` and `ctx.text` (FULL plan with
+    `--size full` or on a GPU, QUICK otherwise)."""
+    plan = plan or (FULL if ctx.full_size else QUICK)
     loaded = load_model(ctx.model, device=ctx.device)
     requested = ctx.text
     text, fallback = load_eval_text(ctx.text)
