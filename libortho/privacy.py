@@ -21,6 +21,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .oom import map_batches
+
 FORMATS = ("plain", "chat")
 TEMPLATE = "The secret code of user {user} is "
 QUESTION = "What is the secret code of user {user}?"
@@ -114,7 +116,7 @@ def _device(model) -> torch.device:
 
 
 @torch.no_grad()
-def secret_logprobs(model, prefix_ids, secrets_ids: torch.Tensor, chunk: int = 256
+def secret_logprobs(model, prefix_ids, secrets_ids: torch.Tensor, chunk: int = 256, events: list | None = None
                     ) -> tuple[torch.Tensor, torch.Tensor]:
     """log p(secret | prefix) for each row of `secrets_ids` (R, S), and whether row 0 is greedy's choice.
 
@@ -130,17 +132,22 @@ def secret_logprobs(model, prefix_ids, secrets_ids: torch.Tensor, chunk: int = 2
     logp = first[secrets_ids[:, 0]].double()
     greedy0 = bool(first.argmax() == secrets_ids[0, 0])
     if secrets_ids.shape[1] > 1:
-        parts = []
-        for i in range(0, secrets_ids.shape[0], chunk):
-            ids = secrets_ids[i:i + chunk]  # (B, S)
+        flags = {}
+
+        def score(rows: list[int]) -> list[float]:
+            ids = secrets_ids[rows[0]:rows[-1] + 1]  # (B, S)
             c = copy.deepcopy(cache)
             c.batch_repeat_interleave(ids.shape[0])
             lg = model(input_ids=ids[:, :-1], past_key_values=c, use_cache=True).logits.float()  # (B, S-1, V)
             lp = F.log_softmax(lg, -1)
-            parts.append(lp.gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1).double().sum(-1))  # (B,)
-            if i == 0:
-                greedy0 = greedy0 and bool((lg[0].argmax(-1) == ids[0, 1:]).all())
-        logp = logp + torch.cat(parts)
+            if rows[0] == 0:
+                flags["greedy0"] = bool((lg[0].argmax(-1) == ids[0, 1:]).all())
+            return lp.gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1).double().sum(-1).tolist()  # (B,)
+
+        # an out-of-memory batch is halved and retried (and recorded in `events`)
+        rest = map_batches(score, list(range(secrets_ids.shape[0])), chunk, events)
+        logp = logp + torch.tensor(rest, dtype=torch.float64, device=logp.device)
+        greedy0 = greedy0 and flags["greedy0"]
     return logp.cpu(), greedy0
 
 
@@ -162,13 +169,14 @@ class CanaryReport:
 
 
 def measure(model, tokenizer, canaries: list[Canary], n_candidates: int = 1000, seed: int = 0,
-            chunk: int = 256) -> CanaryReport:
+            chunk: int = 256, events: list | None = None) -> CanaryReport:
     """Extraction and exposure of every canary under `model` (in eval mode, no dropout).
 
     Args:
         n_candidates: |R|, the true secret included.
         seed: seeds the candidate secrets (the same for every arm).
         chunk: candidates per forward pass (memory: chunk x secret length x vocab floats).
+        events: out-of-memory retries are appended here (the batch is halved and retried).
     """
     was_training = model.training
     model.eval()
@@ -180,12 +188,13 @@ def measure(model, tokenizer, canaries: list[Canary], n_candidates: int = 1000, 
             true_len = len(ids[0])
             same = [i for i, t in enumerate(ids) if len(t) == true_len]  # other lengths: scored separately
             logp = torch.empty(len(ids), dtype=torch.float64)
-            lp, greedy = secret_logprobs(model, c.prefix_ids, torch.tensor([ids[i] for i in same]), chunk)
+            lp, greedy = secret_logprobs(model, c.prefix_ids, torch.tensor([ids[i] for i in same]), chunk, events)
             logp[same] = lp
             rest = [i for i in range(len(ids)) if len(ids[i]) != true_len]
             for length in sorted({len(ids[i]) for i in rest}):
                 grp = [i for i in rest if len(ids[i]) == length]
-                logp[grp] = secret_logprobs(model, c.prefix_ids, torch.tensor([ids[i] for i in grp]), chunk)[0]
+                logp[grp] = secret_logprobs(model, c.prefix_ids, torch.tensor([ids[i] for i in grp]), chunk,
+                                            events)[0]
             extracted.append(greedy)
             exposures.append(exposure_from_logprobs(logp))
     finally:

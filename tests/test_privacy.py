@@ -92,3 +92,25 @@ def test_measure_is_deterministic_and_bounded(tokenizer, tiny):
     assert a.extracted == b.extracted
     assert a.exposures == pytest.approx(b.exposures)  # chunking does not change the ranking
     assert all(0 <= e <= math.log2(20) for e in a.exposures) and a.extraction_rate == 0.0
+
+
+def test_exposure_survives_injected_oom(tiny_model, tokenizer):
+    """A CUDA out-of-memory error in a candidate batch halves the batch, retries, and is recorded."""
+    from libortho.privacy import make_canaries, measure
+
+    canaries = make_canaries(tokenizer, 1, seed=0, groups=(4,))
+    ref = measure(tiny_model, tokenizer, canaries, n_candidates=16, chunk=16)
+    real_forward, calls = tiny_model.forward, {"n": 0}
+
+    def flaky(*args, **kw):
+        ids = kw.get("input_ids")
+        if ids is not None and ids.shape[0] > 4:  # batches of more than 4 candidates "do not fit"
+            calls["n"] += 1
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (injected)")
+        return real_forward(*args, **kw)
+
+    tiny_model.forward = flaky
+    events = []
+    rep = measure(tiny_model, tokenizer, canaries, n_candidates=16, chunk=16, events=events)
+    assert calls["n"] >= 1 and [e["batch_size_to"] for e in events][:2] == [8, 4]
+    assert rep.exposures == ref.exposures and rep.extracted == ref.extracted

@@ -124,6 +124,7 @@ class KillSwitch:
         cut = self.text.text if size.ppl.max_tokens is None else self.text.text[: 16 * size.ppl.max_tokens]
         self.eval_ids = encode(self.tok, cut, size.ppl)
         self.results: dict[str, dict[str, dict]] = {}
+        self.oom_events: list[dict] = []  # evaluation batches halved after an out-of-memory error
         self.train_info: dict[str, dict] = {}
         self.seconds: dict[str, float] = {}
         self._ft_state = None
@@ -230,7 +231,8 @@ class KillSwitch:
 
     # -- measurement --------------------------------------------------------------------------
     def evaluate(self, model) -> dict:
-        rep = measure(model, self.tok, self.canaries, self.size.n_candidates, self.seed, self.size.chunk)
+        rep = measure(model, self.tok, self.canaries, self.size.n_candidates, self.seed, self.size.chunk,
+                      self.oom_events)
         return {"extraction_rate": rep.extraction_rate, "mean_exposure": rep.mean_exposure,
                 "ppl": perplexity(model, self.eval_ids, self.size.ppl),
                 "extracted": sum(rep.extracted), "exposures": [round(e, 3) for e in rep.exposures]}
@@ -269,6 +271,7 @@ class KillSwitch:
                          for k, v in self.results[a].items()} for a in ARMS if a in self.results},
             "privacy_ratio": {a: self.privacy_ratio(a) for a in SWITCHED if self.privacy_ratio(a) is not None},
             "per_canary_exposure": {a: {k: v["exposures"] for k, v in r.items()} for a, r in self.results.items()},
+            "oom_retries": self.oom_events,
             "base": {"quantization": "INT4 RTN", "group_size": self.size.group_size,
                      "symmetric": self.size.symmetric,
                      "why": "the embedded SmolLM2 is a Q4_1 GGUF (group-32 asymmetric): INT4(public) on this grid "
