@@ -200,7 +200,8 @@ def test_smollm2_posthoc_one_percent(smollm2, calib_batches, tokenizer, eval_tex
     rtn = copy.deepcopy(smollm2)
     int4_rtn_(rtn, group_size=64)
     t0 = time.perf_counter()
-    orthogonalize_(smollm2, OrthoConfig(density=0.01, group_size=64), calibration=calib_batches, progress=False)
+    orthogonalize_(smollm2, OrthoConfig(density=0.01, group_size=64, symmetric=True), calibration=calib_batches,
+                   progress=False)
     secs = time.perf_counter() - t0
     assert secs < thresholds("convert")["max_convert_seconds"]
     cache_base_(smollm2)
