@@ -18,7 +18,8 @@ GIB = 1024**3
 CUDA_CONTEXT_GIB = 0.5  # CUDA context + allocator slack, the allowance every plan reserves
 AUTO_4BIT_BELOW_GIB = 8.0
 
-_LLAMA3 = dict(vocab_size=128256, num_key_value_heads=8, rope_theta=500000.0, max_position_embeddings=8192)
+_LLAMA3 = dict(vocab_size=128256, num_key_value_heads=8, rope_theta=500000.0, max_position_embeddings=8192,
+               rms_norm_eps=1e-5, bos_token_id=128000, eos_token_id=128001)
 _8B = dict(_LLAMA3, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
            tie_word_embeddings=False)
 _3B = dict(_LLAMA3, hidden_size=3072, intermediate_size=8192, num_hidden_layers=28, num_attention_heads=24,
@@ -42,7 +43,8 @@ KNOWN_CONFIGS = {
     "meta-llama/Llama-3.1-405B-Instruct": _405B,
     "HuggingFaceTB/SmolLM2-135M-Instruct": dict(vocab_size=49152, hidden_size=576, intermediate_size=1536,
                                                num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
-                                               tie_word_embeddings=True, max_position_embeddings=8192),
+                                               tie_word_embeddings=True, max_position_embeddings=8192,
+                                               rms_norm_eps=1e-5, rope_theta=100000.0, bos_token_id=1, eos_token_id=2),
 }
 ALIASES = {"smollm2-135m": "HuggingFaceTB/SmolLM2-135M-Instruct"}
 

@@ -18,23 +18,17 @@ CODE_STD = 4.6  # std of (q - 8) for q uniform in 0..15
 
 
 def llama3_8b_config():
-    """Meta-Llama-3-8B's architecture (no weights)."""
-    from transformers import LlamaConfig
+    """Meta-Llama-3-8B's architecture (no weights), from the shapes `plan` knows."""
+    from .plan import model_config
 
-    return LlamaConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-                       num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=8192,
-                       rms_norm_eps=1e-5, rope_theta=500000.0, tie_word_embeddings=False,
-                       bos_token_id=128000, eos_token_id=128001)
+    return model_config("meta-llama/Meta-Llama-3-8B").to_config()
 
 
 def smollm2_135m_config():
     """SmolLM2-135M's architecture (no weights)."""
-    from transformers import LlamaConfig
+    from .plan import model_config
 
-    return LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
-                       num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192,
-                       rms_norm_eps=1e-5, rope_theta=100000.0, tie_word_embeddings=True,
-                       bos_token_id=1, eos_token_id=2)
+    return model_config("smollm2-135m").to_config()
 
 
 CONFIGS = {"llama3-8b": llama3_8b_config, "smollm2-135m": smollm2_135m_config}
