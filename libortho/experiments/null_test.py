@@ -389,8 +389,12 @@ def run(ctx: RunContext, plan: Plan | None = None) -> dict:
     loaded = load_model(ctx.model, device=ctx.device)
     requested = ctx.text
     text, fallback = load_eval_text(ctx.text)
+    from .kill_switch import SMALL
+
+    ks_small = SMALL.get(ctx.model, SMALL["smollm2-135m"])  # the size experiment 1 cached in a quick run
     out = run_null_test(loaded.model, loaded.tokenizer, text, plan, ctx.seed, ctx.progress, loaded.name,
-                        ctx.output_dir, ortho_tuned=lambda: ortho_tuned_from_exp1(ctx.model, ctx.seed, ctx.device))
+                        ctx.output_dir, ortho_tuned=lambda: ortho_tuned_from_exp1(ctx.model, ctx.seed, ctx.device,
+                                                                  size=None if ctx.full_size else ks_small))
     out["dataset_requested"] = requested
     if fallback:
         out["dataset_fallback"] = fallback
