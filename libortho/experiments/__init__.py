@@ -49,11 +49,6 @@ class RunContext:
 
 def load_all() -> dict[str, Callable]:
     """Import the experiment modules so they register themselves."""
-    from . import demo  # noqa: F401
-    for mod in ("kill_switch", "null_test"):
-        try:
-            __import__(f"{__name__}.{mod}")
-        except ModuleNotFoundError as e:
-            if e.name != f"{__name__}.{mod}":
-                raise
+    from . import demo, kill_switch, null_test  # noqa: F401
+
     return EXPERIMENTS
