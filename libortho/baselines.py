@@ -44,6 +44,8 @@ def nf4_(model: nn.Module, targets=LLAMA_LINEARS, compute_dtype: torch.dtype | N
     """
     import bitsandbytes as bnb
 
+    from .convert import set_module
+
     for name, lin in target_linears(model, targets).items():
         device = lin.weight.device
         q = bnb.nn.Linear4bit(lin.in_features, lin.out_features, bias=lin.bias is not None,
@@ -54,6 +56,5 @@ def nf4_(model: nn.Module, targets=LLAMA_LINEARS, compute_dtype: torch.dtype | N
         if lin.bias is not None:
             q.bias = nn.Parameter(lin.bias.detach().cpu(), requires_grad=False)
         q = q.to(device)  # Params4bit quantizes on the move
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent), child, q)
+        set_module(model, name, q)
     return nf4_bits_per_weight()

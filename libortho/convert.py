@@ -35,7 +35,8 @@ def dense_weight(lin: nn.Module) -> torch.Tensor:
     return w.detach()
 
 
-def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+def set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    """Replace the submodule at dotted `name` (top-level names included)."""
     parent, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent) if parent else model, child, module)
 
@@ -110,7 +111,7 @@ def orthogonalize_(model: nn.Module, config: OrthoConfig | None = None,
         bias = lin.bias.detach() if lin.bias is not None else None
         new = OrthoLinear.from_parts(base, ortho, bias).to(w.device)
         new.backend = config.backend.value
-        _set_module(model, name, new)
+        set_module(model, name, new)
     model.libortho_config = config
     model.libortho_stats = {"convert_seconds": time.perf_counter() - t0, "calibrate_seconds": t_calib,
                             "converted_linears": len(linears)}
@@ -238,7 +239,7 @@ def load(directory: str | Path, with_ortho: bool = True, dtype: torch.dtype | No
     model = AutoModelForCausalLM.from_config(config, dtype=dtype or (floats[0] if floats else torch.float32))
     for name, spec in meta["layers"].items():
         nnz = spec["nnz"] if with_ortho else 0
-        _set_module(model, name, OrthoLinear(spec["in_features"], spec["out_features"], spec["group_size"],
+        set_module(model, name, OrthoLinear(spec["in_features"], spec["out_features"], spec["group_size"],
                                              spec["symmetric"], nnz, spec["bias"],
                                              base[f"{name}.scales"].dtype))
     state = {**base, **ortho}

@@ -35,7 +35,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from .convert import _set_module, ortho_modules
+from .convert import set_module, ortho_modules
 from .linear import OrthoLinear
 from .llama import LLAMA_LINEARS
 from .privacy import Canary, extraction_rate
@@ -282,7 +282,7 @@ def ortho_tune_(model: nn.Module, canaries, general, calibration, cfg: TrainConf
             mask = top_mask(s, ocfg.density)
             ortho = csr_from_mask(torch.zeros_like(w), mask)  # the stream holds only what private data adds
             bias = lin.bias.detach() if lin.bias is not None else None
-            _set_module(model, name, OrthoLinear.from_parts(base, ortho, bias).to(w.device))
+            set_module(model, name, OrthoLinear.from_parts(base, ortho, bias).to(w.device))
             nnz, total = nnz + ortho.nnz, total + w.numel()
     for p in model.parameters():
         p.requires_grad_(False)

@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 
 from .. import OrthoConfig, orthogonalize_
 from ..baselines import int4_rtn_, nf4_
-from ..convert import _set_module, cache_base_, ortho_modules, set_alpha
+from ..convert import set_module, cache_base_, ortho_modules, set_alpha
 from ..data import load_text
 from ..linear import OrthoLinear
 from ..models import load_model
@@ -174,7 +174,7 @@ class KillSwitch:
                 ortho = CSR(state[f"{name}.ortho_crow"], state[f"{name}.ortho_col"], state[f"{name}.ortho_values"],
                             base.shape)
                 bias = lin.bias.detach() if lin.bias is not None else None
-                _set_module(m, name, OrthoLinear.from_parts(base, ortho, bias).to(self.device))
+                set_module(m, name, OrthoLinear.from_parts(base, ortho, bias).to(self.device))
         cache_base_(m)
         h = meta["history"]
         self.train_info["ortho_tuned"] = {"steps": h["steps"], "cached": hit, "nnz": h["nnz"],
