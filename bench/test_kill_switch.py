@@ -31,7 +31,8 @@ from libortho.experiments.kill_switch import ARMS, MAIN_ARMS, SMALL, SWITCHED, K
 from libortho.results import write_json
 
 T = thresholds.load("exp1_kill_switch")
-RESULTS = Path(__file__).resolve().parent.parent / "results"
+# full-size runs write here; LIBORTHO_RESULTS_DIR redirects them (a lent GPU machine, a CI artifact folder)
+RESULTS = Path(os.environ.get("LIBORTHO_RESULTS_DIR") or Path(__file__).resolve().parent.parent / "results")
 
 
 SMALL_ARMS = {"tiny": ARMS, "smollm2-135m": MAIN_ARMS}
