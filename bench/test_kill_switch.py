@@ -160,8 +160,6 @@ def test_full_size_kill_switch():
     ctx = RunContext(model="smollm2-135m", output_dir=RESULTS, seed=0, device=device, num_canaries=20,
                      progress=True)
     inner = run(ctx)
-    if not inner["environment"].get("git_commit"):  # a copy of the tree without .git (a lent GPU machine)
-        inner["environment"]["git_commit"] = os.environ.get("LIBORTHO_GIT_COMMIT")
     write_json(RESULTS / "exp1_kill_switch.json", {"exp1_kill_switch": inner})
     assert set(inner["arms"]) == set(ARMS)
     assert inner["num_canaries"] == 20 and inner["exposure_candidates"] >= 1000

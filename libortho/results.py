@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import os
 import platform
 import subprocess
 from pathlib import Path
@@ -11,6 +12,9 @@ import torch
 
 
 def git_commit() -> str | None:
+    """HEAD of the checkout; LIBORTHO_GIT_COMMIT wins (a copied tree whose .git is not the code that runs)."""
+    if os.environ.get("LIBORTHO_GIT_COMMIT"):
+        return os.environ["LIBORTHO_GIT_COMMIT"]
     try:
         return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
                               cwd=Path(__file__).parent).stdout.strip() or None
