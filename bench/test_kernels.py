@@ -6,7 +6,12 @@ Each case times a CUDA graph of many calls that rotate over enough weight copies
 (eager timing where capture fails; `timing` in extra_info says which), with torch.cuda.synchronize()
 inside the timed function and warm-up rounds. Achieved bandwidth = weight bytes read / time per call.
 
-    pytest -m gtx4050 bench/test_kernels.py --benchmark-autosave
+    pytest -m gtx4050 bench/test_kernels.py --benchmark-autosave   # the tables
+    pytest -m h100 bench/test_kernels.py                            # the tables and issue 7's ratio claims
+
+The layer cases carry every profile they fit (gtx4050 and h100). The ratio targets of issue 7 were set for,
+and are asserted on, the H100 only (`test_layer_ratios` is marked h100): against bitsandbytes on a laptop
+Ada card the ratios mean something else, and no target was set there.
 """
 from __future__ import annotations
 
@@ -21,7 +26,6 @@ import torch
 from libortho.gpu import now_utc
 from libortho.thresholds import load as load_thresholds
 
-pytestmark = pytest.mark.gtx4050
 
 SHAPES = [(4096, 4096), (14336, 4096), (4096, 14336), (128256, 4096)]  # (out, in)
 IMPLS = ["bf16", "nf4", "int4mm", "cusparse_csr", "int4mm+csr", "base", "alpha0", "alpha1"]
@@ -97,6 +101,8 @@ def device_name():
     return torch.cuda.get_device_name() if torch.cuda.is_available() else "none"
 
 
+@pytest.mark.gtx4050
+@pytest.mark.h100
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
 def test_layer(benchmark, gpu_profile, device_name, shape, impl):
@@ -144,6 +150,7 @@ def _table() -> str:
     return "\n".join(lines)
 
 
+@pytest.mark.h100
 def test_layer_ratios(gpu_profile, device_name):
     """Issue 7, layer level, 1% ortho: alpha 1 <= 1.15x base-only and <= 0.7x NF4; alpha 0 <= 1.02x base."""
     need = [(s, i) for s in SHAPES for i in ("base", "alpha0", "alpha1", "nf4", "int4mm")]
