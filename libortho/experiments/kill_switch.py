@@ -94,12 +94,13 @@ def _quick(lr: float, max_steps: int) -> TrainConfig:
 
 
 # The small sizes: `make test`, and `run` on a CPU unless `--size full`. The acceptance size is FULL.
+# SmolLM2's ortho rate: 3e-3 and 1e-2 both reach 3/3 in 14 steps; alpha-1 ppl 34.7 vs 151.4 (2 CPU cores).
 SMALL = {
     # the tiny model is random: it is here to run every arm end to end, not to memorize
     "tiny": Size(num_canaries=2, n_candidates=8, groups=(4, 4), ppl=Protocol(128, 128, 128), calib=(2, 32),
                  finetune=_quick(3e-3, 4), ortho=_quick(3e-2, 4), lora=_quick(1e-2, 4), chunk=8),
     "smollm2-135m": Size(num_canaries=3, n_candidates=16, groups=(4, 4), ppl=Protocol(256, 256, 256),
-                         calib=(2, 64), density=0.02, finetune=_quick(3e-4, 30), ortho=_quick(1e-2, 40),
+                         calib=(2, 64), density=0.02, finetune=_quick(3e-4, 30), ortho=_quick(3e-3, 40),
                          lora=_quick(3e-3, 30),
                          alphas={"ortho_tuned": (0.0, 1.0)}, chunk=16),
 }
