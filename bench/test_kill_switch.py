@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 
 import pytest
@@ -28,11 +27,10 @@ import torch
 from libortho import thresholds
 from libortho.experiments import RunContext
 from libortho.experiments.kill_switch import ARMS, MAIN_ARMS, SMALL, SWITCHED, KillSwitch, Size, plot, run
-from libortho.results import write_json
+from libortho.results import results_dir, write_json
 
 T = thresholds.load("exp1_kill_switch")
-# full-size runs write here; LIBORTHO_RESULTS_DIR redirects them (a lent GPU machine, a CI artifact folder)
-RESULTS = Path(os.environ.get("LIBORTHO_RESULTS_DIR") or Path(__file__).resolve().parent.parent / "results")
+RESULTS = results_dir(Path(__file__).resolve().parent.parent / "results")  # full-size runs write here
 
 
 SMALL_ARMS = {"tiny": ARMS, "smollm2-135m": MAIN_ARMS}

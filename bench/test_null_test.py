@@ -6,7 +6,6 @@ runs the full plan (every INT4 configuration, NF4, both libortho bases) and writ
 results/exp2_null_test.json and .png.
 """
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -14,12 +13,11 @@ import pytest
 from libortho.baselines import nf4_bits_per_weight
 from libortho.experiments import load_all
 from libortho.experiments.null_test import FULL, SMOKE, load_eval_text, ortho_tuned_from_exp1, run_null_test
-from libortho.results import environment, write_json
+from libortho.results import environment, results_dir, write_json
 from libortho.thresholds import load
 
 TH = load("exp2_null_test")
-# full-size runs write here; LIBORTHO_RESULTS_DIR redirects them (a lent GPU machine, a CI artifact folder)
-RESULTS = Path(os.environ.get("LIBORTHO_RESULTS_DIR") or Path(__file__).resolve().parent.parent / "results")
+RESULTS = results_dir(Path(__file__).resolve().parent.parent / "results")  # full-size runs write here
 
 
 @pytest.fixture(scope="module")

@@ -35,6 +35,12 @@ def environment(device: str = "cpu") -> dict:
     return env
 
 
+def results_dir(default: str | Path) -> Path:
+    """Where a run writes its committed results: LIBORTHO_RESULTS_DIR when set (a lent GPU machine, a CI
+    artifact folder), else `default`."""
+    return Path(os.environ.get("LIBORTHO_RESULTS_DIR") or default)
+
+
 def results_path(output_dir: str | Path, profile: str | None) -> Path:
     stamp = dt.datetime.now().strftime("%Y%m%d_%H%M%S")
     return Path(output_dir) / f"{profile or 'cpu'}_results_{stamp}.json"

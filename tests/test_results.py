@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 import re
 
-from libortho.results import environment, git_commit, results_path, write_json
+from libortho.results import environment, git_commit, results_dir, results_path, write_json
 
 
 def test_git_commit_env_override(monkeypatch):
@@ -28,3 +28,10 @@ def test_write_json_is_whole_and_named(tmp_path):
     assert not list(tmp_path.rglob("*.tmp"))
     assert re.fullmatch(r"gtx4050_results_\d{8}_\d{6}\.json", results_path(tmp_path, "gtx4050").name)
     assert results_path(tmp_path, None).name.startswith("cpu_results_")
+
+
+def test_results_dir_env_override(monkeypatch, tmp_path):
+    monkeypatch.delenv("LIBORTHO_RESULTS_DIR", raising=False)
+    assert results_dir(tmp_path / "results") == tmp_path / "results"
+    monkeypatch.setenv("LIBORTHO_RESULTS_DIR", str(tmp_path / "elsewhere"))
+    assert results_dir(tmp_path / "results") == tmp_path / "elsewhere"
