@@ -6,7 +6,7 @@ set -u
 OUT=${OUT:-out/gpu}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 LIBORTHO_RESULTS_DIR="$OUT"
 python3 -m libortho check-gpu --json > "$OUT/check_gpu.json"; echo "check-gpu rc=$?"
-timeout 150 python3 -m pytest -q -x tests/test_kernels.py -p no:randomly > "$OUT/parity.log" 2>&1
+timeout 300 python3 -m pytest -q -x tests/test_kernels.py -p no:randomly > "$OUT/parity.log" 2>&1
 echo "parity rc=$?"; tail -2 "$OUT/parity.log"
 timeout 300 python3 -m pytest -m gtx4050 bench/ -q -rs --benchmark-autosave --benchmark-columns=median,rounds \
   --benchmark-sort=name > "$OUT/bench_gtx4050.log" 2>&1

@@ -1,15 +1,18 @@
 """Side-by-side timing of the layer implementations of bench/test_kernels.py (a lab script, not a test).
 
     python bench/kernel_lab.py [--shapes 4096x4096,14336x4096] [--impls nf4,int4mm,base,alpha1] [--json F]
+                               [--candidate bench.kernel_candidates:fold_gemv]
 
 The same cases and method as the test (`rotated_calls`: a CUDA graph of many calls rotating over weight
 copies to defeat the L2), timed with CUDA events, median of 20 replays after 3; no pytest, no assertions,
 so a kernel candidate can be compared in one device call. Prints microseconds per call and the autotuner's
-pick of the Triton kernel.
+pick of the Triton kernel. `--candidate` swaps a function with `dual_gemv`'s signature in for the committed
+kernel (the base/alpha0/alpha1 cases then run it), after checking its output against the committed kernel.
 """
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import statistics
 import sys
@@ -37,13 +40,40 @@ def time_impl(impl: str, N: int, K: int) -> float:
     return statistics.median(ts[3:])
 
 
+def check_candidate(fn, shapes) -> None:
+    """The candidate against the committed kernel on fresh random layers: relative error, NaN, every output."""
+    from libortho.shape_only import random_ortho_linear
+
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    for N, K in shapes:
+        m = random_ortho_linear(N, K, 0.01, 128, torch.bfloat16, "cuda", gen)
+        x = torch.randn(1, K, device="cuda", dtype=torch.bfloat16, generator=gen)
+        for on in (False, True):
+            args = (x, m.qweight, m.scales, None, 128, m.ortho_crow, m.ortho_col, m.ortho_values, m.alpha, None, on)
+            ref, got = COMMITTED(*args).float(), fn(*args).float()
+            err = ((got - ref).norm() / ref.norm()).item()
+            ok = torch.isfinite(got).all().item() and err < 1e-2
+            print(f"check {N}x{K} ortho={on}: rel err {err:.2e} {'ok' if ok else 'FAILED'}", flush=True)
+            if not ok:
+                raise SystemExit(f"candidate wrong at {N}x{K}")
+
+
+COMMITTED = td.dual_gemv
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--shapes", default=",".join(f"{n}x{k}" for n, k in SHAPES))
     p.add_argument("--impls", default=",".join(IMPLS))
     p.add_argument("--json", default=None)
+    p.add_argument("--candidate", default=None, help="module:function with dual_gemv's signature")
     a = p.parse_args()
     shapes = [tuple(map(int, s.split("x"))) for s in a.shapes.split(",")]
+    if a.candidate:
+        mod, fn = a.candidate.split(":")
+        cand = getattr(importlib.import_module(mod), fn)
+        check_candidate(cand, shapes)
+        td.dual_gemv = cand  # the cases look it up at call time
     impls = a.impls.split(",")
     out = {}
     print("| shape | " + " | ".join(impls) + " |")
@@ -57,7 +87,8 @@ def main() -> None:
                 row[impl] = float("nan")
         out[f"{N}x{K}"] = row
         print(f"| {N}x{K} | " + " | ".join(f"{row[i]:.1f}" for i in impls) + " |", flush=True)
-    picks = {str(k[:4]): str(v) for k, v in getattr(td._dual_gemv_kernel, "cache", {}).items()}
+    kernels = [td._dual_gemv_kernel] + (getattr(importlib.import_module(mod), "AUTOTUNED", []) if a.candidate else [])
+    picks = {str(k[:4]): str(v) for kern in kernels for k, v in getattr(kern, "cache", {}).items()}
     for k, v in picks.items():
         print("pick", k, v)
     if a.json:

@@ -1,7 +1,7 @@
 """Triton kernels for the dual-stream linear, reading the packed INT4 base and the CSR ortho stream once.
 
 - `dual_gemv`: decode shapes (few rows of x). One program owns BLOCK_N output channels: it streams their
-  packed codes over all of K (two codes per byte, low nibble first, one scale per group), then walks the
+  packed codes over all of K as int32 words (eight codes each, one scale per group), then walks the
   contiguous CSR segment of the same channels and adds alpha * (ortho @ x) before the single store.
   HAS_ORTHO is a compile-time switch: at alpha == 0 the ortho stream is not read, nothing extra launches.
 - `csr_gemv_add_`: the ortho stream alone, added into an existing output (to pair with another base kernel).
@@ -14,14 +14,21 @@ import torch
 import triton
 import triton.language as tl
 
-# (BLOCK_N, BLOCK_K, warps, stages, EW). EW=0: per-group partial dots reduced every K step, codes converted
-# with cvt. EW=1: an elementwise (BLOCK_N, BLOCK_K/2) accumulator reduced once at the end, codes turned into
-# floats by bit tricks (q | 0x4B000000 is the float 2^23 + q), sparing the int->float unit. A short list:
-# autotuning every shape of a model must stay within seconds.
-_TILES = [(16, 512, 4, 3, 0), (8, 1024, 4, 3, 0), (32, 512, 8, 3, 0), (16, 1024, 8, 2, 0), (4, 1024, 4, 3, 0),
-          (16, 512, 4, 3, 1), (8, 1024, 4, 3, 1), (16, 1024, 8, 2, 1), (8, 2048, 8, 2, 1)]
-GEMV_CONFIGS = [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "EW": ew}, num_warps=w, num_stages=st)
-                for bn, bk, w, st, ew in _TILES]
+# (BLOCK_N, BLOCK_K, warps, stages): a short list, so that autotuning every shape of a model stays within
+# seconds; the H100 picks (bench/kernel_lab.py) spread over the first six. CSR_EARLY (ortho on only): issue the
+# first CSR chunk's loads before the K loop and use them after it; on the H100 that hid the ortho stream's
+# latency at 4096x4096 (9.2 -> 8.6 us) and cost a little on the larger shapes, so the tuner chooses.
+_TILES = [(16, 512, 4, 3), (32, 512, 4, 3), (32, 256, 4, 4), (64, 256, 8, 3), (8, 1024, 4, 3), (16, 1024, 8, 2),
+          (64, 128, 4, 4), (32, 1024, 8, 2), (4, 1024, 4, 3), (128, 128, 8, 3), (8, 2048, 8, 2), (4, 2048, 4, 2)]
+GEMV_CONFIGS = [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "CSR_EARLY": e}, num_warps=w, num_stages=st)
+                for e in (0, 1) for bn, bk, w, st in _TILES]
+
+
+def _prune(configs, named_args, **kw):
+    """Tiles at least one group wide; the CSR_EARLY twins only where there is an ortho stream."""
+    group = kw.get("GROUP", named_args.get("GROUP"))
+    ortho = kw.get("HAS_ORTHO", named_args.get("HAS_ORTHO"))
+    return [c for c in configs if c.kwargs["BLOCK_K"] >= group and (ortho or not c.kwargs["CSR_EARLY"])]
 
 
 def rchunk(nnz: int, rows: int) -> int:
@@ -32,13 +39,14 @@ def rchunk(nnz: int, rows: int) -> int:
 
 
 @triton.jit
-def _csr_rows_dot(x_row, crow_ptr, col_ptr, val_ptr, rn, nmask, N, RCHUNK: tl.constexpr):
-    """sum_e values[e] * x[col[e]] over each row of `rn`: a (BN, RCHUNK) tile per step, rows side by side."""
+def _csr_rows_dot(x_row, crow_ptr, col_ptr, val_ptr, rn, nmask, N, RCHUNK: tl.constexpr, START: tl.constexpr):
+    """sum_e values[e] * x[col[e]] over each row of `rn`, from the row's START-th entry on: a (BN, RCHUNK) tile
+    per step, rows side by side."""
     rs = tl.load(crow_ptr + rn, mask=nmask, other=0)
     re = tl.load(crow_ptr + rn + 1, mask=nmask, other=0)
     longest = tl.max(re - rs, axis=0)
     acc = (rs * 0).to(tl.float32)
-    for j in range(0, longest, RCHUNK):
+    for j in range(START, longest, RCHUNK):
         e = rs[:, None] + j + tl.arange(0, RCHUNK)[None, :]  # (BN, RCHUNK)
         em = e < re[:, None]
         v = tl.load(val_ptr + e, mask=em, other=0.0).to(tl.float32)
@@ -48,61 +56,89 @@ def _csr_rows_dot(x_row, crow_ptr, col_ptr, val_ptr, rn, nmask, N, RCHUNK: tl.co
     return acc
 
 
-@triton.autotune(configs=GEMV_CONFIGS, key=["N", "K", "HAS_ORTHO", "RCHUNK"])
+@triton.jit
+def _nib(w, SHIFT: tl.constexpr):
+    """The nibble of int32 w that sits at bits 16-SHIFT .. 19-SHIFT, as the float 128 + q: moved to bits 16..19
+    under the exponent of 128 (0x43000000), where one mantissa step is 1. No int->float conversion."""
+    if SHIFT > 0:
+        v = w << SHIFT
+    elif SHIFT < 0:
+        v = w >> (-SHIFT)
+    else:
+        v = w
+    return ((v & 0x000F0000) | 0x43000000).to(tl.float32, bitcast=True)
+
+
+@triton.autotune(configs=GEMV_CONFIGS, key=["N", "K", "HAS_ORTHO", "RCHUNK", "GROUP"],
+                 prune_configs_by={"early_config_prune": _prune})
 @triton.jit
 def _dual_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, crow_ptr, col_ptr, val_ptr, alpha_ptr, b_ptr, y_ptr,
                       N, K, stride_qn, stride_sn, stride_xm, stride_ym,
                       GROUP: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_ORTHO: tl.constexpr,
-                      HAS_BIAS: tl.constexpr, RCHUNK: tl.constexpr,
-                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EW: tl.constexpr):
+                      HAS_BIAS: tl.constexpr, RCHUNK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                      CSR_EARLY: tl.constexpr):
+    """qw_ptr: the packed codes as int32 words (N, K/8): word j of a row holds k = 8j .. 8j+7, code i at bits
+    4i (the same bytes as the uint8 layout, little-endian). Per word, with the codes as 128 + q:
+    sum_i (q_i - 8) x_i = sum_i (128 + q_i) x_i - 136 sum_i x_i, the second term computed once per word column
+    and shared by every row (fp32 throughout; the cancellation costs about 6 of its 24 bits)."""
     pid_n = tl.program_id(0)
     m = tl.program_id(1)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # (BN,) output channels
     nmask = rn < N
-    HK: tl.constexpr = BLOCK_K // 2  # bytes per row per tile
+    KW: tl.constexpr = BLOCK_K // 8  # words per row per tile
     GPT: tl.constexpr = BLOCK_K // GROUP  # groups per tile
-    HG: tl.constexpr = GROUP // 2  # bytes per group
-    rj = tl.arange(0, HK)
+    WPG: tl.constexpr = GROUP // 8  # words per group
+    rw = tl.arange(0, KW)
     rk = tl.arange(0, BLOCK_K)
     rg = tl.arange(0, GPT)
     x_row = x_ptr + m * stride_xm
-    if EW:
-        acc = tl.zeros((BLOCK_N, HK), dtype=tl.float32)
-    else:
-        acc = tl.zeros((BLOCK_N, GPT), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_N, KW), dtype=tl.float32)
+    if HAS_ORTHO and CSR_EARLY:  # loads in flight during the K loop
+        rs = tl.load(crow_ptr + rn, mask=nmask, other=0)
+        re = tl.load(crow_ptr + rn + 1, mask=nmask, other=0)
+        e0 = rs[:, None] + tl.arange(0, RCHUNK)[None, :]
+        em0 = e0 < re[:, None]
+        v0 = tl.load(val_ptr + e0, mask=em0, other=0.0)
+        c0 = tl.load(col_ptr + e0, mask=em0, other=0)
     for k0 in range(0, K, BLOCK_K):
-        kb = k0 // 2 + rj  # (HK,) byte columns
-        qb = tl.load(qw_ptr + rn[:, None] * stride_qn + kb[None, :],
-                     mask=nmask[:, None] & (kb < K // 2)[None, :], other=0)  # (BN, HK) uint8
+        kw = k0 // 8 + rw
+        w = tl.load(qw_ptr + rn[:, None] * stride_qn + kw[None, :], mask=nmask[:, None] & (kw < K // 8)[None, :],
+                    other=0)  # (BN, KW) int32
         xx = tl.load(x_row + k0 + rk, mask=k0 + rk < K, other=0.0).to(tl.float32)  # (BK,) contiguous
-        xe, xo = tl.split(tl.reshape(xx, (HK, 2)))  # even / odd inputs: low / high nibbles
+        # x[8j + i] for i = 4 i2 + 2 i1 + i0, as eight (KW,) vectors
+        xe, xo = tl.split(tl.reshape(xx, (KW, 2, 2, 2)))
+        xee, xeo = tl.split(xe)
+        xoe, xoo = tl.split(xo)
+        x0, x4 = tl.split(xee)
+        x2, x6 = tl.split(xeo)
+        x1, x5 = tl.split(xoe)
+        x3, x7 = tl.split(xoo)
+        xs = (x0 + x1) + (x2 + x3) + ((x4 + x5) + (x6 + x7))  # (KW,) sum of x over each word
+        p = tl.broadcast_to((-136.0 * xs)[None, :], (BLOCK_N, KW))
+        p += _nib(w, 16) * x0[None, :]
+        p += _nib(w, 12) * x1[None, :]
+        p += _nib(w, 8) * x2[None, :]
+        p += _nib(w, 4) * x3[None, :]
+        p += _nib(w, 0) * x4[None, :]
+        p += _nib(w, -4) * x5[None, :]
+        p += _nib(w, -8) * x6[None, :]
+        p += _nib(w, -12) * x7[None, :]
         g = k0 // GROUP + rg
-        gmask = nmask[:, None] & (g < (K + GROUP - 1) // GROUP)[None, :]
+        gmask = nmask[:, None] & (g < K // GROUP)[None, :]
         s = tl.load(s_ptr + rn[:, None] * stride_sn + g[None, :], mask=gmask, other=0.0).to(tl.float32)
-        if EW:
-            q32 = qb.to(tl.int32)
-            lo = ((q32 & 0xF) | 0x4B000000).to(tl.float32, bitcast=True) - 8388616.0  # q - 8, exact
-            hi = ((q32 >> 4) | 0x4B000000).to(tl.float32, bitcast=True) - 8388616.0
-            sb = tl.reshape(tl.broadcast_to(s[:, :, None], (BLOCK_N, GPT, HG)), (BLOCK_N, HK))
-            acc += (lo * xe[None, :] + hi * xo[None, :]) * sb
-            if HAS_ZERO:
-                z = tl.load(z_ptr + rn[:, None] * stride_sn + g[None, :], mask=gmask, other=0.0).to(tl.float32)
-                zb = tl.reshape(tl.broadcast_to(z[:, :, None], (BLOCK_N, GPT, HG)), (BLOCK_N, HK))
-                acc += zb * (xe + xo)[None, :]
-        else:
-            lo = (qb & 0xF).to(tl.float32) - 8.0
-            hi = (qb >> 4).to(tl.float32) - 8.0
-            part = lo * xe[None, :] + hi * xo[None, :]  # (BN, HK)
-            part = tl.sum(tl.reshape(part, (BLOCK_N, GPT, HG)), axis=2)  # (BN, GPT) per-group dot
-            acc += part * s
-            if HAS_ZERO:
-                xs = tl.sum(tl.reshape(xx, (GPT, GROUP)), axis=1)  # (GPT,) sum of x over each group
-                z = tl.load(z_ptr + rn[:, None] * stride_sn + g[None, :], mask=gmask, other=0.0).to(tl.float32)
-                acc += z * xs[None, :]
+        acc += p * tl.reshape(tl.broadcast_to(s[:, :, None], (BLOCK_N, GPT, WPG)), (BLOCK_N, KW))
+        if HAS_ZERO:  # w = (q - 8) s + z: plus z times the sum of x over the group
+            z = tl.load(z_ptr + rn[:, None] * stride_sn + g[None, :], mask=gmask, other=0.0).to(tl.float32)
+            acc += tl.reshape(tl.broadcast_to(z[:, :, None], (BLOCK_N, GPT, WPG)), (BLOCK_N, KW)) * xs[None, :]
     y = tl.sum(acc, axis=1)  # (BN,)
-    if HAS_ORTHO:  # the same channels' CSR rows, contiguous in memory: read once, added before the store
+    if HAS_ORTHO and CSR_EARLY:
+        xv = tl.load(x_row + c0.to(tl.int32), mask=em0, other=0.0).to(tl.float32)
+        o = tl.sum(v0.to(tl.float32) * xv, axis=1)
+        o += _csr_rows_dot(x_row, crow_ptr, col_ptr, val_ptr, rn, nmask, N, RCHUNK, RCHUNK)  # rows past 1 chunk
+        y += tl.load(alpha_ptr).to(tl.float32) * o
+    elif HAS_ORTHO:  # the same channels' CSR rows, contiguous in memory: read once, added before the store
         y += tl.load(alpha_ptr).to(tl.float32) * _csr_rows_dot(x_row, crow_ptr, col_ptr, val_ptr, rn, nmask, N,
-                                                               RCHUNK)
+                                                               RCHUNK, 0)
     if HAS_BIAS:
         y += tl.load(b_ptr + rn, mask=nmask, other=0.0).to(tl.float32)
     tl.store(y_ptr + m * stride_ym + rn, y.to(y_ptr.dtype.element_ty), mask=nmask)
@@ -114,7 +150,7 @@ def _csr_gemv_add_kernel(x_ptr, crow_ptr, col_ptr, val_ptr, alpha_ptr, y_ptr, N,
     rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     nmask = rn < N
     m = tl.program_id(1)
-    dot = _csr_rows_dot(x_ptr + m * stride_xm, crow_ptr, col_ptr, val_ptr, rn, nmask, N, RCHUNK)
+    dot = _csr_rows_dot(x_ptr + m * stride_xm, crow_ptr, col_ptr, val_ptr, rn, nmask, N, RCHUNK, 0)
     yp = y_ptr + m * stride_ym + rn
     y = tl.load(yp, mask=nmask, other=0.0).to(tl.float32) + tl.load(alpha_ptr).to(tl.float32) * dot
     tl.store(yp, y.to(y_ptr.dtype.element_ty), mask=nmask)
@@ -161,23 +197,26 @@ def _dequant_kernel(qw_ptr, s_ptr, z_ptr, w_ptr, N, K, stride_qn, stride_sn,
 
 
 def supported(qweight: torch.Tensor, group_size: int, in_features: int) -> bool:
-    """The kernels need whole groups, a power-of-two group of at least 32, and K a multiple of 32."""
+    """The kernels need whole groups, a power-of-two group of 32..256, K a multiple of 32, and rows of codes
+    that read as int32 words (4-byte aligned)."""
     return (qweight.is_cuda and in_features % group_size == 0 and group_size >= 32
-            and group_size & (group_size - 1) == 0 and group_size <= 256 and in_features % 32 == 0)
+            and group_size & (group_size - 1) == 0 and group_size <= 256 and in_features % 32 == 0
+            and qweight.stride(1) == 1 and qweight.stride(0) % 4 == 0 and qweight.data_ptr() % 4 == 0)
 
 
 def dual_gemv(x2, qweight, scales, zeros, group_size, crow, col, values, alpha_t, bias, has_ortho: bool):
     """x2 (M, K) contiguous rows -> (M, N) in x2.dtype."""
     M, K = x2.shape
     N = qweight.shape[0]
+    qw = qweight.view(torch.int32)  # (N, K/8): the same bytes, read a word at a time
     y = torch.empty(M, N, dtype=x2.dtype, device=x2.device)
     dummy = scales
     grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), M)  # noqa: E731
     _dual_gemv_kernel[grid](
-        x2, qweight, scales, zeros if zeros is not None else dummy,
+        x2, qw, scales, zeros if zeros is not None else dummy,
         crow if has_ortho else dummy, col if has_ortho else dummy, values if has_ortho else dummy,
         alpha_t if has_ortho else dummy, bias if bias is not None else dummy, y,
-        N, K, qweight.stride(0), scales.stride(0), x2.stride(0), y.stride(0),
+        N, K, qw.stride(0), scales.stride(0), x2.stride(0), y.stride(0),
         GROUP=group_size, HAS_ZERO=zeros is not None, HAS_ORTHO=has_ortho, HAS_BIAS=bias is not None,
         RCHUNK=rchunk(values.numel(), N) if has_ortho else 16)
     return y
