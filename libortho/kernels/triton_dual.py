@@ -14,14 +14,19 @@ import torch
 import triton
 import triton.language as tl
 
-# (BLOCK_N, BLOCK_K, warps, stages): a short list, so that autotuning every shape of a model stays within
-# seconds; the H100 picks (bench/kernel_lab.py) spread over the first six. CSR_EARLY (ortho on only): issue the
-# first CSR chunk's loads before the K loop and use them after it; on the H100 that hid the ortho stream's
-# latency at 4096x4096 (9.2 -> 8.6 us) and cost a little on the larger shapes, so the tuner chooses.
-_TILES = [(16, 512, 4, 3), (32, 512, 4, 3), (32, 256, 4, 4), (64, 256, 8, 3), (8, 1024, 4, 3), (16, 1024, 8, 2),
-          (64, 128, 4, 4), (32, 1024, 8, 2), (4, 1024, 4, 3), (128, 128, 8, 3), (8, 2048, 8, 2), (4, 2048, 4, 2)]
-GEMV_CONFIGS = [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "CSR_EARLY": e}, num_warps=w, num_stages=st)
-                for e in (0, 1) for bn, bk, w, st in _TILES]
+# (BLOCK_N, BLOCK_K, warps, stages, SPLIT): a short list, so that autotuning every shape of a model stays
+# within seconds (bench/kernel_lab.py prints the picks). SPLIT > 1 cuts K into that many slices run by separate
+# programs (more programs in flight on layers with few output rows: 4096 x 14336 went 23.4 -> 21.0 us on the
+# H100); the last program of a row block to finish adds the partial sums in a fixed order, so results do not
+# depend on scheduling. CSR_EARLY (ortho on, SPLIT 1): issue the first CSR chunk's loads before the K loop and
+# use them after it; that hid the ortho stream's latency at 4096x4096 (9.2 -> 8.6 us) and cost a little on
+# the larger shapes, so the tuner chooses.
+_TILES = [(16, 512, 4, 3, 1), (32, 512, 4, 3, 1), (8, 1024, 4, 3, 1), (16, 1024, 8, 2, 1), (4, 1024, 4, 3, 1),
+          (16, 512, 4, 3, 2), (8, 1024, 4, 3, 2), (8, 1024, 4, 3, 4), (16, 512, 4, 3, 4)]  # H100 picks and kin
+GEMV_CONFIGS = [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "SPLIT": sp, "CSR_EARLY": e}, num_warps=w,
+                              num_stages=st)
+                for e in (0, 1) for bn, bk, w, st, sp in _TILES if not (e and sp > 1)]
+MAX_SPLIT = max(t[4] for t in _TILES)
 
 
 def _prune(configs, named_args, **kw):
@@ -73,16 +78,18 @@ def _nib(w, SHIFT: tl.constexpr):
                  prune_configs_by={"early_config_prune": _prune})
 @triton.jit
 def _dual_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, crow_ptr, col_ptr, val_ptr, alpha_ptr, b_ptr, y_ptr,
-                      N, K, stride_qn, stride_sn, stride_xm, stride_ym,
+                      ws_ptr, cnt_ptr, N, K, stride_qn, stride_sn, stride_xm, stride_ym,
                       GROUP: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_ORTHO: tl.constexpr,
                       HAS_BIAS: tl.constexpr, RCHUNK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                      CSR_EARLY: tl.constexpr):
+                      SPLIT: tl.constexpr, CSR_EARLY: tl.constexpr):
     """qw_ptr: the packed codes as int32 words (N, K/8): word j of a row holds k = 8j .. 8j+7, code i at bits
     4i (the same bytes as the uint8 layout, little-endian). Per word, with the codes as 128 + q:
     sum_i (q_i - 8) x_i = sum_i (128 + q_i) x_i - 136 sum_i x_i, the second term computed once per word column
-    and shared by every row (fp32 throughout; the cancellation costs about 6 of its 24 bits)."""
+    and shared by every row (fp32 throughout; the cancellation costs about 6 of its 24 bits).
+    SPLIT > 1: program (n, m, s) sums K slice s into ws[s, m, n-block]; cnt[m, n-block] counts the slices done."""
     pid_n = tl.program_id(0)
     m = tl.program_id(1)
+    sid = tl.program_id(2)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # (BN,) output channels
     nmask = rn < N
     KW: tl.constexpr = BLOCK_K // 8  # words per row per tile
@@ -100,7 +107,14 @@ def _dual_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, crow_ptr, col_ptr, val_ptr, a
         em0 = e0 < re[:, None]
         v0 = tl.load(val_ptr + e0, mask=em0, other=0.0)
         c0 = tl.load(col_ptr + e0, mask=em0, other=0)
-    for k0 in range(0, K, BLOCK_K):
+    if SPLIT == 1:
+        k_lo = 0
+        k_hi = K
+    else:  # slices of whole tiles
+        span = tl.cdiv(tl.cdiv(K, SPLIT), BLOCK_K) * BLOCK_K
+        k_lo = sid * span
+        k_hi = tl.minimum(K, k_lo + span)
+    for k0 in range(k_lo, k_hi, BLOCK_K):
         kw = k0 // 8 + rw
         w = tl.load(qw_ptr + rn[:, None] * stride_qn + kw[None, :], mask=nmask[:, None] & (kw < K // 8)[None, :],
                     other=0)  # (BN, KW) int32
@@ -137,11 +151,26 @@ def _dual_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, crow_ptr, col_ptr, val_ptr, a
         o += _csr_rows_dot(x_row, crow_ptr, col_ptr, val_ptr, rn, nmask, N, RCHUNK, RCHUNK)  # rows past 1 chunk
         y += tl.load(alpha_ptr).to(tl.float32) * o
     elif HAS_ORTHO:  # the same channels' CSR rows, contiguous in memory: read once, added before the store
-        y += tl.load(alpha_ptr).to(tl.float32) * _csr_rows_dot(x_row, crow_ptr, col_ptr, val_ptr, rn, nmask, N,
-                                                               RCHUNK, 0)
-    if HAS_BIAS:
-        y += tl.load(b_ptr + rn, mask=nmask, other=0.0).to(tl.float32)
-    tl.store(y_ptr + m * stride_ym + rn, y.to(y_ptr.dtype.element_ty), mask=nmask)
+        if sid == 0:  # (split: by the first slice's program, in parallel with the other slices)
+            y += tl.load(alpha_ptr).to(tl.float32) * _csr_rows_dot(x_row, crow_ptr, col_ptr, val_ptr, rn, nmask,
+                                                                   N, RCHUNK, 0)
+    if SPLIT > 1:
+        M = tl.num_programs(1)
+        tl.store(ws_ptr + (sid * M + m) * N + rn, y, mask=nmask)
+        tl.debug_barrier()  # every thread's partial stored before the (single-thread, release) count below
+        c = cnt_ptr + m * tl.num_programs(0) + pid_n
+        if tl.atomic_add(c, 1, sem="acq_rel") == SPLIT - 1:  # the last slice of this row block: reduce
+            y = tl.zeros((BLOCK_N,), dtype=tl.float32)
+            for j in tl.static_range(SPLIT):  # fixed order: the same sum whichever program gets here
+                y += tl.load(ws_ptr + (j * M + m) * N + rn, mask=nmask, other=0.0, cache_modifier=".cg")
+            tl.atomic_xchg(c, 0)  # ready for the next call (and for a CUDA graph's next replay)
+            if HAS_BIAS:
+                y += tl.load(b_ptr + rn, mask=nmask, other=0.0).to(tl.float32)
+            tl.store(y_ptr + m * stride_ym + rn, y.to(y_ptr.dtype.element_ty), mask=nmask)
+    else:
+        if HAS_BIAS:
+            y += tl.load(b_ptr + rn, mask=nmask, other=0.0).to(tl.float32)
+        tl.store(y_ptr + m * stride_ym + rn, y.to(y_ptr.dtype.element_ty), mask=nmask)
 
 
 @triton.jit
@@ -204,21 +233,43 @@ def supported(qweight: torch.Tensor, group_size: int, in_features: int) -> bool:
             and qweight.stride(1) == 1 and qweight.stride(0) % 4 == 0 and qweight.data_ptr() % 4 == 0)
 
 
-def dual_gemv(x2, qweight, scales, zeros, group_size, crow, col, values, alpha_t, bias, has_ortho: bool):
-    """x2 (M, K) contiguous rows -> (M, N) in x2.dtype."""
+_COUNTERS: dict[torch.device, torch.Tensor] = {}
+
+
+def _counters(device: torch.device, need: int) -> torch.Tensor:
+    """Zeroed int32 slice counters for split-K, one per (row of x, block of outputs); the kernel sets each back
+    to 0 after use, so one buffer per device serves every layer. Layers run in stream order; two split
+    GEMVs running concurrently on different streams of one device would share it (not supported)."""
+    buf = _COUNTERS.get(device)
+    if buf is None or buf.numel() < need:
+        if torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("dual_gemv: run each layer shape once before CUDA graph capture")
+        buf = _COUNTERS[device] = torch.zeros(max(need, 1 << 16), dtype=torch.int32, device=device)
+    return buf
+
+
+def dual_gemv(x2, qweight, scales, zeros, group_size, crow, col, values, alpha_t, bias, has_ortho: bool,
+              config: triton.Config | None = None):
+    """x2 (M, K) contiguous rows -> (M, N) in x2.dtype. `config`: one of GEMV_CONFIGS instead of the tuner's
+    pick (the parity tests run every kind of tile this way)."""
     M, K = x2.shape
     N = qweight.shape[0]
     qw = qweight.view(torch.int32)  # (N, K/8): the same bytes, read a word at a time
     y = torch.empty(M, N, dtype=x2.dtype, device=x2.device)
+    ws = torch.empty(MAX_SPLIT * M * N, dtype=torch.float32, device=x2.device)  # split partial sums
     dummy = scales
-    grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), M)  # noqa: E731
-    _dual_gemv_kernel[grid](
+    grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), M, meta["SPLIT"])  # noqa: E731
+    kernel, extra = _dual_gemv_kernel, {}
+    if config is not None:
+        kernel, extra = _dual_gemv_kernel.fn, dict(config.kwargs, num_warps=config.num_warps,
+                                                   num_stages=config.num_stages)
+    kernel[grid](
         x2, qw, scales, zeros if zeros is not None else dummy,
         crow if has_ortho else dummy, col if has_ortho else dummy, values if has_ortho else dummy,
-        alpha_t if has_ortho else dummy, bias if bias is not None else dummy, y,
+        alpha_t if has_ortho else dummy, bias if bias is not None else dummy, y, ws, _counters(x2.device, M * N),
         N, K, qw.stride(0), scales.stride(0), x2.stride(0), y.stride(0),
         GROUP=group_size, HAS_ZERO=zeros is not None, HAS_ORTHO=has_ortho, HAS_BIAS=bias is not None,
-        RCHUNK=rchunk(values.numel(), N) if has_ortho else 16)
+        RCHUNK=rchunk(values.numel(), N) if has_ortho else 16, **extra)
     return y
 
 
