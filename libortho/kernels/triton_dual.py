@@ -1,8 +1,8 @@
 """Triton kernels for the dual-stream linear, reading the packed INT4 base and the CSR ortho stream once.
 
 - `dual_gemv`: decode shapes (few rows of x). One program owns BLOCK_N output channels: it streams their
-  packed codes over all of K as int32 words (eight codes each, one scale per group), then walks the
-  contiguous CSR segment of the same channels and adds alpha * (ortho @ x) before the single store.
+  packed codes over K (all of it, or one of SPLIT slices) as int32 words (eight codes each, one scale per
+  group), then walks the contiguous CSR segment of the same channels and adds alpha * (ortho @ x).
   HAS_ORTHO is a compile-time switch: at alpha == 0 the ortho stream is not read, nothing extra launches.
 - `csr_gemv_add_`: the ortho stream alone, added into an existing output (to pair with another base kernel).
 - `dequant`: packed base -> dense weight in one pass, for prefill (many rows of x: matrix-bound, cuBLAS).
