@@ -1,7 +1,7 @@
 """Side-by-side timing of the layer implementations of bench/test_kernels.py (a lab script, not a test).
 
     python bench/kernel_lab.py [--shapes 4096x4096,14336x4096] [--impls nf4,int4mm,base,alpha1] [--json F]
-                               [--candidate bench.kernel_candidates:fold_gemv]
+                               [--candidate some.module:function]
 
 The same cases and method as the test (`rotated_calls`: a CUDA graph of many calls rotating over weight
 copies to defeat the L2), timed with CUDA events, median of 20 replays after 3; no pytest, no assertions,

@@ -233,19 +233,24 @@ def supported(qweight: torch.Tensor, group_size: int, in_features: int) -> bool:
             and qweight.stride(1) == 1 and qweight.stride(0) % 4 == 0 and qweight.data_ptr() % 4 == 0)
 
 
-_COUNTERS: dict[torch.device, torch.Tensor] = {}
+_SPLIT_BUFFERS: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
 
-def _counters(device: torch.device, need: int) -> torch.Tensor:
-    """Zeroed int32 slice counters for split-K, one per (row of x, block of outputs); the kernel sets each back
-    to 0 after use, so one buffer per device serves every layer. Layers run in stream order; two split
-    GEMVs running concurrently on different streams of one device would share it (not supported)."""
-    buf = _COUNTERS.get(device)
-    if buf is None or buf.numel() < need:
-        if torch.cuda.is_current_stream_capturing():
+def split_buffers(device: torch.device, rows: int, out_features: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(partial sums, counters) for split-K: fp32 room for MAX_SPLIT slices of a (rows, out) output, and zeroed
+    int32 slice counters, one per (row of x, block of outputs). The kernel consumes the partials and sets each
+    counter back to 0 before it ends, so one pair per device serves every layer, allocated once (not per call,
+    and never inside a CUDA graph capture). Layers run in stream order; two split GEMVs running concurrently on
+    different streams of one device would share it (not supported)."""
+    need = rows * out_features
+    bufs = _SPLIT_BUFFERS.get(device)
+    if bufs is None or bufs[1].numel() < need:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
             raise RuntimeError("dual_gemv: run each layer shape once before CUDA graph capture")
-        buf = _COUNTERS[device] = torch.zeros(max(need, 1 << 16), dtype=torch.int32, device=device)
-    return buf
+        n = max(need, 1 << 16)
+        bufs = _SPLIT_BUFFERS[device] = (torch.empty(MAX_SPLIT * n, dtype=torch.float32, device=device),
+                                         torch.zeros(n, dtype=torch.int32, device=device))
+    return bufs
 
 
 def dual_gemv(x2, qweight, scales, zeros, group_size, crow, col, values, alpha_t, bias, has_ortho: bool,
@@ -256,7 +261,7 @@ def dual_gemv(x2, qweight, scales, zeros, group_size, crow, col, values, alpha_t
     N = qweight.shape[0]
     qw = qweight.view(torch.int32)  # (N, K/8): the same bytes, read a word at a time
     y = torch.empty(M, N, dtype=x2.dtype, device=x2.device)
-    ws = torch.empty(MAX_SPLIT * M * N, dtype=torch.float32, device=x2.device)  # split partial sums
+    ws, cnt = split_buffers(x2.device, M, N)
     dummy = scales
     grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), M, meta["SPLIT"])  # noqa: E731
     kernel, extra = _dual_gemv_kernel, {}
@@ -266,7 +271,7 @@ def dual_gemv(x2, qweight, scales, zeros, group_size, crow, col, values, alpha_t
     kernel[grid](
         x2, qw, scales, zeros if zeros is not None else dummy,
         crow if has_ortho else dummy, col if has_ortho else dummy, values if has_ortho else dummy,
-        alpha_t if has_ortho else dummy, bias if bias is not None else dummy, y, ws, _counters(x2.device, M * N),
+        alpha_t if has_ortho else dummy, bias if bias is not None else dummy, y, ws, cnt,
         N, K, qw.stride(0), scales.stride(0), x2.stride(0), y.stride(0),
         GROUP=group_size, HAS_ZERO=zeros is not None, HAS_ORTHO=has_ortho, HAS_BIAS=bias is not None,
         RCHUNK=rchunk(values.numel(), N) if has_ortho else 16, **extra)
