@@ -72,11 +72,11 @@ def _kinds():
     from libortho.kernels import triton_dual as td
 
     seen, out = set(), []
-    for c in td.GEMV_CONFIGS:  # one of each kind: split 1/2/4, CSR loads early or late
-        k = (c.kwargs["SPLIT"], c.kwargs["CSR_EARLY"])
+    for c in td.GEMV_CONFIGS:  # one of each kind: split 1/2/4, CSR loads early or late, next tile prefetched
+        k = (c.kwargs["SPLIT"], c.kwargs["CSR_EARLY"], c.kwargs["PREFETCH"])
         if k not in seen:
             seen.add(k)
-            out.append(pytest.param(c, id=f"split{k[0]}-early{k[1]}"))
+            out.append(pytest.param(c, id=f"split{k[0]}-early{k[1]}-prefetch{k[2]}"))
     return out
 
 
