@@ -240,8 +240,8 @@ def load(directory: str | Path, with_ortho: bool = True, dtype: torch.dtype | No
     for name, spec in meta["layers"].items():
         nnz = spec["nnz"] if with_ortho else 0
         set_module(model, name, OrthoLinear(spec["in_features"], spec["out_features"], spec["group_size"],
-                                             spec["symmetric"], nnz, spec["bias"],
-                                             base[f"{name}.scales"].dtype))
+                                            spec["symmetric"], nnz, spec["bias"],
+                                            base[f"{name}.scales"].dtype))
     state = {**base, **ortho}
     try:
         missing, unexpected = model.load_state_dict(state, strict=False)

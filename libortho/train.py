@@ -35,7 +35,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from .convert import set_module, ortho_modules
+from .convert import ortho_modules, set_module
 from .linear import OrthoLinear
 from .llama import LLAMA_LINEARS
 from .privacy import Canary, extraction_rate

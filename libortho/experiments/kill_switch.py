@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 
 from .. import OrthoConfig, orthogonalize_
 from ..baselines import int4_rtn_, nf4_
-from ..convert import set_module, cache_base_, ortho_modules, set_alpha
+from ..convert import cache_base_, ortho_modules, set_alpha, set_module
 from ..data import load_text
 from ..linear import OrthoLinear
 from ..models import load_model
