@@ -24,14 +24,15 @@ RESULTS = results_dir(Path(__file__).resolve().parent.parent / "results")  # ful
 def smoke(smollm2_state, eval_text, tmp_path_factory):
     """The null test on a 766-token slice of the default text: 3 INT4 arms, NF4, both libortho bases."""
     s = smollm2_state
-    return run_null_test(s.model, s.tokenizer, eval_text, SMOKE, 0, False, s.name, tmp_path_factory.mktemp("exp2"))
+    return run_null_test(s.model, s.tokenizer, eval_text, SMOKE, 0, False, s.name,
+                         tmp_path_factory.mktemp("exp2") / "exp2_null_test.png")
 
 
 @pytest.fixture(scope="module")
 def full(smollm2_state, eval_text):
     """The full null test; writes results/exp2_null_test.json (with date and machine) and the PNG."""
     s = smollm2_state
-    out = run_null_test(s.model, s.tokenizer, eval_text, FULL, 0, True, s.name, RESULTS,
+    out = run_null_test(s.model, s.tokenizer, eval_text, FULL, 0, True, s.name, RESULTS / "exp2_null_test.png",
                         ortho_tuned=lambda: ortho_tuned_from_exp1("smollm2-135m"))
     write_json(RESULTS / "exp2_null_test.json", {"environment": environment("cpu"), "exp2_null_test": out})
     return out

@@ -35,6 +35,11 @@ class RunContext:
     progress: bool = True
     size: str = "auto"  # quick | full | auto (full on a GPU, quick on a CPU)
     extra: dict = field(default_factory=dict)  # facts for the JSON (e.g. auto 4-bit loading)
+    run_id: str = ""  # names every file of this run (the CLI sets it to the results JSON's stem)
+
+    def artifact(self, name: str) -> Path:
+        """Path of a file this run writes beside its JSON (`<run_id>_<name>`): no other run can take it."""
+        return Path(self.output_dir) / (f"{self.run_id}_{name}" if self.run_id else name)
 
     @property
     def full_size(self) -> bool:

@@ -321,7 +321,7 @@ def plot(inner: dict, path: Path) -> Path:
 
 @register("kill_switch")
 def run(ctx: RunContext, size: Size | None = None, arms: tuple[str, ...] = ARMS) -> dict:
-    """Build and measure every arm; write `exp1_kill_switch.png` to `ctx.output_dir`; return the JSON section."""
+    """Build and measure every arm; write its plot to `ctx.artifact('exp1_kill_switch.png')`; return the JSON section."""
     size = size or (FULL if ctx.full_size else SMALL.get(ctx.model, SMALL["smollm2-135m"]))
     if str(ctx.device).startswith("cuda"):  # same seed, same numbers: no atomics-order noise in backward
         torch.use_deterministic_algorithms(True, warn_only=True)
@@ -331,7 +331,7 @@ def run(ctx: RunContext, size: Size | None = None, arms: tuple[str, ...] = ARMS)
     for arm in tqdm(arms, desc="exp1 arms", disable=not ctx.progress):
         exp.measure_arm(arm)
     inner = exp.report()
-    plot(inner, Path(ctx.output_dir) / "exp1_kill_switch.png")
+    inner["plot"] = str(plot(inner, ctx.artifact("exp1_kill_switch.png")))
     _print_table(inner)
     return inner
 

@@ -156,7 +156,7 @@ def ortho_tuned_from_exp1(source: str, seed: int = 0, device: str = "cpu", progr
 
 
 def run_null_test(model, tokenizer, text, plan: Plan = FULL, seed: int = 0, progress: bool = True,
-                  model_name: str = "model", output_dir: Path | None = None, log=print,
+                  model_name: str = "model", plot_path: Path | None = None, log=print,
                   ortho_tuned=None) -> dict:
     """Measure every arm of `plan` on `text`; returns the `exp2_null_test` section.
 
@@ -165,7 +165,7 @@ def run_null_test(model, tokenizer, text, plan: Plan = FULL, seed: int = 0, prog
         tokenizer: its tokenizer.
         text: a `libortho.data.Text` (its name is reported as the dataset).
         plan: protocol, INT4 grids, density, control base, calibration size.
-        output_dir: where the bar chart goes (None: no chart).
+        plot_path: where the bar chart goes (None: no chart).
         ortho_tuned: a callable returning (ortho-tuned model or None, facts), e.g. `ortho_tuned_from_exp1`;
             its alpha 0 must equal the INT4 arm of its base grid.
     """
@@ -295,8 +295,8 @@ def run_null_test(model, tokenizer, text, plan: Plan = FULL, seed: int = 0, prog
         "seed": seed,
         "seconds": round(time.perf_counter() - t_start, 1),
     }
-    if output_dir is not None:
-        out["plot"] = str(plot(out, Path(output_dir) / "exp2_null_test.png"))
+    if plot_path is not None:
+        out["plot"] = str(plot(out, Path(plot_path)))
     return out
 
 
@@ -393,7 +393,7 @@ def run(ctx: RunContext, plan: Plan | None = None) -> dict:
 
     ks_small = SMALL.get(ctx.model, SMALL["smollm2-135m"])  # the size experiment 1 cached in a quick run
     out = run_null_test(loaded.model, loaded.tokenizer, text, plan, ctx.seed, ctx.progress, loaded.name,
-                        ctx.output_dir, ortho_tuned=lambda: ortho_tuned_from_exp1(ctx.model, ctx.seed, ctx.device,
+                        ctx.artifact("exp2_null_test.png"), ortho_tuned=lambda: ortho_tuned_from_exp1(ctx.model, ctx.seed, ctx.device,
                                                                   size=None if ctx.full_size else ks_small))
     out["dataset_requested"] = requested
     if fallback:
