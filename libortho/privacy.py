@@ -8,18 +8,27 @@ A canary is a seeded random secret behind a prefix of its own ("The secret code 
   is the true next token, so one teacher-forced forward pass decides it (no generate loop).
 * **Exposure** (Carlini et al., "The Secret Sharer", 2019): log2|R| - log2 rank of the true secret's
   log-probability among |R| candidates of the same format (true secret included, rank 1 = most
-  likely; ties count in the secret's favour). Candidates share the prefix, so the prefix runs once
-  and its KV cache is repeated over a chunk of candidates; only the secret tokens are scored.
+  likely; ties count in the secret's favour). It is capped at log2|R|. Candidates share the prefix, so
+  the prefix runs once and its KV cache is repeated over a chunk of candidates; only the secret tokens
+  are scored.
+* **Extrapolated exposure** (same paper, section "Approximating exposure"): fit a skew-normal to the
+  log-perplexities (-log p) of the other |R|-1 candidates and report -log2 P(X <= x_true) under the
+  fit: the rank exposure of a candidate set of any size, with no ceiling.
+
+Every candidate's log-probability is kept (`CanaryReport.logprobs`, true secret first), so the fit can be
+redone and the JSON can carry them when asked.
 """
 from __future__ import annotations
 
 import copy
 import math
 import random
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, field
 
+import numpy as np
 import torch
-import torch.nn.functional as F
+from scipy import integrate, stats
 
 from .oom import map_batches
 
@@ -46,6 +55,7 @@ class Canary:
 
 
 def random_secret(rng: random.Random, groups: tuple[int, ...] = (4, 4, 4), sep: str = "-") -> str:
+    """Random digits in `groups`, joined by `sep` ("1914-0122-1485")."""
     return sep.join("".join(str(rng.randrange(10)) for _ in range(g)) for g in groups)
 
 
@@ -92,27 +102,95 @@ def make_canaries(tokenizer, n: int, seed: int = 0, fmt: str = "plain", groups: 
     return out
 
 
+def fill_pattern(rng: random.Random, pattern: str) -> str:
+    """`pattern` with each '#' replaced by a random digit, left to right (other characters kept)."""
+    return "".join(str(rng.randrange(10)) if ch == "#" else ch for ch in pattern)
+
+
+def secret_pattern(secret: str) -> str:
+    """The format of a secret: each digit becomes '#' ("555-013-4567" -> "###-###-####")."""
+    return re.sub(r"\d", "#", secret)
+
+
 def candidate_secrets(canary: Canary, n_candidates: int, seed: int = 0, groups: tuple[int, ...] | None = None
                       ) -> list[str]:
-    """|R| = `n_candidates` distinct secrets of the canary's format; the true one is first."""
+    """|R| = `n_candidates` distinct secrets of the canary's format; the true one is first.
+
+    The format is the secret's own (digits replaced by random digits, separators kept), or `groups` of digits
+    joined by "-". Seeded by `seed` and the canary's user, so every arm scores the same candidates.
+    """
     if n_candidates < 2:
         raise ValueError(f"exposure needs at least 2 candidates, got {n_candidates}")
-    groups = groups or tuple(len(g) for g in canary.secret.split("-"))
-    space = 10 ** sum(groups)
+    pattern = "-".join("#" * g for g in groups) if groups else secret_pattern(canary.secret)
+    space = 10 ** pattern.count("#")
     if n_candidates > space:
-        raise ValueError(f"{n_candidates} candidates exceed the {space} secrets of format {groups}")
+        raise ValueError(f"{n_candidates} candidates exceed the {space} secrets of format {pattern!r}")
     rng = random.Random(f"candidates:{seed}:{canary.user}")
     out, seen = [canary.secret], {canary.secret}
     while len(out) < n_candidates:
-        s = random_secret(rng, groups)
+        s = fill_pattern(rng, pattern)
         if s not in seen:
             seen.add(s)
             out.append(s)
     return out
 
 
+@dataclass(frozen=True)
+class Candidates:
+    """The |R| candidates of one canary, tokenized and grouped by token length (one forward shape per group).
+
+    `groups[0]` holds the true secret's length and its row 0 is the true secret; each group is
+    (index into the |R| candidates (R_g,), token ids (R_g, S_g)).
+    """
+
+    n: int
+    groups: tuple[tuple[torch.Tensor, torch.Tensor], ...]
+
+
+def tokenize_candidates(tokenizer, canary: Canary, n_candidates: int, seed: int = 0) -> Candidates:
+    """`candidate_secrets` tokenized in one batch call (the same ids as one call per candidate)."""
+    secrets = candidate_secrets(canary, n_candidates, seed)
+    ids = tokenizer(secrets, add_special_tokens=False).input_ids
+    lengths = [len(t) for t in ids]
+    order = [lengths[0]] + sorted(set(lengths) - {lengths[0]})  # the true secret's length first
+    groups = []
+    for length in order:
+        idx = [i for i, n in enumerate(lengths) if n == length]
+        groups.append((torch.tensor(idx), torch.tensor([ids[i] for i in idx])))
+    return Candidates(len(secrets), tuple(groups))
+
+
+def prepare_candidates(tokenizer, canaries: list[Canary], n_candidates: int, seed: int = 0) -> list[Candidates]:
+    """Candidates of every canary, tokenized once; pass to `measure(..., candidates=)` for every arm."""
+    return [tokenize_candidates(tokenizer, c, n_candidates, seed) for c in canaries]
+
+
 def _device(model) -> torch.device:
     return next(model.parameters()).device
+
+
+# rows of the (B, T, V) logits turned into float32 at once: bounds the temporaries to ~256 MiB
+_LOGITS_ELEMS = 1 << 26
+
+
+def token_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """log p(target) under softmax(logits), float32: the target's logit minus logsumexp over the vocabulary.
+
+    Equal to log_softmax(...).gather(...) up to float32 rounding (closer to a float64 reference on CPU), but
+    never holds a full (B, T, V) log-softmax: rows are done in slices of about 2**26 logits.
+
+    Args:
+        logits: (B, T, V), any float dtype; targets: (B, T) token ids.
+    Returns:
+        (B, T) float32.
+    """
+    B, T, V = logits.shape
+    rows = max(1, _LOGITS_ELEMS // max(1, T * V))
+    out = torch.empty((B, T), dtype=torch.float32, device=logits.device)
+    for s in range(0, B, rows):
+        lg = logits[s:s + rows].float()  # (b, T, V)
+        out[s:s + rows] = lg.gather(-1, targets[s:s + rows].unsqueeze(-1)).squeeze(-1) - torch.logsumexp(lg, -1)
+    return out
 
 
 @torch.no_grad()
@@ -120,31 +198,42 @@ def secret_logprobs(model, prefix_ids, secrets_ids: torch.Tensor, chunk: int = 2
                     ) -> tuple[torch.Tensor, torch.Tensor]:
     """log p(secret | prefix) for each row of `secrets_ids` (R, S), and whether row 0 is greedy's choice.
 
+    The prefix runs once; its KV cache is repeated to a chunk of candidates once per chunk size and cropped
+    back to the prefix after each chunk (the next chunk of that size reuses it). An out-of-memory chunk is
+    halved and retried (recorded in `events`).
+
     Returns:
         logp (R,) float64, and `greedy0`: True when argmax decoding of the prefix reproduces row 0.
     """
     dev = _device(model)
     prefix = torch.as_tensor(prefix_ids, dtype=torch.long, device=dev).unsqueeze(0)  # (1, P)
     out = model(input_ids=prefix, use_cache=True)
-    first = F.log_softmax(out.logits[0, -1].float(), -1)  # (V,): predicts secret token 0
+    first = out.logits[0, -1].float()  # (V,): predicts secret token 0
+    first_lp = first - torch.logsumexp(first, -1)
     cache = out.past_key_values
     secrets_ids = secrets_ids.to(dev)
-    logp = first[secrets_ids[:, 0]].double()
+    logp = first_lp[secrets_ids[:, 0]].double()
     greedy0 = bool(first.argmax() == secrets_ids[0, 0])
-    if secrets_ids.shape[1] > 1:
-        flags = {}
+    S = secrets_ids.shape[1]
+    if S > 1:
+        flags, expanded = {}, {}
 
         def score(rows: list[int]) -> list[float]:
             ids = secrets_ids[rows[0]:rows[-1] + 1]  # (B, S)
-            c = copy.deepcopy(cache)
-            c.batch_repeat_interleave(ids.shape[0])
-            lg = model(input_ids=ids[:, :-1], past_key_values=c, use_cache=True).logits.float()  # (B, S-1, V)
-            lp = F.log_softmax(lg, -1)
+            b = ids.shape[0]
+            c = expanded.pop(b, None)  # popped: a chunk that fails leaves no half-updated cache behind
+            if c is None:
+                expanded.clear()  # one expanded cache alive at a time
+                c = copy.deepcopy(cache)
+                c.batch_repeat_interleave(b)
+            lg = model(input_ids=ids[:, :-1], past_key_values=c, use_cache=True).logits  # (B, S-1, V)
+            c.crop(-(S - 1))  # drop this chunk's tokens: back to the prefix
+            if c.get_seq_length() == prefix.shape[1]:
+                expanded[b] = c
             if rows[0] == 0:
                 flags["greedy0"] = bool((lg[0].argmax(-1) == ids[0, 1:]).all())
-            return lp.gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1).double().sum(-1).tolist()  # (B,)
+            return token_logprobs(lg, ids[:, 1:]).double().sum(-1).tolist()  # (B,)
 
-        # an out-of-memory batch is halved and retried (and recorded in `events`)
         rest = map_batches(score, list(range(secrets_ids.shape[0])), chunk, events)
         logp = logp + torch.tensor(rest, dtype=torch.float64, device=logp.device)
         greedy0 = greedy0 and flags["greedy0"]
@@ -157,19 +246,106 @@ def exposure_from_logprobs(logp: torch.Tensor, true_index: int = 0) -> float:
     return math.log2(logp.numel()) - math.log2(rank)
 
 
+def skewnorm_fit(x) -> tuple[float, float, float]:
+    """Maximum-likelihood skew-normal (shape a, loc, scale) of the sample `x` (scipy.stats.skewnorm.fit)."""
+    x = np.asarray(x, dtype=np.float64)
+    if x.size < 3 or not np.isfinite(x).all():
+        raise ValueError(f"a skew-normal fit needs >= 3 finite values, got {x.size} "
+                         f"({int((~np.isfinite(x)).sum())} not finite)")
+    a, loc, scale = stats.skewnorm.fit(x)
+    return float(a), float(loc), float(scale)
+
+
+def skewnorm_logcdf(x: float, a: float, loc: float, scale: float) -> float:
+    """log P(X <= x) for X ~ skew-normal(a, loc, scale), finite deep into the left tail.
+
+    scipy's logcdf underflows to -inf below about 1e-308; there, log F(x) = log f(x) + log of the
+    integral of f(x - u) / f(x) over u >= 0 (the integrand starts at 1 and decays fast in the left tail).
+    """
+    lc = float(stats.skewnorm.logcdf(x, a, loc, scale))
+    if math.isfinite(lc):
+        return lc
+    lf = float(stats.skewnorm.logpdf(x, a, loc, scale))
+    area, _ = integrate.quad(lambda u: math.exp(stats.skewnorm.logpdf(x - u, a, loc, scale) - lf), 0, math.inf)
+    return lf + math.log(area)
+
+
+def extrapolated_exposure(logp, true_index: int = 0, fit: tuple[float, float, float] | None = None) -> float:
+    """Carlini et al.'s extrapolated exposure: -log2 P(X <= x_true), no ceiling at log2|R|.
+
+    X is the log-perplexity -log p(candidate | prefix) (nats; the fit is location-scale, so the unit does not
+    matter) of a random candidate, modelled by a skew-normal fitted to the other |R|-1 candidates (the
+    true secret is left out of the fit so a memorized outlier does not widen its own tail). x_true is the
+    true secret's log-perplexity.
+
+    Args:
+        logp: (R,) log-probabilities of the candidates.
+        fit: (a, loc, scale) if already fitted to -logp of the other candidates.
+
+    Returns:
+        Bits (>= 0); NaN when the other candidates all have the same log-probability (nothing to fit).
+    """
+    lp = np.asarray(logp, dtype=np.float64)
+    others = -np.delete(lp, true_index)
+    if fit is None:
+        if np.ptp(others) == 0:
+            return float("nan")
+        fit = skewnorm_fit(others)
+    return max(0.0, -skewnorm_logcdf(-lp[true_index], *fit) / math.log(2))
+
+
 @dataclass
 class CanaryReport:
+    """Extraction and exposure of each canary, and every candidate's log-probability.
+
+    Attributes:
+        extraction_rate, mean_exposure, mean_exposure_ext: means over canaries (the last NaN-free mean of the
+            extrapolated exposures, NaN if none could be fitted).
+        extracted, exposures: per canary (rank exposure, capped at log2|R|).
+        exposures_ext: per canary, skew-normal extrapolated exposure (no cap).
+        logprobs: per canary, (R,) float64 log p of every candidate, the true secret at index 0.
+        fits: per canary, the skew-normal (a, loc, scale) of the other candidates' -log p (None if not fitted).
+    """
+
     extraction_rate: float
     mean_exposure: float
     extracted: list[bool]
     exposures: list[float]
+    exposures_ext: list[float] = field(default_factory=list)
+    logprobs: list[np.ndarray] = field(default_factory=list)
+    fits: list[tuple[float, float, float] | None] = field(default_factory=list)
+
+    @property
+    def mean_exposure_ext(self) -> float:
+        v = [e for e in self.exposures_ext if math.isfinite(e)]
+        return sum(v) / len(v) if v else float("nan")
 
     def to_dict(self) -> dict:
-        return {"extraction_rate": self.extraction_rate, "mean_exposure": self.mean_exposure}
+        return {"extraction_rate": self.extraction_rate, "mean_exposure": self.mean_exposure,
+                "mean_exposure_ext": self.mean_exposure_ext}
+
+    def per_canary(self, logprobs: bool = False, digits: int = 4) -> list[dict]:
+        """One JSON-ready dict per canary: extracted, rank exposure, extrapolated exposure, the true secret's
+        log p, its rank, the fit; with `logprobs`, every candidate's log p (rounded to `digits`)."""
+        out = []
+        for i, lp in enumerate(self.logprobs):
+            d = {"extracted": bool(self.extracted[i]), "exposure": self.exposures[i],
+                 "exposure_ext": _json_float(self.exposures_ext[i]) if self.exposures_ext else None,
+                 "logp_true": float(lp[0]), "rank": 1 + int((lp > lp[0]).sum()), "n_candidates": int(lp.size),
+                 "skewnorm": list(self.fits[i]) if self.fits and self.fits[i] is not None else None}
+            if logprobs:
+                d["logprobs"] = [round(float(v), digits) for v in lp]
+            out.append(d)
+        return out
+
+
+def _json_float(x: float) -> float | None:
+    return float(x) if math.isfinite(x) else None
 
 
 def measure(model, tokenizer, canaries: list[Canary], n_candidates: int = 1000, seed: int = 0,
-            chunk: int = 256, events: list | None = None) -> CanaryReport:
+            chunk: int = 256, events: list | None = None, candidates: list[Candidates] | None = None,
+            extrapolate: bool = True) -> CanaryReport:
     """Extraction and exposure of every canary under `model` (in eval mode, no dropout).
 
     Args:
@@ -177,29 +353,38 @@ def measure(model, tokenizer, canaries: list[Canary], n_candidates: int = 1000, 
         seed: seeds the candidate secrets (the same for every arm).
         chunk: candidates per forward pass (memory: chunk x secret length x vocab floats).
         events: out-of-memory retries are appended here (the batch is halved and retried).
+        candidates: `prepare_candidates(tokenizer, canaries, n_candidates, seed)`, to tokenize once for
+            many arms (must match `canaries` one to one).
+        extrapolate: also fit the skew-normal and report extrapolated exposure (about 15 ms per canary at
+            |R| = 1000, 60-100 ms at 10,000, on one CPU core).
     """
+    if candidates is not None and len(candidates) != len(canaries):
+        raise ValueError(f"candidates must match the canaries one to one: {len(candidates)} for {len(canaries)}")
     was_training = model.training
     model.eval()
-    extracted, exposures = [], []
+    extracted, exposures, logprobs = [], [], []
     try:
-        for c in canaries:
-            secrets = candidate_secrets(c, n_candidates, seed)
-            ids = [_encode(tokenizer, s) for s in secrets]
-            true_len = len(ids[0])
-            same = [i for i, t in enumerate(ids) if len(t) == true_len]  # other lengths: scored separately
-            logp = torch.empty(len(ids), dtype=torch.float64)
-            lp, greedy = secret_logprobs(model, c.prefix_ids, torch.tensor([ids[i] for i in same]), chunk, events)
-            logp[same] = lp
-            rest = [i for i in range(len(ids)) if len(ids[i]) != true_len]
-            for length in sorted({len(ids[i]) for i in rest}):
-                grp = [i for i in rest if len(ids[i]) == length]
-                logp[grp] = secret_logprobs(model, c.prefix_ids, torch.tensor([ids[i] for i in grp]), chunk,
-                                            events)[0]
-            extracted.append(greedy)
+        for i, c in enumerate(canaries):
+            cand = candidates[i] if candidates is not None else tokenize_candidates(tokenizer, c, n_candidates, seed)
+            logp = torch.empty(cand.n, dtype=torch.float64)
+            for g, (idx, ids) in enumerate(cand.groups):
+                lp, greedy = secret_logprobs(model, c.prefix_ids, ids, chunk, events)
+                logp[idx] = lp
+                if g == 0:  # the true secret's group: row 0 is the true secret
+                    extracted.append(greedy)
             exposures.append(exposure_from_logprobs(logp))
+            logprobs.append(logp.numpy())
     finally:
         model.train(was_training)
-    return CanaryReport(sum(extracted) / len(canaries), sum(exposures) / len(exposures), extracted, exposures)
+    fits, ext = [], []
+    if extrapolate:
+        for lp in logprobs:
+            others = -lp[1:]
+            fit = skewnorm_fit(others) if np.ptp(others) > 0 else None
+            fits.append(fit)
+            ext.append(extrapolated_exposure(lp, 0, fit) if fit is not None else float("nan"))
+    return CanaryReport(sum(extracted) / len(canaries), sum(exposures) / len(exposures), extracted, exposures,
+                        ext, logprobs, fits)
 
 
 @torch.no_grad()
