@@ -24,7 +24,7 @@ import pytest
 import torch
 
 from libortho.gpu import now_utc
-from libortho.thresholds import load as load_thresholds
+from bench.thresholds import load as load_thresholds
 
 
 SHAPES = [(4096, 4096), (14336, 4096), (4096, 14336), (128256, 4096)]  # (out, in)

@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from libortho import thresholds
+from bench import thresholds
 from libortho.experiments import RunContext
 from libortho.experiments.kill_switch import ARMS, MAIN_ARMS, SMALL, SWITCHED, KillSwitch, Size, plot, run
 from libortho.results import results_dir, write_json
@@ -73,7 +73,7 @@ def test_arm_is_measured(experiment, model, arm):
 def test_alpha0_is_int4_of_public(experiment, model):
     """The kill switch: alpha=0 of the ortho-tuned model is INT4 of the public weights, bit for bit."""
     from libortho.baselines import int4_rtn_
-    from libortho.convert import set_alpha
+    from libortho.modules import set_alpha
 
     exp = experiment(model)
     m, _ = exp.build("ortho_tuned")

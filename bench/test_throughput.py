@@ -24,7 +24,7 @@ import pytest
 import torch
 
 from libortho.gpu import GIB, NvmlPoller, measure_copy_bandwidth, now_utc, profiles
-from libortho.thresholds import load as load_thresholds
+from bench.thresholds import load as load_thresholds
 
 PROFILES = profiles()
 VARIANTS = ["bf16", "nf4", "bf16-static", "alpha0", "alpha1"]
@@ -210,7 +210,7 @@ def test_llama3_8b_alpha1_fits_gtx4050(gpu_profile):
 
 
 def test_throughput(benchmark, gpu_profile, copy_bandwidth, profile, model, variant, density, phase):
-    from libortho.convert import set_alpha
+    from libortho.modules import set_alpha
     from libortho.decode import weight_bytes_per_token
 
     prof = gpu_profile[0]

@@ -5,8 +5,8 @@ import torch
 from torch import nn
 
 from .llama import LLAMA_LINEARS
+from .modules import set_module, target_linears
 from .quant import quantize
-from .select import target_linears
 
 
 @torch.no_grad()
@@ -43,8 +43,6 @@ def nf4_(model: nn.Module, targets=LLAMA_LINEARS, compute_dtype: torch.dtype | N
     Runs on CPU (bitsandbytes >= 0.45) and CUDA. Returns bits per weight.
     """
     import bitsandbytes as bnb
-
-    from .convert import set_module
 
     for name, lin in target_linears(model, targets).items():
         device = lin.weight.device

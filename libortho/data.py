@@ -56,16 +56,15 @@ def fortunes() -> Text:
     return Text("debian:fortunes", "\n\n".join(p for p in parts if len(p.split()) >= 8))
 
 
-def wikitext(split: str = "test", timeout_s: float = 10.0) -> Text:
-    """WikiText-2 raw through `datasets`, for users who can reach it; fails fast when offline."""
-    if os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("HF_DATASETS_OFFLINE") == "1":
-        raise ConnectionError("WikiText-2 needs the Hugging Face hub, and HF_HUB_OFFLINE=1 is set")
-    import socket
+def wikitext(split: str = "test") -> Text:
+    """WikiText-2 raw through `datasets`, for users who can reach it; fails at once (ConnectionError) when the
+    hub does not answer within a few seconds (`models.hub_unreachable`), instead of `datasets`' retries."""
+    from .models import hub_unreachable
 
-    try:  # probe before datasets, whose own retries can hang for minutes offline
-        socket.create_connection(("huggingface.co", 443), timeout=timeout_s).close()
-    except OSError as e:
-        raise ConnectionError(f"WikiText-2 unreachable ({e}); use --text PATH or the default text") from None
+    reason = hub_unreachable()
+    if reason:
+        raise ConnectionError(f"WikiText-2 needs the Hugging Face hub, which is unreachable ({reason}); "
+                              "use --text PATH or the default text")
     import datasets
 
     ds = datasets.load_dataset("wikitext", "wikitext-2-raw-v1", split=split)
@@ -79,6 +78,8 @@ def load_text(source: str | os.PathLike = "default") -> Text:
     if str(source) == "wikitext":
         return wikitext()
     path = Path(source)
+    if path.is_dir():
+        raise IsADirectoryError(f"text {path} is a directory; pass a UTF-8 text file")
     if not path.is_file():
         raise FileNotFoundError(f"text file {path} not found")
     try:
@@ -88,3 +89,13 @@ def load_text(source: str | os.PathLike = "default") -> Text:
     if not text.strip():
         raise ValueError(f"text file {path} is empty")
     return Text(f"file:{path}", text)
+
+
+def calibration_batches(tokenizer, n: int = 16, length: int = 256, offset: int = 0):
+    """`n` batches (1, `length`) of token ids of public text (fortunes), disjoint from the evaluation text:
+    the calibration data of `orthogonalize_` and of the Hessian statistics."""
+    ids = tokenizer(fortunes().text[offset: offset + n * length * 8], add_special_tokens=False,
+                    return_tensors="pt").input_ids[0]
+    if ids.numel() < n * length:
+        raise ValueError(f"calibration text too short: {ids.numel()} tokens < {n * length}")
+    return [ids[i * length:(i + 1) * length].unsqueeze(0) for i in range(n)]

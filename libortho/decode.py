@@ -17,9 +17,9 @@ import torch.nn.functional as F
 
 
 def _ortho_modules(model):
-    from .linear import OrthoLinear
+    from .modules import ortho_modules
 
-    return [m for m in model.modules() if isinstance(m, OrthoLinear)]
+    return list(ortho_modules(model).values())
 
 
 def rotate_half(x):
@@ -126,11 +126,11 @@ class StaticDecoder:
 
     def _set_hints(self, sig):
         for m, s in zip(self.ortho, sig):
-            m._alpha_hint = s
+            m.pinned_ortho = s  # what each layer's ortho_on says while the graph replays: no per-call sync
 
     def _clear_hints(self):
         for m in self.ortho:
-            m._alpha_hint = None
+            m.pinned_ortho = None
 
     def _capture(self):
         s = torch.cuda.Stream()

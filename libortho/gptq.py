@@ -130,7 +130,7 @@ def gptq_(model: nn.Module, hessian: Mapping[str, torch.Tensor], group_size: int
     Returns:
         {module name: QuantizedTensor} -- the packed weights, for bit-exact comparisons and bits/weight.
     """
-    from .select import target_linears
+    from .modules import target_linears
 
     out = {}
     for name, lin in target_linears(model, targets).items():

@@ -5,21 +5,35 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import validate_alpha
-from .quant import QuantizedTensor, dequantize_codes, n_groups, unpack_int4
-from .sparse import CSR, empty_csr, index_dtype, scatter_dense
+from .config import Backend, validate_alpha
+from .kernels import dual_linear_forward
+from .kernels.reference import csr_dense, dequant_weight
+from .quant import QuantizedTensor, n_groups
+from .sparse import CSR, empty_csr, index_dtype
+
+# The state-dict names of the ortho stream: everything else an OrthoLinear holds is the base.
+ORTHO_KEYS = ("ortho_crow", "ortho_col", "ortho_values")
+
+
+def is_ortho_key(key: str) -> bool:
+    """`model.layers.0.mlp.up_proj.ortho_values` -> True."""
+    return key.rsplit(".", 1)[-1] in ORTHO_KEYS
 
 
 class OrthoLinear(nn.Module):
     """Drop-in for `nn.Linear` holding a frozen INT4 base and a sparse ortho stream.
 
-    `alpha` is a 0-dim buffer: changing it never changes module structure. At `alpha == 0` the ortho
-    tensors are not read at all, so the output is bit-identical to the base alone (the kill switch).
-    The ortho values are an `nn.Parameter` (frozen by default) so the stream itself can be trained.
+    `alpha` is a 0-dim buffer: changing it never changes module structure. It is not part of the state dict
+    (a runtime switch, not weights). At `alpha == 0` the ortho tensors are not read at all, so the output is
+    bit-identical to the base alone (the kill switch). The ortho values are an `nn.Parameter` (frozen by
+    default) so the stream itself can be trained.
+
+    `OrthoLinear(...)` makes an empty skeleton (what a checkpoint is loaded into); `from_parts` is the one
+    builder that fills the packed parts.
 
     Example:
         >>> lin = OrthoLinear.from_parts(quantize(w), csr)   # doctest: +SKIP
-        >>> lin.alpha.fill_(0.0); y0 = lin(x)                # base only
+        >>> lin.set_alpha(0.0); y0 = lin(x)                  # base only
     """
 
     def __init__(self, in_features: int, out_features: int, group_size: int, symmetric: bool = True,
@@ -37,25 +51,27 @@ class OrthoLinear(nn.Module):
         self.register_buffer("ortho_col", torch.zeros(nnz, dtype=index_dtype(in_features), **kw))
         self.ortho_values = nn.Parameter(torch.zeros(nnz, dtype=dtype, **kw), requires_grad=False)
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, **kw), requires_grad=False) if bias else None
-        self.register_buffer("alpha", torch.tensor(1.0, **kw))
+        self.register_buffer("alpha", torch.tensor(1.0, **kw), persistent=False)
         self.has_ortho = True  # False when loaded without the ortho file: the stream is physically absent
+        # None: read alpha (a device sync on CUDA). True/False: fixed by whoever captures a CUDA graph
+        # (libortho.decode), which must not sync; see `ortho_on`.
+        self.pinned_ortho: bool | None = None
         self._base_cache: torch.Tensor | None = None
         self._rows_cache: torch.Tensor | None = None
         self._merged: tuple | None = None  # (key, base + alpha * ortho) while the base is cached
-        # "auto": the fused GPU kernel on CUDA bf16/fp16 inputs when it applies, else plain torch;
-        # "torch": always plain torch (the reference); "triton": the GPU kernel or an error.
-        self.backend = "auto"
-        self._alpha_hint: bool | None = None  # set while a CUDA graph is captured: alpha != 0 without a sync
+        self.set_backend(Backend.AUTO)
 
     # -- construction -------------------------------------------------------------------------
     @classmethod
-    def from_parts(cls, base: QuantizedTensor, ortho: CSR | None, bias: torch.Tensor | None = None) -> "OrthoLinear":
+    def from_parts(cls, base: QuantizedTensor, ortho: CSR | None, bias: torch.Tensor | None = None,
+                   device=None) -> "OrthoLinear":
+        """The one builder of an OrthoLinear's packed parts: a packed INT4 base, a CSR stream (None: empty)."""
         out_f, in_f = base.shape
         ortho = ortho if ortho is not None else empty_csr(base.shape, base.scales.dtype, base.qweight.device)
-        if ortho.shape != base.shape:
-            raise ValueError(f"ortho shape {ortho.shape} does not match base shape {base.shape}")
-        m = cls(in_f, out_f, base.group_size, base.symmetric, ortho.nnz, bias is not None,
-                base.scales.dtype, base.qweight.device)
+        if tuple(ortho.shape) != tuple(base.shape):
+            raise ValueError(f"ortho shape {tuple(ortho.shape)} does not match base shape {tuple(base.shape)}")
+        device = base.qweight.device if device is None else device
+        m = cls(in_f, out_f, base.group_size, base.symmetric, ortho.nnz, bias is not None, base.scales.dtype, device)
         m.qweight.copy_(base.qweight)
         m.scales.copy_(base.scales)
         if base.zeros is not None:
@@ -66,6 +82,28 @@ class OrthoLinear(nn.Module):
         if bias is not None:
             m.bias.data.copy_(bias)
         return m
+
+    @classmethod
+    def from_linear(cls, linear: nn.Module, base: QuantizedTensor, ortho: CSR | None) -> "OrthoLinear":
+        """`from_parts` with the bias and the device of the `nn.Linear` it replaces."""
+        bias = linear.bias.detach() if getattr(linear, "bias", None) is not None else None
+        return cls.from_parts(base, ortho, bias, device=linear.weight.device)
+
+    def set_ortho_(self, ortho: CSR | None) -> "OrthoLinear":
+        """Replace the ortho stream (None: drop it; the layer then holds the base alone and only alpha=0 runs)."""
+        dev, dtype = self.qweight.device, self.scales.dtype
+        if ortho is not None and tuple(ortho.shape) != (self.out_features, self.in_features):
+            raise ValueError(f"ortho shape {tuple(ortho.shape)} does not match ({self.out_features}, "
+                             f"{self.in_features})")
+        o = ortho if ortho is not None else empty_csr((self.out_features, self.in_features), dtype, dev)
+        self.ortho_crow = o.crow.to(dev, torch.int32)
+        self.ortho_col = o.col.to(dev, index_dtype(self.in_features))
+        self.ortho_values = nn.Parameter(o.values.to(dev, dtype), requires_grad=False)
+        self.has_ortho = ortho is not None
+        if not self.has_ortho:
+            self.alpha.fill_(0.0)
+        self._rows_cache = self._merged = None
+        return self
 
     @property
     def symmetric(self) -> bool:
@@ -82,11 +120,31 @@ class OrthoLinear(nn.Module):
     def ortho(self) -> CSR:
         return CSR(self.ortho_crow, self.ortho_col, self.ortho_values, (self.out_features, self.in_features))
 
+    def spec(self) -> dict:
+        """What a skeleton needs (`OrthoLinear(**spec)` minus dtype): saved in the checkpoint's config."""
+        return {"in_features": self.in_features, "out_features": self.out_features, "group_size": self.group_size,
+                "symmetric": self.symmetric, "bias": self.bias is not None, "nnz": self.nnz}
+
+    # -- alpha -------------------------------------------------------------------------------------
     def set_alpha(self, alpha: float) -> None:
         alpha = validate_alpha(alpha)
         if alpha != 0 and not self.has_ortho:
             raise ValueError("this layer was loaded without its ortho stream; only alpha=0 is possible")
         self.alpha.fill_(alpha)
+
+    @property
+    def ortho_on(self) -> bool:
+        """Whether the ortho stream takes part in `forward`: the one test the decoder and the kernels read."""
+        if not (self.has_ortho and self.nnz):
+            return False
+        return self.pinned_ortho if self.pinned_ortho is not None else bool(self.alpha.item() != 0)
+
+    # -- backend ------------------------------------------------------------------------------------
+    def set_backend(self, backend: Backend | str) -> "OrthoLinear":
+        """Bind `forward` to one implementation (hqq style): chosen once, not per call."""
+        self.backend = Backend(backend)
+        self._impl = _IMPLS[self.backend]
+        return self
 
     def cache_base_(self, enabled: bool = True) -> "OrthoLinear":
         """Keep the dequantized base in memory: faster on CPU, at the cost of a dense copy."""
@@ -98,33 +156,27 @@ class OrthoLinear(nn.Module):
     def dequantized_base(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         if self._base_cache is not None:
             return self._base_cache if dtype is None else self._base_cache.to(dtype)
-        return dequantize_codes(unpack_int4(self.qweight), self.scales, self.zeros, self.group_size,
-                                dtype or self.scales.dtype)
+        return dequant_weight(self.qweight, self.scales, self.zeros, self.group_size, dtype or self.scales.dtype)
 
     def ortho_dense(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The ortho stream as a dense (out, in) matrix; differentiable in `ortho_values`."""
         if self._rows_cache is None or self._rows_cache.numel() != self.nnz:
             self._rows_cache = self.ortho().rows()
-        return scatter_dense(self._rows_cache, self.ortho_col.long(), self.ortho_values,
-                             (self.out_features, self.in_features), dtype)
+        return csr_dense(self.ortho_crow, self.ortho_col, self.ortho_values, (self.out_features, self.in_features),
+                         dtype, rows=self._rows_cache)
+
+    def merged_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """base + alpha * ortho as a dense (out, in) matrix (what `libortho.merge` writes into nn.Linear)."""
+        dtype = dtype or self.scales.dtype
+        w = self.dequantized_base(torch.float32)
+        if self.ortho_on:
+            w = w + self.alpha.float() * self.ortho_dense(torch.float32)
+        return w.to(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., in) -> (..., out)
-        backend = getattr(self.backend, "value", self.backend)
-        if backend != "torch" and x.is_cuda and self._base_cache is None:
-            from .kernels import dual_linear_forward
-
-            y = dual_linear_forward(self, x)
-            if y is not None:
-                return y
-            if backend == "triton":
-                raise ValueError(f"backend 'triton' does not apply here (x {x.dtype} on {x.device}, "
-                                 f"group_size {self.group_size}, in_features {self.in_features}); use 'auto'")
-        w = self.dequantized_base(x.dtype)
-        # alpha == 0 must not read the ortho stream: the kill switch is a branch, not a multiply by 0.
-        on = self._alpha_hint if self._alpha_hint is not None else self.alpha.item() != 0  # hint: no sync in graphs
-        if self.has_ortho and self.nnz and on:
-            w = self._merged_weight(w, x.dtype)
-        return F.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
+        if torch.is_grad_enabled() and (x.requires_grad or self.ortho_values.requires_grad):
+            return _Trainable.apply(x, self.ortho_values, self)
+        return self._impl(self, x)
 
     def _merged_weight(self, base: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """base + alpha * ortho. With the base cached and no gradient wanted (evaluation at a fixed alpha), the
@@ -139,4 +191,81 @@ class OrthoLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, group_size={self.group_size}, "
-                f"symmetric={self.symmetric}, nnz={self.nnz}, alpha={self.alpha.item():g}")
+                f"symmetric={self.symmetric}, nnz={self.nnz}, alpha={self.alpha.item():g}, "
+                f"backend={self.backend.value}")
+
+
+class _Trainable(torch.autograd.Function):
+    """y = x W^T, W = base + alpha * ortho(values), differentiable in x and in the ortho values.
+
+    Autograd through a dense W would keep every layer's dequantized weight alive until backward (the dense
+    model, 16 GB at 8B). This saves x and recomputes one layer's W in backward, so training the stream costs
+    activations plus one layer's weight at a time. The forward is the module's own (the fused kernel on a GPU).
+    """
+
+    @staticmethod
+    def forward(ctx, x, values, m):
+        ctx.m = m
+        ctx.save_for_backward(x, values)
+        with torch.no_grad():
+            return m._impl(m, x)  # (..., out)
+
+    @staticmethod
+    def backward(ctx, gy):  # gy (..., out)
+        x, values = ctx.saved_tensors
+        m: OrthoLinear = ctx.m
+        gx = gv = None
+        with torch.no_grad():
+            if ctx.needs_input_grad[0]:
+                w = m.dequantized_base(gy.dtype)
+                if m.ortho_on:
+                    w = w + m.alpha.to(gy.dtype) * m.ortho_dense(gy.dtype)
+                gx = gy @ w  # (..., in)
+            if ctx.needs_input_grad[1] and m.ortho_on:
+                gv = ortho_value_grad(gy.reshape(-1, m.out_features), x.reshape(-1, m.in_features),
+                                      m.ortho().rows() if m._rows_cache is None else m._rows_cache,
+                                      m.ortho_col.long(), m.alpha).to(values.dtype)
+            elif ctx.needs_input_grad[1]:
+                gv = torch.zeros_like(values)
+        return gx, gv, None
+
+
+def ortho_value_grad(g: torch.Tensor, x: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor,
+                     alpha: torch.Tensor, chunk_elems: int = 1 << 24) -> torch.Tensor:
+    """dLoss/dvalues[k] = alpha * sum_n g[n, rows[k]] * x[n, cols[k]]: the dense gradient g^T x read only at
+    the stream's entries, in chunks of entries so the temporaries stay under `chunk_elems` floats."""
+    g, x = g.float(), x.float()  # (N, out), (N, in)
+    step = max(1, chunk_elems // max(1, g.shape[0]))
+    out = torch.empty(rows.numel(), dtype=torch.float32, device=g.device)
+    for s in range(0, rows.numel(), step):
+        r, c = rows[s:s + step], cols[s:s + step]
+        out[s:s + step] = (g[:, r] * x[:, c]).sum(0)  # (N, chunk) -> (chunk,)
+    return out * alpha.float()
+
+
+def _forward_torch(m: OrthoLinear, x: torch.Tensor) -> torch.Tensor:
+    """The plain-torch path (the reference's math, with the CPU caches): every device, differentiable."""
+    w = m.dequantized_base(x.dtype)
+    # alpha == 0 must not read the ortho stream: the kill switch is a branch, not a multiply by 0.
+    if m.ortho_on:
+        w = m._merged_weight(w, x.dtype)
+    return F.linear(x, w, None if m.bias is None else m.bias.to(x.dtype))
+
+
+def _forward_triton(m: OrthoLinear, x: torch.Tensor) -> torch.Tensor:
+    y = dual_linear_forward(m, x)
+    if y is None:
+        raise ValueError(f"backend 'triton' does not apply here (x {x.dtype} on {x.device}, group_size "
+                         f"{m.group_size}, in_features {m.in_features}); use Backend.AUTO or Backend.TORCH")
+    return y
+
+
+def _forward_auto(m: OrthoLinear, x: torch.Tensor) -> torch.Tensor:
+    if x.is_cuda and m._base_cache is None:
+        y = dual_linear_forward(m, x)
+        if y is not None:
+            return y
+    return _forward_torch(m, x)
+
+
+_IMPLS = {Backend.AUTO: _forward_auto, Backend.TORCH: _forward_torch, Backend.TRITON: _forward_triton}

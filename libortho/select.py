@@ -9,16 +9,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .config import Score, validate_density
-from .llama import is_target
+from .modules import target_linears
 from .sparse import CSR, csr_from_mask
-
-
-def target_linears(model: nn.Module, targets) -> dict[str, nn.Linear]:
-    """The `nn.Linear` modules whose names end in one of `targets`, in model order."""
-    found = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear) and is_target(n, targets)}
-    if not found:
-        raise ValueError(f"model {type(model).__name__} has no linear named {list(targets)}; nothing to convert")
-    return found
 
 
 @torch.no_grad()

@@ -11,8 +11,8 @@ import torch
 from torch import nn
 
 from .linear import OrthoLinear
-from .quant import n_groups
-from .sparse import index_dtype
+from .quant import QuantizedTensor, n_groups
+from .sparse import CSR, index_dtype
 
 CODE_STD = 4.6  # std of (q - 8) for q uniform in 0..15
 
@@ -37,21 +37,18 @@ CONFIGS = {"llama3-8b": llama3_8b_config, "smollm2-135m": smollm2_135m_config}
 def random_ortho_linear(out_f: int, in_f: int, density: float, group_size: int, dtype=torch.bfloat16,
                         device="cuda", gen: torch.Generator | None = None, std: float = 0.02) -> OrthoLinear:
     """An OrthoLinear with random packed codes and a random CSR stream of `density` (same nnz per row)."""
-    m = OrthoLinear(in_f, out_f, group_size, True, 0, False, dtype, device="meta")
-    m.qweight = torch.randint(0, 256, (out_f, in_f // 2), dtype=torch.uint8, device=device, generator=gen)
+    qweight = torch.randint(0, 256, (out_f, in_f // 2), dtype=torch.uint8, device=device, generator=gen)
     g = n_groups(in_f, group_size)
-    m.scales = ((1 + 0.1 * torch.randn(out_f, g, device=device, generator=gen)) * (std / CODE_STD)).to(dtype)
+    scales = ((1 + 0.1 * torch.randn(out_f, g, device=device, generator=gen)) * (std / CODE_STD)).to(dtype)
+    base = QuantizedTensor(qweight, scales, None, group_size, (out_f, in_f))
     per_row = int(round(density * in_f))
-    m.ortho_crow = (torch.arange(out_f + 1, device=device, dtype=torch.int32) * per_row)
+    crow = torch.arange(out_f + 1, device=device, dtype=torch.int32) * per_row
     # one column per stratum of the row: unique and sorted, as a selection mask gives them
     width = in_f // max(per_row, 1)
     off = torch.randint(0, max(width, 1), (out_f, per_row), device=device, generator=gen, dtype=torch.int32)
-    cols = torch.arange(per_row, device=device, dtype=torch.int32) * width + off
-    m.ortho_col = cols.flatten().to(index_dtype(in_f))
-    m.ortho_values = nn.Parameter((torch.randn(out_f * per_row, device=device, generator=gen) * std / 2).to(dtype),
-                                  requires_grad=False)
-    m.alpha = torch.tensor(1.0, device=device)
-    return m
+    cols = (torch.arange(per_row, device=device, dtype=torch.int32) * width + off).flatten().to(index_dtype(in_f))
+    values = (torch.randn(out_f * per_row, device=device, generator=gen) * std / 2).to(dtype)
+    return OrthoLinear.from_parts(base, CSR(crow, cols, values, (out_f, in_f)))
 
 
 @torch.no_grad()

@@ -1,24 +1,23 @@
-"""Canary insertion by fine-tuning, and ortho-tuning: training only the ortho stream over a frozen INT4 base.
-
-Three ways to put private data into a model, each trained on the same mix (every canary each step,
-plus chunks of general real text) until greedy decoding reproduces the secrets:
+"""Putting private data into a model: full fine-tuning, LoRA, and ortho-tuning (libortho's method).
 
 * `full_finetune_`: every weight trains (the `fine_tuned` arm, and the source of the post-hoc arms).
-* `lora`: PEFT LoRA with the seed's SFT defaults (r 8, alpha 32, dropout 0.1, all seven Llama linears);
-  `set_lora_alpha` scales the adapter, 0 = adapter off.
-* `ortho_tune_` (libortho's method): each target linear becomes an `OrthoLinear` whose base is INT4 of
-  the *public* weight and whose ortho stream starts at zero on a sparse mask; only the ortho values
-  train. alpha=1 is the trained model, alpha=0 is exactly INT4(public) -- the private data never
-  touches the base.
+* `lora_wrap` / `lora_finetune_`: PEFT LoRA with the seed's SFT defaults (r 8, alpha 32, dropout 0.1, all
+  seven Llama linears); `set_lora_alpha` scales the adapter, 0 = adapter off.
+* `OrthoTuneConfig` (a config of `orthogonalize_`): each target linear becomes an `OrthoLinear` whose base is
+  INT4 of the *public* weight and whose ortho stream starts at zero on a sparse mask; only the ortho values
+  train. alpha=1 is the trained model, alpha=0 is exactly INT4(public): the private data never touches the base.
 
-The mask: for each weight entry (i, j), `g_ij^2 / (h_j + damp * mean(h))`, with g the gradient of the
-private loss at the public weights (saliency) and h the diagonal Hessian of the layer's inputs on
-public calibration text (the sieve). It is the first-order gain on the private loss of a step of
-fixed cost on the public layer output (a step d on w_ij costs d^2 h_j there and gains |g_ij| d), so the
-stream picks the entries that learn the most from the private data while disturbing public text least.
+The mask: for each weight entry (i, j), `g_ij^2 / (h_j + damp * mean(h))`, with g the gradient of the private
+loss at the INT4 public base (saliency) and h the diagonal Hessian of the layer's inputs on public calibration
+text (the sieve). It is the first-order gain on the private loss of a step of fixed cost on the public layer
+output (a step d on w_ij costs d^2 h_j there and gains |g_ij| d), so the stream picks the entries that learn the
+most from the private data while disturbing public text least. The gradient of each layer is formed from
+that layer's input and output gradient in a backward hook and reduced to its mask at once: no dense gradient
+of the whole model ever exists.
 
-Fine-tuned weights are cached on disk (safetensors only) under `libortho.models.cache_dir()`, keyed by
-a hash of everything that determines them.
+Every trainer takes a `loss_fn(model, step) -> loss` (e.g. `canary_loss`), so the same code trains canaries,
+a user's chat records (`python -m libortho finetune`), or anything else. Trained weights are cached on disk
+(safetensors only) under `libortho.models.cache_dir()`, keyed by a hash of everything that determines them.
 """
 from __future__ import annotations
 
@@ -26,24 +25,27 @@ import hashlib
 import json
 import math
 import os
+import shutil
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from .convert import ortho_modules, set_module
+from .config import Mode, OrthoConfig, Score, TUNE_SCORES
+from .convert import quantize_base, register_handler
 from .linear import OrthoLinear
 from .llama import LLAMA_LINEARS
+from .modules import ortho_modules
 from .privacy import Canary, extraction_rate
-from .quant import quantize
-from .select import collect_hessian_diag, target_linears, top_mask
+from .select import collect_hessian_diag, top_mask
 from .sparse import csr_from_mask
 
-SCORES = ("saliency_hessian", "saliency", "random")
+LossFn = Callable[[nn.Module, int], torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -52,46 +54,63 @@ class TrainConfig:
 
     Args:
         lr: AdamW learning rate (no weight decay, constant).
-        max_steps: stop here even if the secrets are not reproduced yet.
-        check_every: measure extraction every this many steps; stop once it reaches `target`.
-        target: extraction rate that ends training (1.0: every canary).
-        general_chunks, general_length: sequences of general real text mixed into every step.
+        max_steps: the training budget in optimizer steps.
+        check_every: with a `measure` callback, measure every this many steps.
+        target: stop early once `measure` reaches it (None: always train `max_steps`).
+        general_chunks, general_length: sequences of general real text mixed into every step (`canary_loss`).
         seed: seeds the order of general text and any init (LoRA's A).
     """
 
     lr: float = 1e-4
     max_steps: int = 60
     check_every: int = 5
-    target: float = 1.0
+    target: float | None = 1.0
     general_chunks: int = 2
     general_length: int = 64
     seed: int = 0
+
+    def __post_init__(self):
+        if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"lr must be a positive number, got {self.lr!r}")
+        for k in ("max_steps", "check_every"):
+            v = getattr(self, k)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{k} must be a positive int, got {v!r}")
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
-@dataclass(frozen=True)
-class OrthoTuneConfig:
-    """The ortho stream's shape: density of the trainable mask, the INT4 grid of the public base, the score."""
+@dataclass
+class OrthoTuneConfig(OrthoConfig):
+    """Ortho-tuning: the base is INT4 of the public weights; only a sparse stream of `density` trains.
 
-    density: float = 0.01
-    group_size: int = 32
-    symmetric: bool = False
-    score: str = "saliency_hessian"
+    Args (beyond OrthoConfig's density, group_size, symmetric, targets, seed):
+        score: the mask (`saliency_hessian`, `saliency` or `random`; see the module docstring).
+        damp: share of mean(diag H) added to diag H in the `saliency_hessian` score.
+        train: the training run (lr, budget, data mixing).
+    """
+
+    mode: Mode = Mode.TUNE
+    score: Score = Score.SALIENCY_HESSIAN
     damp: float = 0.01
-    targets: tuple[str, ...] = field(default=LLAMA_LINEARS)
+    train: TrainConfig = field(default_factory=TrainConfig)
 
     def __post_init__(self):
-        if self.score not in SCORES:
-            raise ValueError(f"ortho-tune score must be one of {SCORES}, got {self.score!r}")
-        if not 0 < self.density <= 1:
-            raise ValueError(f"density must be in (0, 1], got {self.density!r}")
+        if isinstance(self.train, dict):
+            self.train = TrainConfig(**self.train)
+        super().__post_init__()
 
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d["targets"] = list(self.targets)
-        return d
+    def _check_mode(self) -> None:
+        if self.mode is not Mode.TUNE:
+            raise ValueError(f"OrthoTuneConfig has mode 'tune', got {self.mode.value!r}")
+        if self.score not in TUNE_SCORES:
+            raise ValueError(f"ortho-tune score must be one of {[s.value for s in TUNE_SCORES]}, got "
+                             f"{self.score.value!r}")
+        if not (isinstance(self.damp, (int, float)) and math.isfinite(self.damp) and self.damp >= 0):
+            raise ValueError(f"damp must be a finite number >= 0, got {self.damp!r}")
+        if not isinstance(self.train, TrainConfig):
+            raise ValueError(f"train must be a TrainConfig, got {type(self.train).__name__}")
 
 
 @dataclass(frozen=True)
@@ -135,41 +154,71 @@ def canary_batch(canaries: list[Canary], pad_id: int) -> tuple[torch.Tensor, tor
     return ids, mask, ids.masked_fill(mask == 0, -100)
 
 
-def private_loss(model, canaries: list[Canary], general: torch.Tensor, step: int, cfg: TrainConfig,
-                 pad_id: int) -> torch.Tensor:
-    """Mean LM loss on every canary plus mean LM loss on `general_chunks` chunks of general text."""
-    dev = next(model.parameters()).device
-    ids, mask, labels = (t.to(dev) for t in canary_batch(canaries, pad_id))
-    loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
-    if cfg.general_chunks:
-        g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
-        starts = torch.randint(0, general.numel() - cfg.general_length, (cfg.general_chunks,), generator=g)
-        chunk = torch.stack([general[s:s + cfg.general_length] for s in starts.tolist()]).to(dev)  # (G, L)
-        loss = loss + model(input_ids=chunk, labels=chunk).loss
-    return loss
+def canary_loss(canaries: list[Canary], general: torch.Tensor, cfg: TrainConfig, pad_id: int) -> LossFn:
+    """`loss_fn(model, step)`: mean LM loss on every canary plus mean LM loss on `general_chunks` chunks of
+    general text (a seeded draw per step, so every trainer sees the same data at the same step). One forward
+    pass over both, right-padded into one batch."""
+    ids, mask, labels = canary_batch(canaries, pad_id)  # (B, T)
+    n = ids.shape[0]
+
+    def loss_fn(model: nn.Module, step: int) -> torch.Tensor:
+        dev = next(model.parameters()).device
+        rows, masks, labs = [ids], [mask], [labels]
+        if cfg.general_chunks:
+            g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+            starts = torch.randint(0, general.numel() - cfg.general_length, (cfg.general_chunks,), generator=g)
+            chunk = torch.stack([general[s:s + cfg.general_length] for s in starts.tolist()])  # (G, L)
+            rows.append(chunk), masks.append(torch.ones_like(chunk)), labs.append(chunk)
+        T = max(r.shape[1] for r in rows)
+        pad = lambda t, v: torch.nn.functional.pad(t, (0, T - t.shape[1]), value=v)  # noqa: E731
+        batch_ids = torch.cat([pad(r, pad_id) for r in rows]).to(dev)  # (B + G, T)
+        batch_mask = torch.cat([pad(m, 0) for m in masks]).to(dev)
+        batch_labels = torch.cat([pad(lab, -100) for lab in labs]).to(dev)
+        logits = model(input_ids=batch_ids, attention_mask=batch_mask).logits[:, :-1].float()  # (B + G, T-1, V)
+        target = batch_labels[:, 1:]
+        nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), target, ignore_index=-100,
+                                                reduction="none")  # (B + G, T-1)
+        valid = (target != -100).float()
+        loss = (nll[:n] * valid[:n]).sum() / valid[:n].sum()  # mean over canary tokens
+        if cfg.general_chunks:
+            loss = loss + (nll[n:] * valid[n:]).sum() / valid[n:].sum()  # plus mean over general tokens
+        return loss
+
+    return loss_fn
 
 
-def fit(model: nn.Module, params: list[nn.Parameter], canaries: list[Canary], general: torch.Tensor,
-        cfg: TrainConfig, pad_id: int, progress: bool = True, desc: str = "fine-tune") -> dict:
-    """AdamW on `params` until extraction reaches `cfg.target` (checked every `check_every` steps)."""
+def until_extracted(canaries: list[Canary]) -> Callable[[nn.Module], float]:
+    """A `measure` callback for `fit`: the share of canaries greedy decoding reproduces."""
+    return lambda model: extraction_rate(model, canaries)
+
+
+def fit(model: nn.Module, params: list[nn.Parameter], loss_fn: LossFn, cfg: TrainConfig, progress: bool = True,
+        desc: str = "fine-tune", measure: Callable[[nn.Module], float] | None = None) -> dict:
+    """AdamW on `params` for `cfg.max_steps` steps; with `measure`, stop once it reaches `cfg.target`."""
+    if not params:
+        raise ValueError("nothing to train: no parameter requires a gradient")
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
-    history = {"loss": [], "extraction": {}}
+    history: dict = {"loss": [], "measure": {}}
     model.train()
     bar = tqdm(range(1, cfg.max_steps + 1), desc=desc, disable=not progress, leave=False)
     step = 0
-    for step in bar:
-        loss = private_loss(model, canaries, general, step, cfg, pad_id)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        history["loss"].append(round(loss.item(), 4))
-        bar.set_postfix(loss=f"{loss.item():.3f}")
-        if step % cfg.check_every == 0 or step == cfg.max_steps:
-            ext = extraction_rate(model, canaries)
-            history["extraction"][step] = ext
-            bar.set_postfix(loss=f"{loss.item():.3f}", extraction=f"{ext:.2f}")
-            if ext >= cfg.target:
-                break
+    with torch.enable_grad():
+        for step in bar:
+            loss = loss_fn(model, step)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"{desc}: loss is {loss.item()} at step {step}; lower the learning rate "
+                                         f"(lr={cfg.lr:g})")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            history["loss"].append(round(loss.item(), 4))
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+            if measure is not None and (step % cfg.check_every == 0 or step == cfg.max_steps):
+                value = measure(model)
+                history["measure"][step] = value
+                bar.set_postfix(loss=f"{loss.item():.3f}", measure=f"{value:.2f}")
+                if cfg.target is not None and value >= cfg.target:
+                    break
     model.eval()
     history["steps"] = step
     return history
@@ -178,15 +227,17 @@ def fit(model: nn.Module, params: list[nn.Parameter], canaries: list[Canary], ge
 # ---------------------------------------------------------------------------------------------
 # (a) full fine-tune
 
-def full_finetune_(model: nn.Module, canaries, general, cfg: TrainConfig, pad_id: int, progress=True) -> dict:
+def full_finetune_(model: nn.Module, loss_fn: LossFn, cfg: TrainConfig, progress: bool = True,
+                   measure: Callable[[nn.Module], float] | None = None) -> dict:
     torch.manual_seed(cfg.seed)
     params = list(model.parameters())
     for p in params:
         p.requires_grad_(True)
-    hist = fit(model, params, canaries, general, cfg, pad_id, progress, "full fine-tune")
-    for p in params:
-        p.requires_grad_(False)
-    return hist
+    try:
+        return fit(model, params, loss_fn, cfg, progress, "full fine-tune", measure)
+    finally:
+        for p in params:
+            p.requires_grad_(False)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -201,9 +252,10 @@ def lora_wrap(model: nn.Module, spec: LoraSpec = LoraSpec(), seed: int = 0) -> n
     return get_peft_model(model, cfg)
 
 
-def lora_finetune_(peft_model: nn.Module, canaries, general, cfg: TrainConfig, pad_id: int, progress=True) -> dict:
+def lora_finetune_(peft_model: nn.Module, loss_fn: LossFn, cfg: TrainConfig, progress: bool = True,
+                   measure: Callable[[nn.Module], float] | None = None) -> dict:
     params = [p for p in peft_model.parameters() if p.requires_grad]
-    return fit(peft_model, params, canaries, general, cfg, pad_id, progress, "LoRA")
+    return fit(peft_model, params, loss_fn, cfg, progress, "LoRA", measure)
 
 
 def set_lora_alpha(peft_model: nn.Module, alpha: float) -> nn.Module:
@@ -222,83 +274,119 @@ def set_lora_alpha(peft_model: nn.Module, alpha: float) -> nn.Module:
 
 
 # ---------------------------------------------------------------------------------------------
-# ortho-tuning
+# (c) ortho-tuning: a handler of orthogonalize_
 
-def saliency(model: nn.Module, canaries, general, cfg: TrainConfig, pad_id: int, targets=LLAMA_LINEARS
-             ) -> dict[str, torch.Tensor]:
-    """Gradient of the private loss (step-0 batch) w.r.t. every target weight, at the current weights."""
-    linears = target_linears(model, targets)
-    saved = {n: p.requires_grad for n, p in model.named_parameters()}
-    for p in model.parameters():
-        p.requires_grad_(False)
-    for lin in linears.values():
-        lin.weight.requires_grad_(True)
-        lin.weight.grad = None
-    model.eval()  # no dropout: the score is a property of the data, not of a dropout draw
-    private_loss(model, canaries, general, 0, cfg, pad_id).backward()
-    grads = {n: lin.weight.grad.detach().clone() for n, lin in linears.items()}
-    for n, p in model.named_parameters():
-        p.grad = None
-        p.requires_grad_(saved[n])
-    return grads
-
-
-def mask_scores(grad: torch.Tensor, hessian_diag: torch.Tensor | None, score: str, damp: float,
+def mask_scores(grad: torch.Tensor, hessian_diag: torch.Tensor | None, score: Score | str, damp: float,
                 generator: torch.Generator | None = None) -> torch.Tensor:
     """Per-entry score of a (out, in) weight; see the module docstring."""
-    if score == "random":
+    score = Score(score)
+    if score is Score.RANDOM:
         return torch.rand(grad.shape, generator=generator)
     g2 = grad.float().pow(2)
-    if score == "saliency":
+    if score is Score.SALIENCY:
         return g2
     h = hessian_diag.float().to(g2.device)
     return g2 / (h + damp * h.mean()).unsqueeze(0)
 
 
-def ortho_tune_(model: nn.Module, canaries, general, calibration, cfg: TrainConfig, ocfg: OrthoTuneConfig,
-                pad_id: int, progress: bool = True, train: bool = True) -> dict:
-    """Turn `model` (holding the PUBLIC weights) into an ortho-tuned model, in place.
+@torch.no_grad()
+def _saliency_masks(model: nn.Module, mods: dict[str, OrthoLinear], loss_fn: LossFn, config: OrthoTuneConfig,
+                    hdiag: dict | None) -> dict[str, torch.Tensor]:
+    """{name: (out, in) bool mask}: each layer's gradient g = sum over its calls of G^T X (the step-0 private
+    loss), formed from the layer's input X and output gradient G as backward reaches it, and reduced to the
+    mask as soon as its last call's gradient is in. A loss that calls the model once (as `canary_loss` does)
+    so holds one layer's (out, in) gradient at a time, never the whole model's."""
+    calls: dict[str, int] = {}
+    got: dict[str, int] = {}
+    acc: dict[str, torch.Tensor] = {}
+    masks: dict[str, torch.Tensor] = {}
 
-    Each target linear becomes an OrthoLinear: base = INT4(public weight) on `ocfg`'s grid, ortho stream
-    = zeros on the top-`density` mask of `mask_scores`. Then only the ortho values train (`train=False`
-    skips training: used to rebuild the structure before loading cached values).
+    def reduce(name: str) -> None:
+        h = hdiag.get(name) if hdiag else None
+        masks[name] = top_mask(mask_scores(acc.pop(name), h, config.score, config.damp), config.density)
 
-    Returns:
-        The training history plus the mask's statistics.
-    """
-    torch.manual_seed(cfg.seed)
-    hdiag = None
-    if ocfg.score == "saliency_hessian":
-        hdiag = collect_hessian_diag(model, calibration, ocfg.targets, progress)
-    grads = saliency(model, canaries, general, cfg, pad_id, ocfg.targets) if ocfg.score != "random" else {
-        n: torch.zeros_like(lin.weight) for n, lin in target_linears(model, ocfg.targets).items()}
-    gen = torch.Generator().manual_seed(cfg.seed)
-    nnz = total = 0
-    with torch.no_grad():
-        for name, lin in target_linears(model, ocfg.targets).items():
-            w = lin.weight.detach()
-            base = quantize(w, ocfg.group_size, ocfg.symmetric)
-            s = mask_scores(grads[name], hdiag.get(name) if hdiag else None, ocfg.score, ocfg.damp, gen)
-            mask = top_mask(s, ocfg.density)
-            ortho = csr_from_mask(torch.zeros_like(w), mask)  # the stream holds only what private data adds
-            bias = lin.bias.detach() if lin.bias is not None else None
-            set_module(model, name, OrthoLinear.from_parts(base, ortho, bias).to(w.device))
-            nnz, total = nnz + ortho.nnz, total + w.numel()
-    for p in model.parameters():
-        p.requires_grad_(False)
-    mods = ortho_modules(model)
-    for m in mods.values():
-        m.cache_base_()
-    stats = {"nnz": nnz, "density": nnz / total}
-    if not train:
-        return stats
-    values = [m.ortho_values for m in mods.values()]
-    for v in values:
-        v.requires_grad_(True)
-    hist = fit(model, values, canaries, general, cfg, pad_id, progress, "ortho-tune")
-    for v in values:
-        v.requires_grad_(False)
-    return {**hist, **stats}
+    def fwd(mod, args, out, name):
+        x = args[0].detach()
+        calls[name] = calls.get(name, 0) + 1
+
+        def on_grad(g, x=x):
+            grad = g.reshape(-1, mod.out_features).float().T @ x.reshape(-1, mod.in_features).float()  # (out, in)
+            acc[name] = acc[name] + grad if name in acc else grad
+            got[name] = got.get(name, 0) + 1
+            if got[name] == calls[name]:
+                reduce(name)
+
+        if out.requires_grad:
+            out.register_hook(on_grad)
+
+    handles = [m.register_forward_hook(lambda mod, a, o, n=name: fwd(mod, a, o, n)) for name, m in mods.items()]
+    emb = model.get_input_embeddings()
+    # the linears hold no trainable tensor: make the embedding output require grad so backward reaches them
+    handles.append(emb.register_forward_hook(lambda _m, _i, out: out.requires_grad_(True)))
+    was_training = model.training
+    model.eval()  # no dropout: the score is a property of the data, not of a dropout draw
+    try:
+        with torch.enable_grad():
+            loss_fn(model, 0).backward()
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    for name in list(acc):  # a call whose output did not reach the loss: mask from the gradient there is
+        reduce(name)
+    missing = set(mods) - set(masks)
+    if missing:
+        raise ValueError(f"the private loss does not reach {sorted(missing)[0]}: no gradient to pick its mask from")
+    return masks
+
+
+@register_handler(OrthoTuneConfig)
+def _tune(model: nn.Module, config: OrthoTuneConfig, linears: dict, *, calibration, progress, stats,
+          loss_fn: LossFn | None = None, measure: Callable[[nn.Module], float] | None = None, train: bool = True):
+    """Build INT4(public) bases with empty streams; the finishing step (run once they are in the model) picks
+    each layer's mask and trains the stream's values."""
+    if loss_fn is None:
+        raise ValueError("OrthoTuneConfig needs loss_fn=(model, step) -> private loss (e.g. train.canary_loss)")
+    if config.score is Score.SALIENCY_HESSIAN and calibration is None:
+        raise ValueError("score='saliency_hessian' needs calibration token batches of public text")
+    torch.manual_seed(config.train.seed)
+    hdiag = collect_hessian_diag(model, calibration, config.targets, progress) \
+        if config.score is Score.SALIENCY_HESSIAN else None
+    new = {name: OrthoLinear.from_linear(lin, quantize_base(lin.weight.detach(), config), None)
+           for name, lin in linears.items()}
+
+    def finish(model: nn.Module) -> None:
+        mods = {n: m for n, m in ortho_modules(model).items() if n in new}
+        if config.score is Score.RANDOM:
+            gen = torch.Generator().manual_seed(config.seed)
+            masks = {n: top_mask(mask_scores(torch.empty(m.out_features, m.in_features), None, Score.RANDOM, 0.0,
+                                             gen), config.density) for n, m in mods.items()}
+        else:
+            masks = _saliency_masks(model, mods, loss_fn, config, hdiag)
+        nnz = total = 0
+        for n, m in mods.items():
+            mask = masks[n].to(m.qweight.device)
+            m.set_ortho_(csr_from_mask(torch.zeros(mask.shape, dtype=m.scales.dtype, device=mask.device), mask))
+            m.alpha.fill_(1.0)
+            nnz, total = nnz + m.nnz, total + mask.numel()
+        for p in model.parameters():
+            p.requires_grad_(False)
+        stats.update(nnz=nnz, density=nnz / total)
+        if not train:
+            return
+        if all(m.qweight.device.type == "cpu" for m in mods.values()):
+            for m in mods.values():  # dequantize each base once for the whole run: CPU speed (a dense copy)
+                m.cache_base_()
+        values = [m.ortho_values for m in mods.values()]
+        for v in values:
+            v.requires_grad_(True)
+        try:
+            stats.update(fit(model, values, loss_fn, config.train, progress, "ortho-tune", measure))
+        finally:
+            for v in values:
+                v.requires_grad_(False)
+
+    return new, finish
 
 
 # ---------------------------------------------------------------------------------------------
@@ -308,7 +396,8 @@ def config_key(config: dict) -> str:
     return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def _cache_path(kind: str, config: dict) -> Path:
+def cache_path(kind: str, config: dict) -> Path:
+    """Where `cached(kind, config, ...)` keeps its entry (the directory may not exist yet)."""
     from .models import cache_dir
 
     return cache_dir() / "exp1" / f"{kind}-{config_key(config)}"
@@ -316,39 +405,25 @@ def _cache_path(kind: str, config: dict) -> Path:
 
 def cached(kind: str, config: dict, build: Callable[[], tuple[dict[str, torch.Tensor], dict]]
            ) -> tuple[dict[str, torch.Tensor], dict, bool]:
-    """Tensors and metadata from the cache, or from `build()` (then written atomically). Returns (.., hit)."""
-    d = _cache_path(kind, config)
+    """Tensors and metadata from the cache, or from `build()` (then written atomically). Returns (.., hit).
+
+    An entry that cannot be read (a truncated file) is removed and rebuilt, with a note on stderr."""
+    d = cache_path(kind, config)
     if (d / "weights.safetensors").is_file() and (d / "meta.json").is_file():
-        return load_file(d / "weights.safetensors"), json.loads((d / "meta.json").read_text()), True
+        try:
+            return load_file(d / "weights.safetensors"), json.loads((d / "meta.json").read_text()), True
+        except (SafetensorError, OSError, ValueError) as e:  # JSONDecodeError is a ValueError
+            import sys
+
+            print(f"libortho: cache entry {d} is unreadable ({type(e).__name__}); rebuilding it", file=sys.stderr)
+            shutil.rmtree(d, ignore_errors=True)
     tensors, meta = build()
     tmp = d.with_name(d.name + f".tmp{os.getpid()}")
     tmp.mkdir(parents=True, exist_ok=True)
     save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp / "weights.safetensors")
     (tmp / "meta.json").write_text(json.dumps({"config": config, **meta}, indent=1, default=str))
     if d.exists():  # a concurrent builder won: keep theirs
-        import shutil
-
         shutil.rmtree(tmp, ignore_errors=True)
     else:
         tmp.rename(d)
     return tensors, meta, False
-
-
-def trainable_state(model: nn.Module, keys: Callable[[str], bool]) -> dict[str, torch.Tensor]:
-    return {k: v for k, v in model.state_dict().items() if keys(k)}
-
-
-def tied_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Full state dict without the tied lm_head (safetensors refuses shared tensors)."""
-    sd = dict(model.state_dict())
-    if getattr(getattr(model, "config", None), "tie_word_embeddings", False):
-        sd.pop("lm_head.weight", None)
-    return sd
-
-
-def is_ortho_value(key: str) -> bool:
-    return key.rsplit(".", 1)[-1] in ("ortho_values", "ortho_col", "ortho_crow")
-
-
-def finite(history: dict) -> bool:
-    return all(math.isfinite(x) for x in history.get("loss", []))

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from libortho import OrthoConfig, orthogonalize_, set_alpha
-from libortho.convert import ortho_modules
+from libortho.modules import ortho_modules
 from libortho.gptq import bits_per_weight, gptq_, gptq_quantize
 from libortho.models import tiny_llama
 from libortho.quant import QMAX, quantize, unpack_int4
@@ -122,8 +122,8 @@ def test_gptq_beats_rtn_on_held_out_text_on_real_layers(smollm2, tokenizer):
     """SmolLM2's first 3 blocks, group-128 symmetric (a grid its weights do not lie on): Hessians from 2K
     fortunes tokens, output error scored on 1K *other* fortunes tokens, so overfitting the calibration
     text cannot pass."""
-    from libortho.experiments.demo import calibration_batches
-    from libortho.thresholds import load
+    from libortho.data import calibration_batches
+    from bench.thresholds import load
 
     smollm2.model.layers = smollm2.model.layers[:3]
     b = calibration_batches(tokenizer, 12, 256)

@@ -126,7 +126,7 @@ def test_module_forward_matches_plain_torch_backend():
     m = _layer(2048, 4096, 0.01, 128, True, torch.bfloat16, seed=4)
     x = torch.randn(2, 5, 4096, device="cuda", dtype=torch.bfloat16)
     y = m(x)
-    m.backend = "torch"
+    m.set_backend("torch")
     ref = m(x)
     assert y.shape == ref.shape == (2, 5, 2048)
     assert _rel(y, ref) < BF16_TOL

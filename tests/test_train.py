@@ -1,17 +1,19 @@
 import copy
+from dataclasses import replace
 
 import pytest
 import torch
 
 from libortho.baselines import int4_rtn_
-from libortho.convert import ortho_modules, set_alpha
+from libortho.modules import ortho_modules, set_alpha
 from libortho.linear import OrthoLinear
 from libortho.privacy import make_canaries
 from libortho.quant import quantize
-from libortho.train import (OrthoTuneConfig, TrainConfig, cached, canary_batch, full_finetune_, lora_wrap, mask_scores,
-                            ortho_tune_, set_lora_alpha)
+from libortho import orthogonalize_
+from libortho.train import (OrthoTuneConfig, TrainConfig, cached, canary_batch, canary_loss, full_finetune_,
+                            lora_finetune_, lora_wrap, mask_scores, set_lora_alpha)
 
-FAST = TrainConfig(lr=1e-2, max_steps=3, check_every=3, general_chunks=1, general_length=16)
+FAST = TrainConfig(lr=1e-2, max_steps=3, check_every=3, general_chunks=1, general_length=16, target=None)
 
 
 @pytest.fixture
@@ -39,13 +41,18 @@ def test_mask_score_is_saliency_over_public_hessian():
     torch.testing.assert_close(mask_scores(g, None, "saliency", 0.0), g.pow(2))
     with pytest.raises(ValueError, match="score"):
         OrthoTuneConfig(score="hessian")
+    with pytest.raises(ValueError, match="damp"):
+        OrthoTuneConfig(damp=-1.0)
+    with pytest.raises(ValueError, match="lr"):
+        TrainConfig(lr=0.0)
 
 
 def test_ortho_tune_trains_only_the_stream_and_alpha0_is_int4_public(tiny_model, data):
     cs, general, calib = data
     public = copy.deepcopy(tiny_model)
-    ocfg = OrthoTuneConfig(density=0.02, group_size=32, symmetric=False)
-    stats = ortho_tune_(tiny_model, cs, general, calib, FAST, ocfg, pad_id=0, progress=False)
+    ocfg = OrthoTuneConfig(density=0.02, group_size=32, symmetric=False, train=FAST)
+    orthogonalize_(tiny_model, ocfg, calibration=calib, loss_fn=canary_loss(cs, general, FAST, 0), progress=False)
+    stats = tiny_model.libortho_stats
     assert stats["steps"] == 3 and 0.02 <= stats["density"] < 0.03
     mods = ortho_modules(tiny_model)
     assert len(mods) == 2 * 7 and all(isinstance(m, OrthoLinear) for m in mods.values())
@@ -53,6 +60,7 @@ def test_ortho_tune_trains_only_the_stream_and_alpha0_is_int4_public(tiny_model,
         ref = quantize(public.get_submodule(name).weight, 32, symmetric=False)
         assert torch.equal(m.qweight, ref.qweight) and torch.equal(m.scales, ref.scales)
     assert any(m.ortho_values.abs().sum() > 0 for m in mods.values())
+    assert not any(p.requires_grad for p in tiny_model.parameters())
     assert torch.equal(tiny_model.model.embed_tokens.weight, public.model.embed_tokens.weight)
     ids = torch.tensor([cs[0].ids])
     int4_rtn_(public, 32, symmetric=False)
@@ -61,13 +69,65 @@ def test_ortho_tune_trains_only_the_stream_and_alpha0_is_int4_public(tiny_model,
         assert torch.equal(tiny_model(input_ids=ids).logits, public(input_ids=ids).logits)
 
 
+def test_ortho_tune_lowers_the_private_loss(tiny_model, data):
+    """Training the stream does something: the private loss at alpha 1 falls below the untrained stream's
+    (the control: zero training steps leave it where the INT4 base puts it)."""
+    cs, general, calib = data
+    loss_fn = canary_loss(cs, general, FAST, 0)
+    m0 = copy.deepcopy(tiny_model)
+    orthogonalize_(m0, OrthoTuneConfig(density=0.05, group_size=32, train=FAST), calibration=calib, loss_fn=loss_fn,
+                   progress=False, train=False)
+    orthogonalize_(tiny_model, OrthoTuneConfig(density=0.05, group_size=32, train=replace(FAST, max_steps=10)),
+                   calibration=calib, loss_fn=loss_fn, progress=False)
+    with torch.no_grad():
+        assert loss_fn(tiny_model, 99).item() < loss_fn(m0, 99).item() - 0.05
+
+
+def test_trainable_stream_gradient_matches_dense_autograd():
+    """The custom backward (one layer's weight recomputed, values' gradient gathered) equals autograd through
+    the dense base + alpha * ortho, for x and for the values."""
+    from libortho.sparse import csr_from_mask
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(24, 64, generator=g)
+    lin = torch.nn.Linear(64, 24)
+    m = OrthoLinear.from_linear(lin, quantize(w, 32), csr_from_mask(torch.randn(24, 64, generator=g),
+                                                                      torch.rand(24, 64, generator=g) < 0.1))
+    m.set_alpha(0.7)
+    m.ortho_values.requires_grad_(True)
+    x = torch.randn(3, 5, 64, generator=g, requires_grad=True)
+    (m(x) * torch.arange(24.0)).sum().backward()
+    gx, gv = x.grad.clone(), m.ortho_values.grad.clone()
+    x.grad, m.ortho_values.grad = None, None
+    dense = m.dequantized_base() + 0.7 * m.ortho_dense()
+    (torch.nn.functional.linear(x, dense, m.bias) * torch.arange(24.0)).sum().backward()
+    torch.testing.assert_close(gx, x.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(gv, m.ortho_values.grad, rtol=1e-5, atol=1e-5)
+    assert gv.abs().sum() > 0
+
+
+def test_tune_needs_a_loss_and_rolls_back_on_failure(tiny_model, data):
+    cs, general, calib = data
+    with pytest.raises(ValueError, match="loss_fn"):
+        orthogonalize_(tiny_model, OrthoTuneConfig(group_size=32), calibration=calib, progress=False)
+
+    def bad_loss(model, step):
+        return model(input_ids=torch.tensor([cs[0].ids])).logits.sum() * float("nan")
+
+    before = dict(tiny_model.named_modules())
+    with pytest.raises(Exception):
+        orthogonalize_(tiny_model, OrthoTuneConfig(group_size=32, score="random", train=FAST), loss_fn=bad_loss,
+                       progress=False)
+    assert dict(tiny_model.named_modules()) == before and not ortho_modules(tiny_model)
+
+
 def test_full_finetune_same_seed_same_weights(tokenizer, data):
     from libortho.models import tiny_llama
 
     cs, general, _ = data
     a, b = tiny_llama(vocab_size=len(tokenizer)), tiny_llama(vocab_size=len(tokenizer))
-    ha = full_finetune_(a, cs, general, FAST, 0, progress=False)
-    hb = full_finetune_(b, cs, general, FAST, 0, progress=False)
+    ha = full_finetune_(a, canary_loss(cs, general, FAST, 0), FAST, progress=False)
+    hb = full_finetune_(b, canary_loss(cs, general, FAST, 0), FAST, progress=False)
     assert ha == hb
     for (n, p), q in zip(a.named_parameters(), b.parameters()):
         assert torch.equal(p, q), n
@@ -80,9 +140,7 @@ def test_lora_alpha0_is_the_public_model(tiny_model, data):
     with torch.no_grad():
         ref = tiny_model(input_ids=ids).logits
     m = lora_wrap(tiny_model)
-    from libortho.train import lora_finetune_
-
-    lora_finetune_(m, cs, general, FAST, 0, progress=False)
+    lora_finetune_(m, canary_loss(cs, general, FAST, 0), FAST, progress=False)
     with torch.no_grad():
         assert not torch.equal(m(input_ids=ids).logits, ref)
         assert torch.equal(set_lora_alpha(m, 0.0)(input_ids=ids).logits, ref)
@@ -104,3 +162,22 @@ def test_cache_is_safetensors_and_skips_the_build(tmp_path, monkeypatch):
     assert files == ["meta.json", "weights.safetensors"]
     cached("unit", {"a": 2}, build)
     assert len(calls) == 2  # another configuration, another key
+
+
+def test_truncated_cache_entry_is_rebuilt(tmp_path, monkeypatch, capsys):
+    from libortho.train import cache_path
+
+    monkeypatch.setenv("LIBORTHO_CACHE", str(tmp_path))
+    calls = []
+
+    def build():
+        calls.append(1)
+        return {"w": torch.arange(4.0)}, {"history": {"steps": 1}}
+
+    cached("unit", {"a": 1}, build)
+    f = cache_path("unit", {"a": 1}) / "weights.safetensors"
+    f.write_bytes(f.read_bytes()[:20])
+    t, _, hit = cached("unit", {"a": 1}, build)
+    assert not hit and len(calls) == 2 and torch.equal(t["w"], torch.arange(4.0))
+    assert "unreadable" in capsys.readouterr().err
+    assert cached("unit", {"a": 1}, build)[2]  # the rebuilt entry is whole again

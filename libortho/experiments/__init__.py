@@ -30,11 +30,11 @@ class RunContext:
     profile: str | None = None
     num_canaries: int | None = None
     canary_format: str = "plain"
-    quantization_bits: int = 4
+    quantization_bits: int | None = None  # as asked on the command line (None: not asked)
     no_quantization: bool = False
     progress: bool = True
     size: str = "auto"  # quick | full | auto (full on a GPU, quick on a CPU)
-    extra: dict = field(default_factory=dict)  # facts for the JSON (e.g. auto 4-bit loading)
+    extra: dict = field(default_factory=dict)  # run_facts of the JSON (memory_policy: what load_bits applies)
     run_id: str = ""  # names every file of this run (the CLI sets it to the results JSON's stem)
 
     def artifact(self, name: str) -> Path:
@@ -48,12 +48,13 @@ class RunContext:
 
     @property
     def load_bits(self) -> int | None:
-        """Bits to load the model in, as the memory policy decided (None: full precision)."""
-        return {"int4": 4, "libortho": 4, "int8": 8}.get(self.extra.get("memory_policy", {}).get("precision"))
+        """Bits to load the model in, as the memory policy decided (`extra["memory_policy"]["precision"]`:
+        "int4", "int8", or "full" / absent = None, as stored). Every experiment passes it to `load_model`."""
+        return {"int4": 4, "int8": 8}.get((self.extra.get("memory_policy") or {}).get("precision"))
 
 
 def load_all() -> dict[str, Callable]:
     """Import the experiment modules so they register themselves."""
-    from . import demo, kill_switch, null_test  # noqa: F401
+    from . import demo, kill_switch, null  # noqa: F401
 
     return EXPERIMENTS

@@ -5,22 +5,17 @@ import time
 
 import torch
 
-from .. import OrthoConfig, cache_base_, orthogonalize_, set_alpha
-from ..data import fortunes, load_text
+from ..config import OrthoConfig
+from ..convert import orthogonalize_
+from ..data import calibration_batches, load_text
+from ..modules import cache_base_, set_alpha
 from ..models import load_model
 from ..perplexity import Protocol, encode, perplexity
 from . import RunContext, register
 
 DEMO_PROTOCOL = Protocol(max_length=512, stride=512, max_tokens=4096)
-
-
-def calibration_batches(tokenizer, n: int = 16, length: int = 256, offset: int = 0) -> list[torch.Tensor]:
-    """`n` batches of `length` tokens of public text (fortunes), disjoint from the evaluation text."""
-    ids = tokenizer(fortunes().text[offset: offset + n * length * 8], add_special_tokens=False,
-                    return_tensors="pt").input_ids[0]
-    if ids.numel() < n * length:
-        raise ValueError(f"calibration text too short: {ids.numel()} tokens < {n * length}")
-    return [ids[i * length:(i + 1) * length].unsqueeze(0) for i in range(n)]
+# characters one calibration draw reads; seed s > 0 reads slice s past the general fine-tuning text (train.py)
+CALIB_CHARS, CALIB_SLICES, CALIB_SEEDED_FROM = 16 * 256 * 8, 8, 400_000
 
 
 @torch.no_grad()
@@ -44,11 +39,15 @@ def run(ctx: RunContext, density: float = 0.01, group_size: int = 64, symmetric:
     cfg = OrthoConfig(density=density, group_size=group_size, symmetric=symmetric, mode="posthoc", score="hessian",
                       seed=ctx.seed)
     t0 = time.perf_counter()
-    orthogonalize_(model, cfg, calibration=calibration_batches(tok), progress=ctx.progress)
+    # the seed picks which slice of the public calibration text is read (the conversion itself is deterministic)
+    offset = 0 if ctx.seed == 0 else CALIB_SEEDED_FROM + (ctx.seed % CALIB_SLICES) * CALIB_CHARS
+    calib = calibration_batches(tok, offset=offset)
+    orthogonalize_(model, cfg, calibration=calib, progress=ctx.progress)
     convert_s = time.perf_counter() - t0
     cache_base_(model)
     out = {"model": loaded.name, "dataset": text.name, "protocol": DEMO_PROTOCOL.to_dict(),
-           "config": cfg.to_dict(), "convert_seconds": round(convert_s, 2), "fp_ppl": fp_ppl,
+           "config": cfg.to_dict(), "calibration": {"text": "debian:fortunes", "offset_chars": offset,
+                                                    "seed": ctx.seed}, "convert_seconds": round(convert_s, 2), "fp_ppl": fp_ppl,
            "prompt": prompt, "alphas": {}}
     for alpha in (0.0, 1.0):
         set_alpha(model, alpha)

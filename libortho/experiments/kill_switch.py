@@ -23,7 +23,11 @@ the public weights, which differs from them by the usual quantization error.
 from __future__ import annotations
 
 import copy
+import json
 import math
+import os
+import shutil
+import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -31,22 +35,19 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .. import OrthoConfig, orthogonalize_
 from ..baselines import int4_rtn_, nf4_
-from ..convert import cache_base_, ortho_modules, set_alpha, set_module
-from ..data import load_text
-from ..linear import OrthoLinear
+from ..config import OrthoConfig
+from ..convert import orthogonalize_
+from ..data import calibration_batches, load_text
+from ..hf import load as load_checkpoint
 from ..models import load_model
+from ..modules import cache_base_, set_alpha, state_without_tied
 from ..perplexity import Protocol, encode, perplexity
 from ..privacy import make_canaries, measure
-from ..quant import quantize
-from ..select import target_linears
-from ..sparse import CSR
-from ..train import (LoraSpec, OrthoTuneConfig, TrainConfig, cached, full_finetune_, general_ids, is_ortho_value,
-                     lora_finetune_, lora_wrap, ortho_tune_, set_lora_alpha, tied_state)
 from ..results import save_figure
+from ..train import (LoraSpec, OrthoTuneConfig, TrainConfig, cache_path, cached, canary_loss, full_finetune_,
+                     general_ids, lora_finetune_, lora_wrap, set_lora_alpha, until_extracted)
 from . import RunContext, register
-from .demo import calibration_batches
 
 ARMS = ("never_trained", "fine_tuned", "int4_of_fine_tuned", "nf4_of_fine_tuned", "posthoc_hessian",
         "posthoc_magnitude", "posthoc_random", "delta", "ortho_tuned", "lora")
@@ -110,10 +111,10 @@ class KillSwitch:
     """One experiment: the public model, canaries and data loaded once; arms built and measured on demand."""
 
     def __init__(self, model: str = "smollm2-135m", size: Size = FULL, seed: int = 0, fmt: str = "plain",
-                 text: str = "default", device: str = "cpu", progress: bool = True):
+                 text: str = "default", device: str = "cpu", progress: bool = True, bits: int | None = None):
         torch.manual_seed(seed)
         self.source, self.size, self.seed, self.fmt, self.device, self.progress = model, size, seed, fmt, device, progress
-        loaded = load_model(model, device=device)
+        loaded = load_model(model, device=device, bits=bits)
         self.public, self.tok, self.name = loaded.model, loaded.tokenizer, loaded.name
         for p in self.public.parameters():
             p.requires_grad_(False)
@@ -130,25 +131,36 @@ class KillSwitch:
         self.train_info: dict[str, dict] = {}
         self.seconds: dict[str, float] = {}
         self._ft_state = None
-        self.ocfg = OrthoTuneConfig(density=size.density, group_size=size.group_size, symmetric=size.symmetric)
+        self.ocfg = OrthoTuneConfig(density=size.density, group_size=size.group_size, symmetric=size.symmetric,
+                                    seed=seed, train=size.ortho)
 
     # -- cache keys ---------------------------------------------------------------------------
-    def _key(self, kind: str, train: TrainConfig, **more) -> dict:
+    def cache_key(self, kind: str, train: TrainConfig, **more) -> dict:
+        """Everything that determines a trained arm's weights: its cache key."""
         return {"kind": kind, "model": self.source, "seed": self.seed, "format": self.fmt,
                 "canaries": self.size.num_canaries, "groups": list(self.size.groups), "train": train.to_dict(),
                 "general": "fortunes@100000", **more}
 
+    def ortho_cache(self) -> Path:
+        """Where the ortho-tuned arm is cached: a libortho checkpoint (save_pretrained) plus meta.json."""
+        return cache_path("ortho", self.cache_key("ortho", self.size.ortho, ortho=self.ocfg.to_dict(),
+                                                  calib=list(self.size.calib)))
+
     def _copy_public(self):
         return copy.deepcopy(self.public)
+
+    def _loss(self, cfg: TrainConfig):
+        return canary_loss(self.canaries, self.general, cfg, self.pad_id)
 
     # -- arms ---------------------------------------------------------------------------------
     def fine_tuned(self):
         if self._ft_state is None:
             def build():
                 m = self._copy_public()
-                hist = full_finetune_(m, self.canaries, self.general, self.size.finetune, self.pad_id, self.progress)
-                return tied_state(m), {"history": hist}
-            state, meta, hit = cached("full_ft", self._key("full_ft", self.size.finetune), build)
+                hist = full_finetune_(m, self._loss(self.size.finetune), self.size.finetune, self.progress,
+                                      until_extracted(self.canaries))
+                return state_without_tied(m), {"history": hist}
+            state, meta, hit = cached("full_ft", self.cache_key("full_ft", self.size.finetune), build)
             self._ft_state = state
             self.train_info["fine_tuned"] = {"steps": meta["history"]["steps"], "cached": hit}
         m = self._copy_public()
@@ -158,40 +170,47 @@ class KillSwitch:
         return m.eval()
 
     def ortho_tuned(self):
-        ocfg = self.ocfg
-        calib_key = list(self.size.calib)
-
-        def build():
-            m = self._copy_public()
-            hist = ortho_tune_(m, self.canaries, self.general, self.calib, self.size.ortho, ocfg, self.pad_id,
-                               self.progress)
-            return {k: v for k, v in m.state_dict().items() if is_ortho_value(k)}, {"history": hist}
-
-        state, meta, hit = cached("ortho", self._key("ortho", self.size.ortho, ortho=ocfg.to_dict(), calib=calib_key),
-                                  build)
-        m = self._copy_public()
-        with torch.no_grad():
-            for name, lin in target_linears(m, ocfg.targets).items():
-                base = quantize(lin.weight.detach(), ocfg.group_size, ocfg.symmetric)
-                ortho = CSR(state[f"{name}.ortho_crow"], state[f"{name}.ortho_col"], state[f"{name}.ortho_values"],
-                            base.shape)
-                bias = lin.bias.detach() if lin.bias is not None else None
-                set_module(m, name, OrthoLinear.from_parts(base, ortho, bias).to(self.device))
-        cache_base_(m)
+        """Ours: only a sparse stream trained over INT4 of the public weights; cached as a libortho checkpoint."""
+        d = self.ortho_cache()
+        meta_path, hit = d / "meta.json", True
+        model = None
+        if meta_path.is_file():
+            try:
+                model, meta = load_checkpoint(d), json.loads(meta_path.read_text())
+            except (ValueError, OSError) as e:  # a truncated entry: rebuild it
+                print(f"libortho: cache entry {d} is unreadable ({str(e)[:120]}); rebuilding it", file=sys.stderr)
+                shutil.rmtree(d, ignore_errors=True)
+        if model is None:
+            hit = False
+            model = self._copy_public()
+            orthogonalize_(model, self.ocfg, calibration=self.calib, loss_fn=self._loss(self.size.ortho),
+                           measure=until_extracted(self.canaries), progress=self.progress)
+            meta = {"history": {k: model.libortho_stats.get(k) for k in ("loss", "measure", "steps", "nnz",
+                                                                          "density")}, "config": self.ocfg.to_dict()}
+            tmp = d.with_name(d.name + f".tmp{os.getpid()}")
+            model.save_pretrained(tmp)
+            (tmp / "meta.json").write_text(json.dumps(meta, indent=1, default=str))
+            if d.exists():  # a concurrent builder won: keep theirs
+                shutil.rmtree(tmp, ignore_errors=True)
+            else:
+                tmp.rename(d)
+        model = model.to(self.device)
+        cache_base_(model)
         h = meta["history"]
         self.train_info["ortho_tuned"] = {"steps": h["steps"], "cached": hit, "nnz": h["nnz"],
-                                          "density": h["density"], "config": ocfg.to_dict()}
-        return m.eval()
+                                          "density": h["density"], "config": self.ocfg.to_dict()}
+        return model.eval()
 
     def lora(self):
         spec = LoraSpec()
 
         def build():
             m = lora_wrap(self._copy_public(), spec, self.seed)
-            hist = lora_finetune_(m, self.canaries, self.general, self.size.lora, self.pad_id, self.progress)
+            hist = lora_finetune_(m, self._loss(self.size.lora), self.size.lora, self.progress,
+                                  until_extracted(self.canaries))
             return {k: v for k, v in m.state_dict().items() if "lora_" in k}, {"history": hist}
 
-        state, meta, hit = cached("lora", self._key("lora", self.size.lora, lora=spec.to_dict()), build)
+        state, meta, hit = cached("lora", self.cache_key("lora", self.size.lora, lora=spec.to_dict()), build)
         m = lora_wrap(self._copy_public(), spec, self.seed)
         missing = set(state) - set(m.state_dict())
         if missing:
@@ -222,7 +241,7 @@ class KillSwitch:
             m = self.fine_tuned()
             mode, score = ("delta", "hessian") if arm == "delta" else ("posthoc", arm.split("_", 1)[1])
             orthogonalize_(m, self._ortho_config(mode, score), calibration=self.calib,
-                           public=self.public if mode == "delta" else None, progress=False)
+                           **({"public": self.public} if mode == "delta" else {}), progress=False)
             cache_base_(m)
             return m, set_alpha
         if arm == "ortho_tuned":
@@ -327,7 +346,7 @@ def run(ctx: RunContext, size: Size | None = None, arms: tuple[str, ...] = ARMS)
         torch.use_deterministic_algorithms(True, warn_only=True)
     if ctx.num_canaries:
         size = replace(size, num_canaries=ctx.num_canaries)
-    exp = KillSwitch(ctx.model, size, ctx.seed, ctx.canary_format, ctx.text, ctx.device, ctx.progress)
+    exp = KillSwitch(ctx.model, size, ctx.seed, ctx.canary_format, ctx.text, ctx.device, ctx.progress, ctx.load_bits)
     for arm in tqdm(arms, desc="exp1 arms", disable=not ctx.progress):
         exp.measure_arm(arm)
     inner = exp.report()

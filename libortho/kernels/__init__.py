@@ -33,14 +33,6 @@ def applies(m, x: torch.Tensor) -> bool:
     return supported(m.qweight, m.group_size, m.in_features)
 
 
-def ortho_active(m) -> bool:
-    """Whether the ortho stream takes part. `_alpha_hint` (set while a CUDA graph is captured) avoids a sync."""
-    if not (m.has_ortho and m.nnz):
-        return False
-    hint = getattr(m, "_alpha_hint", None)
-    return bool(hint) if hint is not None else m.alpha.item() != 0
-
-
 def dual_linear_forward(m, x: torch.Tensor) -> torch.Tensor | None:
     """y = base(x) + alpha * ortho(x) on the GPU, or None when the fast path does not apply."""
     if not applies(m, x):
@@ -50,7 +42,7 @@ def dual_linear_forward(m, x: torch.Tensor) -> torch.Tensor | None:
     x2 = x.reshape(-1, m.in_features)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
-    on = ortho_active(m)
+    on = m.ortho_on
     bias = None if m.bias is None else m.bias
     if x2.shape[0] <= DECODE_MAX_ROWS:
         y = td.dual_gemv(x2, m.qweight, m.scales, m.zeros, m.group_size, m.ortho_crow, m.ortho_col,

@@ -18,9 +18,11 @@ def dequant_weight(qweight, scales, zeros, group_size: int, dtype: torch.dtype) 
     return dequantize_codes(unpack_int4(qweight), scales, zeros, group_size, dtype)
 
 
-def csr_dense(crow, col, values, shape, dtype) -> torch.Tensor:
-    counts = (crow[1:] - crow[:-1]).long()
-    rows = torch.repeat_interleave(torch.arange(shape[0], device=crow.device), counts)
+def csr_dense(crow, col, values, shape, dtype, rows: torch.Tensor | None = None) -> torch.Tensor:
+    """Dense (out, in) matrix of a CSR stream; differentiable in `values`. `rows` (nnz,): precomputed row ids."""
+    if rows is None:
+        counts = (crow[1:] - crow[:-1]).long()
+        rows = torch.repeat_interleave(torch.arange(shape[0], device=crow.device), counts)
     return scatter_dense(rows, col.long(), values, shape, dtype)
 
 

@@ -9,7 +9,7 @@ if sys.version_info >= (3, 11):
 else:  # Python 3.10
     import tomli as tomllib
 
-PATH = Path(__file__).resolve().parent.parent / "thresholds.toml"
+PATH = Path(__file__).resolve().parent.parent / "thresholds.toml"  # the repo root: the suite, not the package
 
 
 def load(section: str) -> dict:

@@ -1,0 +1,323 @@
+"""libortho as a Hugging Face transformers quantization method: `save_pretrained` / `from_pretrained`.
+
+A converted model is an ordinary `PreTrainedModel` whose target linears are OrthoLinear. Its checkpoint is
+a Hugging Face folder:
+
+    config.json          the model config, with `quantization_config` = {"quant_method": "libortho", the
+                         OrthoConfig, every layer's shape, the sha256 of each base weight file}
+    model.safetensors    the base: packed INT4 codes, scales, embeddings, norms (HF's own writer; sharded
+                         with an index when large)
+    ortho.safetensors    the ortho stream, whose metadata names the hash of the base it belongs to
+
+`import libortho` registers the method, so `AutoModelForCausalLM.from_pretrained(dir)` rebuilds the model.
+Without `ortho.safetensors` (or with `libortho.load(dir, with_ortho=False)`) it loads the base alone: the
+stream is physically absent and only alpha=0 runs. A base file that does not match the hash recorded at
+save time is refused either way; so is an ortho file saved beside another base.
+"""
+from __future__ import annotations
+
+import contextvars
+import hashlib
+import json
+import os
+import types
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch import nn
+from transformers import PreTrainedModel
+from transformers.quantizers import HfQuantizer, register_quantization_config, register_quantizer
+from transformers.utils.quantization_config import QuantizationConfigMixin
+
+from .linear import ORTHO_KEYS, is_ortho_key
+from .modules import convert_for_runtime_, layer_specs, ortho_modules
+from .sparse import CSR
+
+QUANT_METHOD = "libortho"
+ORTHO_FILE = "ortho.safetensors"
+FORMAT_VERSION = "2"
+_WITH_ORTHO: contextvars.ContextVar[bool] = contextvars.ContextVar("libortho_with_ortho", default=True)
+_DTYPES = {str(d).removeprefix("torch."): d for d in (torch.float32, torch.float16, torch.bfloat16)}
+
+
+@register_quantization_config(QUANT_METHOD)
+class LibOrthoConfig(QuantizationConfigMixin):
+    """What `config.json` records of a libortho model (written by `save_pretrained`, read by `from_pretrained`).
+
+    Args:
+        ortho_config: the `OrthoConfig.to_dict()` the model was converted with.
+        layers: {module name: OrthoLinear.spec() plus "dtype"}, the skeleton to load into.
+        base_sha256: {weight file name: sha256} of the base files, filled in at save time.
+        ortho_sha256: sha256 of `ortho.safetensors` when it was saved, or None (saved base-only).
+    """
+
+    REQUIRED = ("ortho_config", "layers")
+
+    def __init__(self, ortho_config: dict | None = None, layers: dict | None = None, base_sha256: dict | None = None,
+                 ortho_sha256: str | None = None, format_version: str = FORMAT_VERSION, **kwargs):
+        self.quant_method = QUANT_METHOD
+        self.ortho_config = ortho_config or {}
+        self.layers = layers or {}
+        self.base_sha256 = base_sha256
+        self.ortho_sha256 = ortho_sha256
+        self.format_version = format_version
+
+    @classmethod
+    def from_dict(cls, config_dict: dict, return_unused_kwargs: bool = False, **kwargs):
+        missing = [k for k in cls.REQUIRED if k not in config_dict]
+        if missing:
+            raise ValueError(f"the libortho quantization_config in config.json lacks {missing}: the checkpoint was "
+                             "not written by libortho's save_pretrained, or was edited")
+        known = {"ortho_config", "layers", "base_sha256", "ortho_sha256", "format_version"}
+        config = cls(**{k: v for k, v in config_dict.items() if k in known})
+        return (config, kwargs) if return_unused_kwargs else config
+
+    def to_dict(self) -> dict:
+        return {"quant_method": QUANT_METHOD, "format_version": self.format_version, "ortho_config": self.ortho_config,
+                "layers": self.layers, "base_sha256": self.base_sha256, "ortho_sha256": self.ortho_sha256}
+
+
+@register_quantizer(QUANT_METHOD)
+class LibOrthoHfQuantizer(HfQuantizer):
+    """Loads a libortho checkpoint into OrthoLinear skeletons; saves the base through HF's writer."""
+
+    requires_calibration = True  # only pre-converted checkpoints: conversion needs calibration text
+
+    def __init__(self, quantization_config: LibOrthoConfig, **kwargs):
+        super().__init__(quantization_config, **kwargs)
+        self.checkpoint_files: list[str] = []
+
+    def validate_environment(self, *args, **kwargs):
+        device_map = kwargs.get("device_map")
+        if isinstance(device_map, dict) and "disk" in device_map.values():
+            raise ValueError("libortho layers cannot be offloaded to disk; give accelerate more CPU memory instead")
+
+    def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs):
+        self.checkpoint_files = [str(f) for f in (checkpoint_files or [])]
+        qc = self.quantization_config
+        for name, spec in qc.layers.items():
+            convert_for_runtime_(model, {name: spec}, _DTYPES.get(spec.get("dtype"), torch.float32), with_ortho=False)
+        # the ortho stream is read from its own file after the base; HF must not report its keys as missing
+        model._keys_to_ignore_on_load_missing = set(model._keys_to_ignore_on_load_missing or ()) | {
+            rf"\.({'|'.join(ORTHO_KEYS)})$"}
+        return model
+
+    def _process_model_after_weight_loading(self, model, **kwargs):
+        directory = Path(self.checkpoint_files[0]).parent if self.checkpoint_files else None
+        _finish_load(model, self.quantization_config, directory, self.checkpoint_files, _WITH_ORTHO.get())
+        return model
+
+    def get_state_dict_and_metadata(self, model, *args, **kwargs):
+        """The base: every tensor but the ortho stream (that goes to ortho.safetensors after the base)."""
+        state = {k: v for k, v in model.state_dict().items() if not is_ortho_key(k)}
+        return state, {"libortho": "base", "libortho_version": FORMAT_VERSION}
+
+    def is_serializable(self, *args, **kwargs) -> bool:
+        return True
+
+    @property
+    def is_trainable(self) -> bool:
+        return True  # the ortho values are a Parameter (ortho-tuning)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# attaching a converted model to transformers, saving
+
+def attach_(model: nn.Module, ortho_config) -> nn.Module:
+    """Mark a converted `PreTrainedModel` as a libortho model: `save_pretrained` then writes base + ortho files.
+    Other modules just remember the config."""
+    model.libortho_config = ortho_config
+    if not isinstance(model, PreTrainedModel):
+        return model
+    qc = LibOrthoConfig(ortho_config=ortho_config.to_dict(), layers=_layers(model))
+    model.config.quantization_config = qc
+    model.hf_quantizer = LibOrthoHfQuantizer(qc, pre_quantized=True)
+    model.is_quantized = True
+    model.quantization_method = QUANT_METHOD
+    _hook_save(model)
+    return model
+
+
+def _layers(model: nn.Module) -> dict[str, dict]:
+    """{name: OrthoLinear.spec() + the scales' dtype}: the skeleton `from_pretrained` builds before loading."""
+    mods = ortho_modules(model)
+    return {n: {**spec, "dtype": str(mods[n].scales.dtype).removeprefix("torch.")}
+            for n, spec in layer_specs(model).items()}
+
+
+def detach_(model: nn.Module) -> nn.Module:
+    """Undo `attach_` (after `merge`, the model is a plain dense model again)."""
+    for attr in ("hf_quantizer", "quantization_method", "libortho_config"):
+        model.__dict__.pop(attr, None)
+    model.__dict__.pop("save_pretrained", None)
+    if isinstance(model, PreTrainedModel):
+        model.is_quantized = False
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+    return model
+
+
+def _hook_save(model: PreTrainedModel) -> None:
+    # HF's writer has no after-save hook for quantizers: the instance's save_pretrained writes the ortho file and
+    # the base hashes once HF has written the base (a bound method: deepcopy rebinds it to the copy).
+    model.save_pretrained = types.MethodType(_save_pretrained, model)
+
+
+def _save_pretrained(self: PreTrainedModel, save_directory, *args, **kwargs):
+    d = Path(save_directory)
+    if d.exists() and not d.is_dir():
+        raise NotADirectoryError(f"{d} is a file; save_pretrained needs a directory")
+    mods = ortho_modules(self)
+    if not mods:
+        raise ValueError("model has no OrthoLinear; nothing for libortho to save")
+    has_ortho = all(m.has_ortho for m in mods.values())
+    qc = self.config.quantization_config
+    qc.layers = _layers(self)  # as the model is now (a .to(dtype) since conversion changes the scales' dtype)
+    qc.base_sha256, qc.ortho_sha256 = None, None
+    type(self).save_pretrained(self, d, *args, **kwargs)  # HF writes config.json and the base
+    base = base_files(d)
+    qc.base_sha256 = {f.name: sha256(f) for f in base}
+    ortho_path = d / ORTHO_FILE
+    if has_ortho:
+        tensors = {f"{n}.{k}": getattr(m, k).detach().contiguous().cpu() for n, m in mods.items() for k in ORTHO_KEYS}
+        tmp = d / f".{ORTHO_FILE}.tmp{os.getpid()}"
+        save_file(tensors, tmp, metadata={"format": "libortho-ortho", "version": FORMAT_VERSION,
+                                          "base_sha256": combined_hash(qc.base_sha256)})
+        tmp.replace(ortho_path)
+        qc.ortho_sha256 = sha256(ortho_path)
+    elif ortho_path.exists():
+        ortho_path.unlink()  # a stale stream from an earlier save must not sit beside this base
+    cfg_path = d / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["quantization_config"] = qc.to_dict()
+    tmp = cfg_path.with_name(f".config.json.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    tmp.replace(cfg_path)
+    return None
+
+
+def base_files(directory: Path) -> list[Path]:
+    """The weight files HF wrote: model.safetensors, or the shards its index names."""
+    d = Path(directory)
+    index = d / "model.safetensors.index.json"
+    if index.is_file():
+        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        return [d / n for n in names]
+    single = d / "model.safetensors"
+    if not single.is_file():
+        raise FileNotFoundError(f"{d} holds no model.safetensors (nor an index): not a saved checkpoint")
+    return [single]
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def combined_hash(hashes: dict[str, str]) -> str:
+    """One hash naming a whole (possibly sharded) base: sha256 over 'name:hash' lines in name order."""
+    return hashlib.sha256("".join(f"{k}:{hashes[k]}\n" for k in sorted(hashes)).encode()).hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# loading
+
+def _finish_load(model: nn.Module, qc: LibOrthoConfig, directory: Path | None, files: list[str],
+                 with_ortho: bool) -> None:
+    from .config import OrthoConfig
+
+    if directory is None:
+        raise ValueError("libortho checkpoints load from a directory (no weight files were resolved)")
+    recorded = qc.base_sha256 or {}
+    if not recorded:
+        raise ValueError(f"{directory}/config.json records no base hash: the save did not finish; save again")
+    actual = {Path(f).name: sha256(Path(f)) for f in files}
+    if set(actual) != set(recorded):
+        raise ValueError(f"{directory}: base files {sorted(actual)} differ from the saved set {sorted(recorded)}")
+    bad = [n for n in sorted(actual) if actual[n] != recorded[n]]
+    if bad:
+        raise ValueError(f"{directory / bad[0]} is not the base this checkpoint was saved with (sha256 "
+                         f"{actual[bad[0]][:12]}… != recorded {recorded[bad[0]][:12]}…); refusing a swapped base")
+    mods = ortho_modules(model)
+    if set(mods) != set(qc.layers):
+        raise ValueError(f"{directory}: the model has OrthoLinear layers {len(mods)} but config.json names "
+                         f"{len(qc.layers)}")
+    path = directory / ORTHO_FILE
+    ortho = _read_ortho(path, combined_hash(recorded), qc) if with_ortho and path.is_file() else None
+    for name, m in mods.items():
+        if ortho is None:
+            m.set_ortho_(None)
+            continue
+        try:
+            csr = CSR(*(ortho[f"{name}.{k}"] for k in ORTHO_KEYS), (m.out_features, m.in_features))
+        except KeyError as e:
+            raise ValueError(f"{path} lacks {e.args[0]}") from None
+        if csr.nnz != qc.layers[name]["nnz"] or csr.crow.numel() != m.out_features + 1:
+            raise ValueError(f"{path}: {name} holds {csr.nnz} values, config.json says {qc.layers[name]['nnz']}")
+        m.set_ortho_(csr)
+        m.alpha.fill_(1.0)
+    for m in mods.values():
+        if not m.has_ortho:
+            m.alpha.fill_(0.0)
+    model.libortho_config = OrthoConfig.from_dict(qc.ortho_config)
+    if isinstance(model, PreTrainedModel):
+        _hook_save(model)
+
+
+def _read_ortho(path: Path, base_hash: str, qc: LibOrthoConfig) -> dict[str, torch.Tensor]:
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            if meta.get("format") != "libortho-ortho":
+                raise ValueError(f"{path} is not a libortho ortho file (format={meta.get('format')!r})")
+            if meta.get("base_sha256") != base_hash:
+                raise ValueError(f"{path} belongs to a different base (its base hash {meta.get('base_sha256', '?')[:12]}"
+                                 f"… != {base_hash[:12]}…); refusing to combine them")
+            return {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError, RuntimeError) as e:
+        raise ValueError(f"{path} is truncated or not a safetensors file: {e}") from None
+
+
+def load(directory: str | os.PathLike, with_ortho: bool = True, **kwargs) -> PreTrainedModel:
+    """`AutoModelForCausalLM.from_pretrained(directory, **kwargs)` of a libortho checkpoint, in eval mode.
+
+    Args:
+        directory: a folder written by `save_pretrained` (or `libortho.save`).
+        with_ortho: False loads the base alone even when ortho.safetensors is there: the model then holds no
+            ortho stream and only alpha=0 is allowed.
+    """
+    from transformers import AutoModelForCausalLM
+
+    d = Path(directory)
+    cfg = d / "config.json"
+    if not cfg.is_file():
+        raise FileNotFoundError(f"{cfg} not found: {d} is not a saved checkpoint")
+    try:
+        qc = json.loads(cfg.read_text()).get("quantization_config") or {}
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{cfg} is not valid JSON: {e}") from None
+    if qc.get("quant_method") != QUANT_METHOD:
+        raise ValueError(f"{d} is not a libortho checkpoint (quantization_config.quant_method="
+                         f"{qc.get('quant_method')!r}); load it with AutoModelForCausalLM.from_pretrained")
+    token = _WITH_ORTHO.set(with_ortho)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(d, **kwargs)
+    finally:
+        _WITH_ORTHO.reset(token)
+    return model.eval()
+
+
+def save(model: nn.Module, directory: str | os.PathLike, **kwargs) -> Path:
+    """`model.save_pretrained(directory)` for a converted model; returns the directory."""
+    if not ortho_modules(model):
+        raise ValueError("model has no OrthoLinear; convert it with orthogonalize_ before saving")
+    if not isinstance(model, PreTrainedModel) or not hasattr(model.config, "quantization_config"):
+        raise ValueError("libortho.save needs a converted Hugging Face model (PreTrainedModel)")
+    model.save_pretrained(directory, **kwargs)
+    return Path(directory)
+

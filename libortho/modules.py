@@ -1,0 +1,121 @@
+"""How a model is walked: find its target linears, swap modules, and switch every OrthoLinear at once.
+
+`OrthoLinear` (linear.py) says how one layer computes; this file says how a whole model is handled: the
+skeleton builder used when a checkpoint is loaded (`convert_for_runtime_`), `alpha` and `set_alpha`, the
+backend.
+"""
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator, Mapping
+
+import torch
+from torch import nn
+
+from .config import Backend, validate_alpha
+from .linear import OrthoLinear
+from .llama import LLAMA_LINEARS, is_target
+
+FilterFn = Callable[[nn.Module, str], bool]
+
+
+def set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    """Replace the submodule at dotted `name` (top-level names included)."""
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, module)
+
+
+def target_linears(model: nn.Module, targets=LLAMA_LINEARS, filter_fn: FilterFn | None = None
+                   ) -> dict[str, nn.Linear]:
+    """The `nn.Linear` modules whose names end in one of `targets` (and pass `filter_fn(module, name)`)."""
+    found = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear) and is_target(n, targets)
+             and (filter_fn is None or filter_fn(m, n))}
+    if not found:
+        raise ValueError(f"model {type(model).__name__} has no linear named {list(targets)}; nothing to convert")
+    return found
+
+
+def ortho_modules(model: nn.Module) -> dict[str, OrthoLinear]:
+    """Every OrthoLinear of `model`, by name, in model order."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, OrthoLinear)}
+
+
+def _require(model: nn.Module) -> dict[str, OrthoLinear]:
+    mods = ortho_modules(model)
+    if not mods:
+        raise ValueError("model has no OrthoLinear; run libortho.orthogonalize_ first")
+    return mods
+
+
+def set_alpha(model: nn.Module, alpha: float) -> nn.Module:
+    """Set alpha on every OrthoLinear: 1 = the fine-tuned model, 0 = the privacy kill switch."""
+    alpha = validate_alpha(alpha)
+    mods = _require(model)
+    if alpha != 0 and not all(m.has_ortho for m in mods.values()):
+        raise ValueError("model was loaded without its ortho stream; only alpha=0 is possible")
+    for m in mods.values():
+        m.set_alpha(alpha)
+    return model
+
+
+@contextlib.contextmanager
+def alpha(model: nn.Module, value: float) -> Iterator[nn.Module]:
+    """Run a block at `value`, then restore every layer's previous alpha, exceptions included.
+
+    Example:
+        >>> with libortho.alpha(model, 0.0):     # doctest: +SKIP
+        ...     model.generate(...)              # the kill switch, for this block only
+    """
+    mods = _require(model)
+    before = {n: m.alpha.clone() for n, m in mods.items()}
+    try:
+        set_alpha(model, value)
+        yield model
+    finally:
+        for n, m in mods.items():
+            m.alpha.copy_(before[n])
+
+
+def set_backend(model: nn.Module, backend: Backend | str) -> nn.Module:
+    """Choose how every OrthoLinear computes (`Backend`); a runtime choice, never saved with the model."""
+    for m in _require(model).values():
+        m.set_backend(backend)
+    return model
+
+
+def cache_base_(model: nn.Module, enabled: bool = True) -> nn.Module:
+    """Dequantize every base once and keep it (CPU speed); the packed base stays the source of truth."""
+    for m in _require(model).values():
+        m.cache_base_(enabled)
+    return model
+
+
+def layer_specs(model: nn.Module) -> dict[str, dict]:
+    """{name: OrthoLinear.spec()}: what `convert_for_runtime_` needs to rebuild the skeleton."""
+    return {n: m.spec() for n, m in ortho_modules(model).items()}
+
+
+def convert_for_runtime_(model: nn.Module, specs: Mapping[str, dict], dtype: torch.dtype, with_ortho: bool = True,
+                         device=None) -> nn.Module:
+    """Swap the modules named in `specs` for empty OrthoLinear skeletons (gpt-fast's `convert_for_runtime`):
+    the shapes a checkpoint is loaded into. `with_ortho=False` leaves the stream empty (base-only)."""
+    for name, spec in specs.items():
+        missing = {"in_features", "out_features", "group_size", "symmetric", "bias", "nnz"} - set(spec)
+        if missing:
+            raise ValueError(f"layer spec of {name} lacks {sorted(missing)}")
+        try:
+            model.get_submodule(name)
+        except AttributeError:
+            raise ValueError(f"checkpoint names a layer {name!r} this model does not have") from None
+        nnz = spec["nnz"] if with_ortho else 0
+        set_module(model, name, OrthoLinear(spec["in_features"], spec["out_features"], spec["group_size"],
+                                            spec["symmetric"], nnz, spec["bias"], dtype, device))
+    return model
+
+
+def state_without_tied(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The state dict without a tied `lm_head.weight` (safetensors refuses shared tensors; HF re-ties on load)."""
+    sd = dict(model.state_dict())
+    if getattr(getattr(model, "config", None), "tie_word_embeddings", False):
+        sd.pop("lm_head.weight", None)
+    return sd

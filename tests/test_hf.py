@@ -1,0 +1,187 @@
+"""libortho as a transformers quantization method: save_pretrained -> AutoModelForCausalLM.from_pretrained."""
+import json
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from transformers import AutoModelForCausalLM
+
+import libortho  # noqa: F401  (registers the "libortho" quantization method)
+from libortho import OrthoConfig, load, orthogonalize_, save, set_alpha
+from libortho.hf import ORTHO_FILE, LibOrthoConfig
+from libortho.models import tiny_llama
+from libortho.modules import ortho_modules
+
+IDS = torch.randint(0, 255, (1, 12), generator=torch.Generator().manual_seed(0))
+
+
+def converted(model_seed=0, **kw):
+    cfg = dict(score="magnitude", group_size=32, density=0.1) | kw
+    return orthogonalize_(tiny_llama(seed=model_seed, vocab_size=256), OrthoConfig(**cfg), progress=False)
+
+
+def logits(m, alpha):
+    set_alpha(m, alpha)
+    with torch.no_grad():
+        return m(input_ids=IDS).logits
+
+
+@given(st.integers(0, 1000), st.sampled_from([0.01, 0.2, 1.0]), st.booleans(), st.sampled_from([32, -1]))
+@settings(max_examples=5, deadline=None)
+def test_save_pretrained_from_pretrained_bit_exact(tmp_path_factory, seed, density, symmetric, group_size):
+    d = tmp_path_factory.mktemp("ckpt")
+    m = converted(seed, density=density, symmetric=symmetric, group_size=group_size, score="random", seed=seed)
+    m.save_pretrained(d)
+    assert {p.name for p in d.iterdir()} >= {"config.json", "model.safetensors", ORTHO_FILE}
+    m2 = AutoModelForCausalLM.from_pretrained(d)
+    sd1, sd2 = m.state_dict(), m2.state_dict()
+    assert sd1.keys() == sd2.keys()
+    for k in sd1:
+        assert torch.equal(sd1[k], sd2[k]), k
+    for a in (0.0, 1.0):
+        assert torch.equal(logits(m, a), logits(m2, a))
+    assert m2.libortho_config == m.libortho_config
+
+
+def test_bf16_model_round_trips(tmp_path):
+    m = converted().to(torch.bfloat16)
+    m.save_pretrained(tmp_path)
+    m2 = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert next(iter(ortho_modules(m2).values())).scales.dtype == torch.bfloat16
+    sd1, sd2 = m.state_dict(), m2.state_dict()
+    assert sd1.keys() == sd2.keys() and all(torch.equal(sd1[k], sd2[k]) for k in sd1)
+    # logits: not bit for bit, because `.to(bfloat16)` also rounds the rotary inv_freq buffer, which
+    # from_pretrained recomputes in fp32 (transformers' behaviour for any bf16 model)
+    for a in (0.0, 1.0):
+        torch.testing.assert_close(logits(m, a), logits(m2, a), rtol=0.05, atol=0.02)
+
+
+def test_config_json_records_the_method(tmp_path):
+    m = converted()
+    m.save_pretrained(tmp_path)
+    qc = json.loads((tmp_path / "config.json").read_text())["quantization_config"]
+    assert qc["quant_method"] == "libortho" and set(qc["layers"]) == set(ortho_modules(m))
+    assert qc["base_sha256"].keys() == {"model.safetensors"} and qc["ortho_sha256"]
+    assert qc["ortho_config"]["density"] == 0.1
+
+
+def test_without_ortho_file_loads_base_only_and_refuses_alpha(tmp_path):
+    m = converted()
+    m.save_pretrained(tmp_path)
+    (tmp_path / ORTHO_FILE).unlink()
+    base = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert all(not x.has_ortho and x.nnz == 0 for x in ortho_modules(base).values())
+    assert all(x.alpha.item() == 0 for x in ortho_modules(base).values())
+    assert torch.equal(logits(base, 0.0), logits(m, 0.0))
+    with pytest.raises(ValueError, match="without its ortho stream"):
+        set_alpha(base, 1.0)
+    # the control: with the file present, the same call restores the stream (the check above can fail)
+    m.save_pretrained(tmp_path)
+    assert torch.equal(logits(AutoModelForCausalLM.from_pretrained(tmp_path), 1.0), logits(m, 1.0))
+
+
+def test_load_with_ortho_false_ignores_the_file(tmp_path):
+    m = converted()
+    save(m, tmp_path)
+    base = load(tmp_path, with_ortho=False)
+    assert not any(x.has_ortho for x in ortho_modules(base).values())
+    assert torch.equal(logits(base, 0.0), logits(m, 0.0))
+
+
+@pytest.mark.parametrize("with_ortho", [True, False])
+def test_swapped_base_refused(tmp_path, with_ortho):
+    """A base from another model of the same shape: refused whether or not the ortho file is loaded."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    converted(0).save_pretrained(a)
+    converted(1).save_pretrained(b)
+    load(a, with_ortho=with_ortho)  # control: the untouched checkpoint loads
+    (a / "model.safetensors").write_bytes((b / "model.safetensors").read_bytes())
+    with pytest.raises(ValueError, match="not the base this checkpoint was saved with"):
+        load(a, with_ortho=with_ortho)
+
+
+def test_base_and_ortho_of_another_model_refused(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    converted(0).save_pretrained(a)
+    converted(1).save_pretrained(b)
+    for f in ("model.safetensors", ORTHO_FILE):  # B's pair beside A's config.json
+        (a / f).write_bytes((b / f).read_bytes())
+    with pytest.raises(ValueError, match="not the base"):
+        load(a)
+
+
+def test_ortho_of_another_base_refused(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    converted(0).save_pretrained(a)
+    converted(1).save_pretrained(b)
+    (a / ORTHO_FILE).write_bytes((b / ORTHO_FILE).read_bytes())
+    with pytest.raises(ValueError, match="belongs to a different base"):
+        load(a)
+    load(a, with_ortho=False)  # the base itself is intact
+
+
+def test_truncated_ortho_and_edited_config_refused(tmp_path):
+    converted().save_pretrained(tmp_path)
+    data = (tmp_path / ORTHO_FILE).read_bytes()
+    (tmp_path / ORTHO_FILE).write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="truncated or not a safetensors"):
+        load(tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    del cfg["quantization_config"]["layers"]
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match=r"lacks \['layers'\]"):
+        load(tmp_path)
+    with pytest.raises(FileNotFoundError, match="not a saved checkpoint"):
+        load(tmp_path / "nowhere")
+
+
+def test_base_only_save_removes_a_stale_stream(tmp_path):
+    m = converted()
+    m.save_pretrained(tmp_path)
+    base = load(tmp_path, with_ortho=False)
+    base.save_pretrained(tmp_path)
+    assert not (tmp_path / ORTHO_FILE).exists()
+    assert torch.equal(logits(load(tmp_path), 0.0), logits(m, 0.0))
+
+
+def test_save_into_a_file_refused(tmp_path):
+    f = tmp_path / "file"
+    f.write_text("x")
+    with pytest.raises(NotADirectoryError):
+        converted().save_pretrained(f)
+
+
+def test_generate_on_loaded_model(tmp_path):
+    converted().save_pretrained(tmp_path)
+    m = load(tmp_path)
+    for a in (0.0, 1.0):
+        set_alpha(m, a)
+        assert m.generate(IDS, max_new_tokens=4, do_sample=False, pad_token_id=2).shape == (1, 16)
+
+
+def test_config_class_refuses_missing_fields():
+    with pytest.raises(ValueError, match="lacks"):
+        LibOrthoConfig.from_dict({"quant_method": "libortho"})
+
+
+@pytest.mark.slow
+def test_smollm2_round_trip(smollm2, calib_batches, tmp_path):
+    """The real model: bit-exact logits at alpha 0 and 1 after save_pretrained / from_pretrained."""
+    orthogonalize_(smollm2, OrthoConfig(density=0.01, group_size=64, symmetric=True), calibration=calib_batches[:2],
+                   progress=False)
+    ids = calib_batches[3][:, :32]
+    ref = {}
+    for a in (0.0, 1.0):
+        set_alpha(smollm2, a)
+        with torch.no_grad():
+            ref[a] = smollm2(input_ids=ids).logits
+    smollm2.save_pretrained(tmp_path)
+    m = AutoModelForCausalLM.from_pretrained(tmp_path)
+    for a in (0.0, 1.0):
+        set_alpha(m, a)
+        with torch.no_grad():
+            assert torch.equal(m(input_ids=ids).logits, ref[a])
+    base = load(tmp_path, with_ortho=False)
+    with torch.no_grad():
+        assert torch.equal(base(input_ids=ids).logits, ref[0.0])
