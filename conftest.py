@@ -1,13 +1,9 @@
-"""Root fixtures: each model is loaded once per session; GPU profiles come from markers.ini."""
+"""Root fixtures: each model is loaded once per session; GPU profiles come from libortho/markers.ini
+(package data, read through libortho.gpu.profiles(), the same file an installed wheel uses)."""
 from __future__ import annotations
-
-import configparser
-from pathlib import Path
 
 import pytest
 import torch
-
-ROOT = Path(__file__).parent
 
 
 def gpu_profiles() -> dict[str, dict]:
@@ -15,7 +11,7 @@ def gpu_profiles() -> dict[str, dict]:
     from libortho.gpu import profiles
 
     return {n: {"vram_gib": p.vram_gib, "arch": p.arch, "description": p.description}
-            for n, p in profiles(ROOT / "markers.ini").items()}
+            for n, p in profiles().items()}
 
 
 def pytest_addoption(parser):
@@ -53,7 +49,7 @@ def _gpu_profile_cap(request):
     """For a test marked with a GPU profile: cap the allocator to that profile's budget for its duration."""
     from libortho.gpu import apply_cap, profiles, release_cap
 
-    profs = profiles(ROOT / "markers.ini")
+    profs = profiles()
     marked = _marked_profiles(request.node, profs)
     if not marked or not torch.cuda.is_available():
         yield None

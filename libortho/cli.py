@@ -1,9 +1,21 @@
-"""python -m libortho {run, check-gpu, plan}: the user's front door."""
+"""python -m libortho {run, check-gpu, plan}: the user's front door.
+
+Exit codes: 0 done; 1 an experiment failed (what finished is saved, status "failed: ..."); 2 bad input (one
+line on stderr, checked before any computation); 3 out of memory (saved, status "failed: out of memory in
+<step> (peak X GiB)"); 130 interrupted by Ctrl-C (saved, status "interrupted").
+"""
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
+import time
+import traceback
 from pathlib import Path
+
+SEED_MAX = 2**32 - 1  # every seeded path accepts it (numpy's legacy seed, train's per-step seed * 1_000_003 + step)
+SECTION_KEYS = {"kill_switch": "exp1_kill_switch", "null_test": "exp2_null_test"}
+EXPERIMENT_NAMES = {"1": "kill_switch", "2": "null_test"}
 
 
 class UsageError(Exception):
@@ -15,30 +27,51 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(message)
 
 
+def _seed(value: str) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid int value: {value!r}") from None
+    if not 0 <= n <= SEED_MAX:
+        raise argparse.ArgumentTypeError(f"{n} is out of range: a seed is an integer from 0 to 2**32-1 ({SEED_MAX})")
+    return n
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="libortho", description=__doc__)
+    p = _Parser(prog="libortho", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
     g = sub.add_parser("check-gpu", help="GPU name, memory, capabilities and which profiles it can emulate")
     g.add_argument("--json", action="store_true", help="print the report as JSON")
     pl = sub.add_parser("plan", help="memory needed per precision, from the model's config alone")
     pl.add_argument("--model", required=True)
-    pl.add_argument("--profile", default="gtx4050", help="GPU profile from markers.ini")
+    pl.add_argument("--profile", default="gtx4050", help="GPU profile from libortho/markers.ini")
     pl.add_argument("--seq-len", type=int, default=2048)
     pl.add_argument("--density", type=float, default=0.01)
-    r = sub.add_parser("run", help="run experiments and write a results JSON and plots")
+    r = sub.add_parser("run", help="run experiments and write a results JSON and plots",
+                       description="Run experiments; write <output-dir>/<profile|cpu>_results_<time>_<pid>.json "
+                                   "(status complete | interrupted | failed: ...) and the plots named after it.")
     r.add_argument("--experiment", default="all", choices=["convert", "1", "2", "all"],
                    help="convert: conversion demo; 1: kill switch; 2: null test; all: every one")
     r.add_argument("--model", default="smollm2-135m",
                    help="HF id, local directory, .gguf file, smollm2-135m (embedded default) or tiny")
-    r.add_argument("--quantization-bits", type=int, choices=[4, 8], default=4)
-    r.add_argument("--no-quantization", action="store_true", help="load the model in full precision")
-    r.add_argument("--profile", default=None, help="GPU profile from markers.ini (e.g. gtx4050)")
+    q = r.add_mutually_exclusive_group()
+    q.add_argument("--quantization-bits", type=int, choices=[4, 8], default=None,
+                   help="load the model in 4-bit (NF4) or 8-bit (bitsandbytes); with --profile it must fit the "
+                        "budget; default: as stored, or what --profile's policy picks")
+    q.add_argument("--no-quantization", action="store_true",
+                   help="load the model as stored (full precision); with --profile it must fit the budget")
+    r.add_argument("--profile", default=None,
+                   help="GPU profile from libortho/markers.ini (e.g. gtx4050): pick the load precision for its "
+                        "budget, cap the allocator to it, measure the peak")
     r.add_argument("--output-dir", type=Path, default=Path("out"))
-    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--seed", type=_seed, default=0, help=f"0 to 2**32-1 (default 0)")
     r.add_argument("--num-canaries", type=int, default=None)
     r.add_argument("--canary-format", choices=["plain", "chat"], default="plain")
-    r.add_argument("--text", default="default", help="evaluation text: default, wikitext, or a file path")
-    r.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    r.add_argument("--text", default="default",
+                   help="evaluation text: default (the Jargon File, Debian jargon-text), wikitext (WikiText-2 test; "
+                        "when the hub does not answer within 3 s the run says so and uses the default text), or a "
+                        "UTF-8 text file")
+    r.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda when available, else cpu")
     r.add_argument("--size", choices=["auto", "quick", "full"], default="auto",
                    help="experiment size: full = the acceptance size (hours on a CPU), quick = the small size; "
                         "auto = full on a GPU, quick on a CPU")
@@ -46,54 +79,58 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _check_run_args(a) -> None:
-    if a.text not in ("default", "wikitext"):
-        path = Path(a.text)
-        if not path.is_file():
-            raise UsageError(f"--text {a.text}: no such file")
-        try:
-            path.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as e:
-            raise UsageError(f"--text {a.text}: cannot read as UTF-8 text ({e.__class__.__name__})")
-    if a.num_canaries is not None and a.num_canaries <= 0:
-        raise UsageError(f"--num-canaries must be positive, got {a.num_canaries}")
-    if a.device == "cuda":
-        import torch
-
-        if not torch.cuda.is_available():
-            raise UsageError("--device cuda: no CUDA GPU is visible (run `python -m libortho check-gpu`)")
-    m = a.model
-    if m not in ("smollm2-135m", "tiny") and not Path(m).exists() and ("/" not in m or m.startswith(("/", "."))):
-        raise UsageError(f"--model {m}: not a file, a directory, a Hugging Face id (org/name), smollm2-135m or tiny")
+def _one_line(e: BaseException | str) -> str:
+    return " ".join(str(e).split())
 
 
-def _profile_budget(name: str) -> float:
+# -- plan ----------------------------------------------------------------------------------------------------
+
+def _profile(name: str):
     from .gpu import profiles
 
     known = profiles()
     if name not in known:
-        raise UsageError(f"--profile {name}: unknown; markers.ini has {', '.join(known)}")
-    return known[name].vram_gib
+        raise UsageError(f"--profile {name}: unknown; libortho/markers.ini has {', '.join(known)}")
+    return known[name]
+
+
+def _model_config(model: str):
+    from .plan import model_config
+
+    try:
+        return model_config(model)
+    except (OSError, ValueError) as e:  # a broken or unknown config: one line
+        raise UsageError(f"--model {model}: {_one_line(e)}") from None
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    """Right-aligned columns as wide as their widest cell (the first left-aligned)."""
+    w = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    return ["  ".join(c.ljust(w[i]) if i == 0 else c.rjust(w[i]) for i, c in enumerate(r)).rstrip()
+            for r in [header, *rows]]
 
 
 def cmd_plan(a) -> int:
     from .config import validate_density
-    from .plan import decide, model_config, plan_all
+    from .plan import decide, plan_all
 
     if a.seq_len <= 0:
         raise UsageError(f"--seq-len must be positive, got {a.seq_len}")
     validate_density(a.density)
-    budget = _profile_budget(a.profile)
-    plans = plan_all(model_config(a.model), a.seq_len, a.density)
-    print(f"{a.model} on {a.profile} ({budget:g} GiB), seq_len {a.seq_len}, batch 1")
-    print(f"{'precision':<10}{'weights':>9}{'embed':>8}{'head':>8}{'kv':>8}{'context':>9}{'total':>9}  fits")
-    for p in plans.values():
-        print(f"{p.precision:<10}{p.weights_gib:>9.2f}{p.embeddings_gib:>8.2f}{p.head_gib:>8.2f}{p.kv_cache_gib:>8.2f}"
-              f"{p.context_gib:>9.2f}{p.total_gib:>9.2f}  {'yes' if p.total_gib <= budget else 'no'}")
-    d = decide(plans, budget)
+    budget = _profile(a.profile).vram_gib
+    plans = plan_all(_model_config(a.model), a.seq_len, a.density)
+    print(f"{a.model} on {a.profile} ({budget:g} GiB), seq_len {a.seq_len}, batch 1 (GiB)")
+    rows = [[p.precision, *(f"{x:.2f}" for x in (p.weights_gib, p.embeddings_gib, p.head_gib, p.kv_cache_gib,
+                                                 p.context_gib, p.total_gib)),
+             "yes" if p.total_gib <= budget else "no"] for p in plans.values()]
+    for line in _table(["precision", "weights", "embed", "head", "kv", "context", "total", "fits"], rows):
+        print(line)
+    d = decide(plans, budget, seq_len=a.seq_len)
     if d.precision is None:
         raise UsageError(f"{a.model} on {a.profile}: {d.message}")
     print(("4-bit required: " if d.auto_4bit else "") + d.message)
+    how = "as stored (the fp16 row)" if d.precision == "fp16" else f"in {d.precision} (chosen by the policy)"
+    print(f"decision: `run --profile {a.profile}` loads this model {how}; fits: {', '.join(d.fitting)}")
     return 0
 
 
@@ -111,55 +148,264 @@ def cmd_check_gpu(a) -> int:
     return 0
 
 
-def _apply_policy(a, ctx_extra: dict) -> None:
-    """Before anything loads: under 8 GB a large model goes 4-bit; one that never fits is refused."""
-    if not a.profile:
-        return
-    from .plan import decide, model_config, plan_all
+# -- run: everything checked before any computation --------------------------------------------------------
 
-    budget = _profile_budget(a.profile)
-    requested = "fp16" if a.no_quantization else {4: "int4", 8: "int8"}[a.quantization_bits]
-    d = decide(plan_all(model_config(a.model)), budget, requested)
+def _requested(a) -> str:
+    if a.no_quantization:
+        return "fp16"
+    return {None: "auto", 4: "int4", 8: "int8"}[a.quantization_bits]
+
+
+def _memory_policy(a, profile, config) -> dict:
+    """The load precision this run applies: the profile's policy, or the flag as given without a profile."""
+    requested = _requested(a)
+    if profile is None:
+        prec = {"auto": "full", "fp16": "full"}.get(requested, requested)
+        return {"profile": None, "budget_gib": None, "requested": requested, "precision": prec, "automatic": False,
+                "reason": "no --profile: no budget checked; " + ("loaded as stored" if prec == "full" else
+                                                                  f"loaded in {prec} as --quantization-bits asks")}
+    from .plan import decide, plan_all
+
+    plans = plan_all(config)
+    d = decide(plans, profile.vram_gib, requested)
     if d.precision is None:
-        raise UsageError(f"{a.model} on {a.profile}: {d.message}")
-    ctx_extra["memory_policy"] = {"profile": a.profile, "budget_gib": budget, "requested": requested,
-                                  "precision": d.precision, "auto_4bit": d.auto_4bit, "reason": d.message}
+        raise UsageError(f"{a.model} on {profile.name}: {d.message}")
+    return {"profile": profile.name, "budget_gib": profile.vram_gib, "requested": requested,
+            "precision": "full" if d.precision == "fp16" else d.precision, "automatic": d.automatic,
+            "planned_gib": round(plans[d.precision].total_gib, 3), "reason": d.message}
 
 
-def cmd_run(a) -> int:
-    from .experiments import RunContext, load_all
-    from .results import environment, results_path, write_json
+def _text(a, facts: dict) -> str:
+    """The text the run reads (checked now); `wikitext` falls back to the default when the hub does not answer."""
+    from . import data
 
-    _check_run_args(a)
+    for what, path in (("evaluation", data.JARGON), ("calibration", data.FORTUNES)):
+        if not path.exists():  # every experiment calibrates on fortunes; the default evaluates on jargon
+            if what == "evaluation" and a.text != "default":
+                continue
+            raise UsageError(f"the {what} text {path} is missing; {data.INSTALL_HINT}")
+    if a.text == "wikitext":
+        from .models import hub_unreachable
+
+        reason = hub_unreachable()
+        if reason:
+            print(f"libortho: note: --text wikitext: WikiText-2 is on the Hugging Face hub, which is unreachable "
+                  f"({reason}); using the default text (the Jargon File) instead", file=sys.stderr)
+            facts["text"] = {"requested": "wikitext", "used": "default", "fallback": reason}
+            return "default"
+    elif a.text != "default":
+        path = Path(a.text)
+        if path.is_dir():
+            raise UsageError(f"--text {a.text}: is a directory; pass a UTF-8 text file")
+        if not path.is_file():
+            raise UsageError(f"--text {a.text}: no such file")
+        try:
+            body = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise UsageError(f"--text {a.text}: cannot read as UTF-8 text ({e.__class__.__name__})") from None
+        if not body.strip():
+            raise UsageError(f"--text {a.text}: the file is empty")
+    facts["text"] = {"requested": a.text, "used": a.text}
+    return a.text
+
+
+class _Run:
+    """What `prepare` checked and decided; `execute` runs it."""
+
+    def __init__(self, **kw):
+        self.__dict__.update(kw)
+
+
+def prepare(a) -> _Run:
+    """Check everything the run needs and reserve its results file; raise UsageError (one line) otherwise."""
+    import torch
+
+    from . import models
+    from .experiments import load_all
+    from .gpu import BudgetMeter
+    from .plan import ALIASES, KNOWN_CONFIGS, LlamaShape
+
+    if a.num_canaries is not None and a.num_canaries <= 0:
+        raise UsageError(f"--num-canaries must be positive, got {a.num_canaries}")
+    if a.device == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda: no CUDA GPU is visible (run `python -m libortho check-gpu`)")
+    device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    profile = _profile(a.profile) if a.profile else None
     facts: dict = {}
-    _apply_policy(a, facts)
+    text = _text(a, facts)
     experiments = load_all()
-    wanted = list(experiments) if a.experiment == "all" else [{"1": "kill_switch", "2": "null_test"}.get(
-        a.experiment, a.experiment)]
+    wanted = list(experiments) if a.experiment == "all" else [EXPERIMENT_NAMES.get(a.experiment, a.experiment)]
     missing = [w for w in wanted if w not in experiments]
     if missing:
         raise UsageError(f"experiment {missing[0]} is not available in this version")
-    ctx = RunContext(model=a.model, output_dir=a.output_dir, seed=a.seed, device=a.device, text=a.text,
+    key = ALIASES.get(a.model, a.model)
+    known = LlamaShape(**KNOWN_CONFIGS[key]) if key in KNOWN_CONFIGS else None
+    try:
+        if known is not None:  # a model too large for the budget is refused before anything is downloaded
+            facts["memory_policy"] = _memory_policy(a, profile, known)
+        src = models.resolve(a.model)
+        if known is None:
+            facts["memory_policy"] = _memory_policy(a, profile, _model_config(a.model) if profile else None)
+        models.check_bits(src.kind, {"int4": 4, "int8": 8}.get(facts["memory_policy"]["precision"]), a.model)
+        facts["model"] = models.model_facts(src)
+    except (OSError, ValueError) as e:
+        raise UsageError(_one_line(e)) from None
+    try:
+        meter = BudgetMeter(profile, device).start()  # caps the allocator now: a GPU too small is refused here
+    except ValueError as e:
+        raise UsageError(f"--profile {a.profile}: {_one_line(e)}") from None
+    from .results import reserve_results_path
+
+    try:
+        path = reserve_results_path(a.output_dir, a.profile)
+    except OSError as e:
+        meter.stop()
+        raise UsageError(_one_line(e)) from None
+    return _Run(args=a, device=device, text=text, facts=facts, experiments=experiments, wanted=wanted, meter=meter,
+                path=path)
+
+
+# -- run: execution, nothing lost ------------------------------------------------------------------------------
+
+def _verdicts(d: dict, prefix: str = "") -> list[tuple[str, bool]]:
+    """Boolean leaves of an acceptance / claims dict (thresholds left out)."""
+    out = []
+    for k, v in d.items():
+        if k == "thresholds":
+            continue
+        if isinstance(v, bool):
+            out.append((prefix + str(k), v))
+        elif isinstance(v, dict):
+            out += _verdicts(v, f"{prefix}{k}.")
+    return out
+
+
+def summary_line(key: str, section: dict) -> str | None:
+    """One line per experiment from its "claims" or "acceptance" block: how many checks hold, which do not."""
+    for block in ("claims", "acceptance"):
+        if isinstance(section, dict) and isinstance(section.get(block), dict):
+            v = _verdicts(section[block])
+            if not v:
+                return None
+            failed = [n for n, ok in v if not ok]
+            return (f"{key} {block}: {len(v) - len(failed)} of {len(v)} met"
+                    + (f"; not met: {', '.join(failed)}" if failed else ""))
+    return None
+
+
+def _save(path: Path, payload: dict) -> None:
+    """Write the JSON atomically with Ctrl-C held off, so a second Ctrl-C cannot lose the first one's save."""
+    from .results import write_json
+
+    old = signal.signal(signal.SIGINT, signal.SIG_IGN) if _main_thread() else None
+    try:
+        write_json(path, payload)
+    finally:
+        if old is not None:
+            signal.signal(signal.SIGINT, old)
+
+
+def _main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+def execute(run: _Run) -> int:
+    from . import models
+    from .experiments import RunContext
+    from .oom import is_oom
+    from .results import environment
+
+    a, facts, path = run.args, run.facts, run.path
+    ctx = RunContext(model=a.model, output_dir=a.output_dir, seed=a.seed, device=run.device, text=run.text,
                      profile=a.profile, num_canaries=a.num_canaries, canary_format=a.canary_format,
                      quantization_bits=a.quantization_bits, no_quantization=a.no_quantization,
-                     progress=not a.no_progress, size=a.size, extra=facts)
-    path = results_path(a.output_dir, a.profile)
-    payload = {"environment": environment(a.device), "args": {k: str(v) for k, v in vars(a).items()}}
-    keys = {"kill_switch": "exp1_kill_switch", "null_test": "exp2_null_test"}
-    for name in wanted:
-        payload[keys.get(name, name)] = experiments[name](ctx)
-        payload["run_facts"] = ctx.extra
-        write_json(path, payload)  # after each experiment: nothing lost if a later one fails
-    print(f"\nresults: {path}")
-    return 0
+                     progress=not a.no_progress, size=a.size, extra=facts, run_id=path.stem)
+    args = {k: str(v) for k, v in vars(a).items()}
+    args["device"] = run.device
+    payload: dict = {"run_id": path.stem, "status": "running", "environment": environment(run.device),
+                     "args": args, "run_facts": facts, "notes": []}
+    if facts["model"]["weights"] == "random":
+        note = (f"the weights of {a.model} are random: its numbers test the pipeline, not a language model "
+                "(perplexities in the tens of thousands are expected)")
+        payload["notes"].append(note)
+        print(f"libortho: note: {note}")
+    facts["steps"] = []
+    print(f"results: {path}")
+    _save(path, payload)
+    status, rc, current = "complete", 0, None
+    try:
+        for name in run.wanted:
+            current = name
+            models.LOAD_LOG.clear()
+            t0 = time.perf_counter()
+            step = {"experiment": name, "status": "running"}
+            facts["steps"].append(step)
+            section = run.experiments[name](ctx)
+            step.update(status="complete", seconds=round(time.perf_counter() - t0, 1), **run.meter.step_peaks(),
+                        loads=list(models.LOAD_LOG))
+            _check_policy_applied(step, ctx.load_bits, facts)
+            key = SECTION_KEYS.get(name, name)
+            payload[key] = section
+            _save(path, payload)  # after each experiment: nothing lost if a later one fails
+            line = summary_line(key, section)
+            if line:
+                print(line)
+    except KeyboardInterrupt:
+        status, rc = "interrupted", 130
+        msg = f"interrupted during {current}; the experiments finished before it are saved in {path}"
+    except Exception as e:  # one line here, the traceback in the JSON: nothing computed is lost
+        if is_oom(e):
+            peak = run.meter.peak_gib()
+            status = f"failed: out of memory in {current} (peak {peak:.2f} GiB)" if peak is not None else \
+                f"failed: out of memory in {current}"
+            rc = 3
+        else:
+            status, rc = f"failed: {current}: {e.__class__.__name__}: {_one_line(e)[:300]}", 1
+        payload["error"] = {"experiment": current, "type": e.__class__.__name__, "message": str(e),
+                            "traceback": traceback.format_exc()}
+        msg = f"{status[len('failed: '):]}; what finished before it is saved in {path} (traceback in its \"error\")"
+    finally:
+        step = facts["steps"][-1] if facts["steps"] else None
+        if step is not None and step["status"] == "running":
+            step.update(status="interrupted" if rc == 130 else "failed", seconds=round(time.perf_counter() - t0, 1))
+        run.meter.stop()
+        facts["memory"] = run.meter.report()
+        payload["status"] = status
+        _save(path, payload)
+    if rc:
+        print(f"libortho: {'error: ' if rc != 130 else ''}{msg}", file=sys.stderr)
+    else:
+        print(f"\nresults: {path}")
+    return rc
+
+
+def _check_policy_applied(step: dict, bits: int | None, facts: dict) -> None:
+    """Compare every model load of the step with the memory policy; say so (JSON and stderr) when they differ."""
+    wrong = [ld for ld in step["loads"] if ld["bits"] != bits]
+    step["memory_policy_applied"] = not wrong
+    if wrong:
+        facts["memory_policy"]["applied"] = False
+        print(f"libortho: warning: {step['experiment']} loaded {wrong[0]['source']} with bits={wrong[0]['bits']}, "
+              f"not {bits} as the memory policy decided (recorded in run_facts.steps)", file=sys.stderr)
+    elif step["loads"]:
+        facts["memory_policy"].setdefault("applied", True)
+
+
+def cmd_run(a) -> int:
+    return execute(prepare(a))
 
 
 def main(argv=None) -> int:
     try:
         args = _parser().parse_args(argv)
         return {"run": cmd_run, "plan": cmd_plan, "check-gpu": cmd_check_gpu}[args.command](args)
-    except (UsageError, FileNotFoundError, ValueError) as e:
-        print(f"libortho: error: {e}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print("libortho: interrupted", file=sys.stderr)
+        return 130
+    except (UsageError, OSError, ValueError) as e:
+        print(f"libortho: error: {_one_line(e)}", file=sys.stderr)
         return 2
 
 

@@ -1,4 +1,4 @@
-"""GPU profiles (markers.ini), the per-profile memory cap, an NVML memory poller, and `check_gpu()`.
+"""GPU profiles (libortho/markers.ini, package data), the per-profile memory cap, an NVML memory poller, and `check_gpu()`.
 
 A profile names a card by its VRAM budget. A run "under a profile" caps PyTorch's allocator so that
 allocator + CUDA context stay inside the budget; NVML, which sees the whole process (context, cuBLAS and
@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 GIB = 1024**3
-MARKERS_INI = Path(__file__).resolve().parent.parent / "markers.ini"
+MARKERS_INI = "markers.ini"  # package data: shipped inside the wheel, read through importlib.resources
 # Cards report a little less than their nominal size (an "80 GB" H100: 79.6 GiB): within this share of a
 # profile's budget a card still counts as that size.
 NOMINAL_SLACK = 0.97
@@ -34,10 +34,22 @@ class Profile:
         return int(self.vram_gib * GIB)
 
 
-def profiles(path: Path | str = MARKERS_INI) -> dict[str, Profile]:
-    """Every [section] of markers.ini as a Profile; the one source of GPU profiles."""
+def profiles(path: Path | str | None = None) -> dict[str, Profile]:
+    """Every [section] of markers.ini as a Profile; the one source of GPU profiles.
+
+    Args:
+        path: another ini file (tests); default: the package's own `libortho/markers.ini`.
+    """
     cp = configparser.ConfigParser()
-    if not cp.read(path):
+    if path is None:
+        from importlib.resources import files
+
+        res = files(__package__).joinpath(MARKERS_INI)
+        if not res.is_file():
+            raise FileNotFoundError(f"{res} is missing from the installed package: the GPU profiles live there "
+                                    "(reinstall libortho)")
+        cp.read_string(res.read_text(encoding="utf-8"), source=str(res))
+    elif not cp.read(path):
         raise FileNotFoundError(f"{path} is missing: the GPU profiles live there")
     out = {}
     for s in cp.sections():
@@ -200,6 +212,107 @@ class NvmlPoller:
     @property
     def peak_bytes(self) -> int:
         return self.peak_process or self.peak_device
+
+    def take_peak(self) -> int:
+        """The peak since the last call (or the start), then start a new one: per-step peaks of one poller."""
+        peak = self.peak_bytes
+        self.peak_process = self.peak_device = 0
+        return peak
+
+
+class BudgetMeter:
+    """A run under a GPU profile, as the pytest profile markers run a test: the allocator capped to the profile
+    (`apply_cap`), NVML polled for the whole run, torch's peak read per step.
+
+    Without CUDA (or without a profile) nothing is capped and the report says why; peaks are still measured on
+    CUDA. `start()` raises ValueError when the GPU is smaller than the profile (before any computation).
+
+    Example:
+        >>> m = BudgetMeter(profile, "cuda").start()   # doctest: +SKIP
+        >>> run(); m.step_peaks(); m.stop().report()
+    """
+
+    def __init__(self, profile: Profile | None, device: str = "cpu"):
+        self.profile, self.device = profile, str(device)
+        self.cuda = self.device.startswith("cuda")
+        self.cap: dict | None = None
+        self.cap_reason = None
+        self.poller: NvmlPoller | None = None
+        self.nvml_peak = 0
+        self.torch_peak = 0
+
+    def start(self) -> "BudgetMeter":
+        if not self.cuda:
+            self.cap_reason = f"device {self.device}: no GPU allocator to cap"
+            return self
+        import torch
+
+        idx = torch_device_index(self.device)
+        if self.profile is None:
+            self.cap_reason = "no --profile: allocator not capped"
+        else:
+            self.cap = apply_cap(self.profile, idx)
+        torch.cuda.reset_peak_memory_stats(idx)
+        self.poller = NvmlPoller(device=idx).start()
+        return self
+
+    def step_peaks(self) -> dict:
+        """{nvml_peak_gib, torch_max_reserved_gib} since the previous call; the run's peaks keep the maximum."""
+        if not self.cuda:
+            return {"nvml_peak_gib": None, "torch_max_reserved_gib": None}
+        import torch
+
+        idx = torch_device_index(self.device)
+        nv = self.poller.take_peak() if self.poller else 0
+        tp = torch.cuda.max_memory_reserved(idx)
+        torch.cuda.reset_peak_memory_stats(idx)
+        self.nvml_peak, self.torch_peak = max(self.nvml_peak, nv), max(self.torch_peak, tp)
+        return {"nvml_peak_gib": round(nv / GIB, 3) if nv else None, "torch_max_reserved_gib": round(tp / GIB, 3)}
+
+    def peak_gib(self) -> float | None:
+        """The highest peak measured so far (NVML, else torch's reserved), for out-of-memory messages."""
+        if not self.cuda:
+            return None
+        import torch
+
+        idx = torch_device_index(self.device)
+        nv = max(self.nvml_peak, self.poller.peak_bytes if self.poller else 0)
+        return max(nv, self.torch_peak, torch.cuda.max_memory_reserved(idx)) / GIB
+
+    def stop(self) -> "BudgetMeter":
+        if self.cuda:
+            self.step_peaks()
+        if self.poller is not None:
+            self.poller.stop()
+        if self.cap is not None:
+            release_cap(torch_device_index(self.device))
+        return self
+
+    def report(self) -> dict:
+        """`run_facts.memory` of the results JSON."""
+        out = {"profile": self.profile.name if self.profile else None,
+               "budget_gib": self.profile.vram_gib if self.profile else None,
+               "cap_applied": self.cap is not None,
+               "nvml_peak_gib": round(self.nvml_peak / GIB, 3) if self.nvml_peak else None,
+               "torch_max_reserved_gib": round(self.torch_peak / GIB, 3) if self.cuda else None}
+        if self.cap is not None:
+            out["cap"] = self.cap
+        else:
+            out["cap_reason"] = self.cap_reason
+        if self.poller is not None:
+            out["nvml_source"] = self.poller.source
+            out["nvml_samples"] = self.poller.samples
+            if self.poller.error:
+                out["nvml_error"] = self.poller.error
+        if self.profile and self.nvml_peak:
+            out["within_budget"] = self.nvml_peak <= self.profile.budget_bytes
+        return out
+
+
+def torch_device_index(device: str) -> int:
+    import torch
+
+    return torch.device(device).index or 0
 
 
 # -- check_gpu -----------------------------------------------------------------------------------------------

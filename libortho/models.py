@@ -1,15 +1,35 @@
-"""Model sources: a Hugging Face id or local dir, a .gguf file, the embedded default, a tiny random Llama."""
+"""Model sources: a Hugging Face id or local dir, a .gguf file, the embedded default, a tiny random Llama.
+
+`resolve(source)` checks that a source can be loaded (files present, config readable, the hub reachable or the
+model in its local cache) without loading anything, so the command line fails in one line before any
+computation. `hub_unreachable()` probes the hub once, in about 3 s at most, and switches this process to
+offline mode when it does not answer (transformers would otherwise retry for tens of seconds).
+"""
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
-from dataclasses import dataclass
+import sys
+import threading
+from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlparse
 
 import torch
 
 EMBEDDED = "smollm2-135m"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+TINY = "tiny"
+# The tiny random Llama's shape (the same layout as Llama 3); vocab is the embedded tokenizer's.
+TINY_CONFIG = dict(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                   tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=2)
+# config.json key that marks a checkpoint of random weights (written by libortho's random-checkpoint writer)
+RANDOM_WEIGHTS_KEY = "libortho_random_weights"
+HUB_PROBE_S = 3.0
+WEIGHT_GLOBS = ("*.safetensors", "pytorch_model*.bin", "*.safetensors.index.json")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json")
 
 
 def cache_dir() -> Path:
@@ -70,42 +90,246 @@ def tokenizer():
 
 
 def tiny_llama(seed: int = 0, vocab_size: int | None = None, hidden_size: int = 64, layers: int = 2):
-    """A tiny random Llama (same layout as Llama 3), for fast tests."""
+    """A tiny random Llama (same layout as Llama 3, TINY_CONFIG by default), for fast tests."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    cfg = LlamaConfig(vocab_size=vocab_size or 49152, hidden_size=hidden_size, intermediate_size=2 * hidden_size,
-                      num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
-                      max_position_embeddings=1024, tie_word_embeddings=True, bos_token_id=1, eos_token_id=2,
-                      pad_token_id=2)
+    cfg = LlamaConfig(**{**TINY_CONFIG, "vocab_size": vocab_size or TINY_CONFIG["vocab_size"],
+                         "hidden_size": hidden_size, "intermediate_size": 2 * hidden_size,
+                         "num_hidden_layers": layers})
     torch.manual_seed(seed)
     return LlamaForCausalLM(cfg).eval()
+
+
+# -- the hub ------------------------------------------------------------------------------------------------
+
+_HUB: dict = {}  # the one probe of this process: {"reason": str | None}
+
+
+def _truthy(v: str | None) -> bool:
+    return (v or "").strip().upper() in ("1", "ON", "YES", "TRUE")
+
+
+def go_offline() -> None:
+    """Switch this process to Hugging Face offline mode, also in hub libraries imported already (they read the
+    environment once, at import): no request is made, nothing retries."""
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    if "huggingface_hub.constants" in sys.modules:
+        sys.modules["huggingface_hub.constants"].HF_HUB_OFFLINE = True
+    if "datasets.config" in sys.modules:
+        cfg = sys.modules["datasets.config"]
+        cfg.HF_HUB_OFFLINE = cfg.HF_DATASETS_OFFLINE = True
+
+
+def hub_unreachable(timeout_s: float | None = None) -> str | None:
+    """None when the Hugging Face hub answers, else why not (offline mode set, or no answer within `timeout_s`).
+
+    Probes once per process (a TCP connection to the endpoint's port 443, DNS included, bounded by a thread
+    join); when the hub does not answer, sets offline mode for the rest of the process (`go_offline`).
+    """
+    if _truthy(os.environ.get("HF_HUB_OFFLINE")) or _truthy(os.environ.get("TRANSFORMERS_OFFLINE")):
+        go_offline()
+        return _HUB.get("reason") or "HF_HUB_OFFLINE is set"
+    if "reason" in _HUB:
+        return _HUB["reason"]
+    timeout_s = HUB_PROBE_S if timeout_s is None else timeout_s
+    host = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co").hostname or "huggingface.co"
+    err: list = []
+
+    def probe():
+        import socket
+
+        try:
+            socket.create_connection((host, 443), timeout=timeout_s).close()
+        except OSError as e:
+            err.append(e)
+
+    t = threading.Thread(target=probe, daemon=True)
+    t.start()
+    t.join(timeout_s)  # getaddrinfo ignores the socket timeout: the join bounds it
+    if t.is_alive():
+        reason = f"{host}:443 did not answer within {timeout_s:g} s"
+    elif err:
+        reason = f"{host}:443 unreachable ({err[0].__class__.__name__}: {err[0]})"
+    else:
+        reason = None
+    _HUB["reason"] = reason
+    if reason:
+        go_offline()
+    return reason
+
+
+# -- resolving a source without loading it ---------------------------------------------------------------------
+
+@dataclass
+class Source:
+    """A model source that `load_model` can load, as `resolve` found it."""
+
+    name: str  # as given
+    kind: str  # embedded | tiny | gguf | dir | hub
+    path: Path | None = None  # the directory or file (hub: the cached config.json's folder, if any)
+    config: dict = field(default_factory=dict)  # config.json as read (empty for .gguf)
+
+    @property
+    def random_weights(self) -> bool:
+        """The tiny model, or a checkpoint whose config.json says its weights are random."""
+        return self.kind == "tiny" or self.config.get(RANDOM_WEIGHTS_KEY) is True
+
+
+def _read_config(path: Path, label: str) -> dict:
+    try:
+        cfg = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"--model {label}: {path.name} is not valid JSON ({e})") from None
+    if not isinstance(cfg, dict) or "model_type" not in cfg:
+        raise ValueError(f"--model {label}: {path.name} has no model_type (not a transformers model config)")
+    return cfg
+
+
+def _check_dir(d: Path, label: str) -> dict:
+    if not (d / "config.json").is_file():
+        raise FileNotFoundError(f"--model {label}: no config.json in {d} (not a Hugging Face model directory)")
+    cfg = _read_config(d / "config.json", label)
+    if not any(next(d.glob(g), None) for g in WEIGHT_GLOBS):
+        raise FileNotFoundError(f"--model {label}: no weights in {d} (expected *.safetensors or pytorch_model*.bin)")
+    if not any((d / f).is_file() for f in TOKENIZER_FILES):
+        raise FileNotFoundError(f"--model {label}: no tokenizer in {d} (expected {' or '.join(TOKENIZER_FILES)})")
+    return cfg
+
+
+def _embedded_available() -> None:
+    out = cache_dir() / "smollm2-135m-instruct"
+    if not ((out / "config.json").is_file() and (out / "model.safetensors").is_file()):
+        embedded_gguf()  # raises with the install hint when the package is missing too
+
+
+def resolve(source: str) -> Source:
+    """Check that `source` can be loaded, reading only small files; raise a one-line error naming what is
+    wrong and the fix (FileNotFoundError / ValueError).
+
+    A hub id is looked up in the local cache when the hub is unreachable (`hub_unreachable`), else its
+    config.json is fetched (a few kB).
+    """
+    s = str(source)
+    if s == EMBEDDED:
+        _embedded_available()
+        return Source(s, "embedded", None, {"model_type": "llama", **_known(s)})
+    if s == TINY:
+        _embedded_available()  # the tiny model uses the embedded tokenizer
+        return Source(s, "tiny", None, {"model_type": "llama", **TINY_CONFIG})
+    p = Path(s)
+    if s.endswith(".gguf"):
+        if not p.is_file():
+            raise FileNotFoundError(f"--model {s}: GGUF file not found")
+        return Source(s, "gguf", p, {})
+    if p.is_dir():
+        return Source(s, "dir", p, _check_dir(p, s))
+    if p.exists():
+        raise ValueError(f"--model {s}: a file, but not a .gguf; pass a model directory, a .gguf file or an HF id")
+    parts = s.split("/")
+    if len(parts) != 2 or not all(parts) or s.startswith((".", "~")):
+        raise ValueError(f"--model {s}: not a file, a directory, a Hugging Face id (org/name), {EMBEDDED} or {TINY}")
+    reason = hub_unreachable()
+    from huggingface_hub import try_to_load_from_cache
+
+    cached = try_to_load_from_cache(s, "config.json")
+    if isinstance(cached, str):
+        d = Path(cached).parent
+        cfg = _read_config(Path(cached), s)
+        if reason and not any(isinstance(try_to_load_from_cache(s, f), str) for f in
+                              ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")):
+            raise FileNotFoundError(f"--model {s}: only its config is in the local Hugging Face cache and the hub "
+                                    f"is unreachable ({reason}); download it first (hf download {s})")
+        return Source(s, "hub", d, cfg)
+    if reason:
+        raise FileNotFoundError(f"--model {s}: not in the local Hugging Face cache and the hub is unreachable "
+                                f"({reason}); download it on a connected machine (hf download {s}) or pass a "
+                                "local directory")
+    from huggingface_hub import hf_hub_download
+
+    try:
+        path = Path(hf_hub_download(s, "config.json"))
+    except Exception as e:  # RepositoryNotFoundError, GatedRepoError, HTTP errors: one line either way
+        first = (str(e).strip().splitlines() or [e.__class__.__name__])[0][:160]
+        raise ValueError(f"--model {s}: the hub has no model config for it ({e.__class__.__name__}: {first})") from None
+    return Source(s, "hub", path.parent, _read_config(path, s))
+
+
+def _known(name: str) -> dict:
+    from .plan import ALIASES, KNOWN_CONFIGS
+
+    return dict(KNOWN_CONFIGS[ALIASES.get(name, name)])
+
+
+def model_facts(src: Source) -> dict:
+    """`run_facts.model` of the results JSON: the shape and whether the weights are pretrained or random."""
+    cfg = dict(src.config)
+    if not cfg and src.kind == "gguf":
+        from .plan import model_config
+
+        cfg = {k: getattr(model_config(str(src.path)), k, None) for k in
+               ("hidden_size", "num_hidden_layers", "vocab_size")}
+    text_cfg = cfg.get("text_config") if isinstance(cfg.get("text_config"), dict) else {}
+    return {"source": src.kind, **{k: cfg.get(k, text_cfg.get(k)) for k in
+                                   ("hidden_size", "num_hidden_layers", "vocab_size")},
+            "weights": "random" if src.random_weights else "pretrained"}
+
+
+# -- loading ---------------------------------------------------------------------------------------------------
+
+LOAD_LOG: list[dict] = []  # every load_model call of this process: what was loaded, how (the CLI reports it)
+
+
+def check_bits(kind: str, bits: int | None, label: str = "") -> None:
+    """Raise ValueError when a model of `kind` cannot be loaded in `bits` (None: as stored)."""
+    if bits is None:
+        return
+    if bits not in (4, 8):
+        raise ValueError(f"bits must be 4, 8 or None, got {bits!r}")
+    if kind == "gguf":
+        raise ValueError(f"{label or 'a .gguf model'}: loading in {bits}-bit applies to a model directory or an HF "
+                         "id; a .gguf is loaded as stored (drop --quantization-bits)")
+    if kind == "tiny" and bits == 8:
+        raise ValueError("tiny: 8-bit loading applies to a model directory or an HF id; use --quantization-bits 4")
+
+
+def _quantized_linears(model) -> int:
+    return sum(type(m).__name__ in ("Linear4bit", "Linear8bitLt") for m in model.modules())
 
 
 def load_model(source: str = EMBEDDED, dtype: torch.dtype = torch.float32, device: str = "cpu",
                bits: int | None = None) -> Loaded:
     """Load `source`: 'smollm2-135m', 'tiny', a .gguf file, a local directory or a Hugging Face id.
 
-    `bits=4` (or 8) loads a directory or hub model through bitsandbytes (NF4 / LLM.int8) so a large model
-    fits a small card; `orthogonalize_` dequantizes such layers when it builds the INT4 base.
+    Args:
+        bits: 4 or 8 loads the linears through bitsandbytes (NF4 / LLM.int8) so a large model fits a small card
+            (`orthogonalize_` dequantizes such layers when it builds the INT4 base); None loads as stored in
+            `dtype`. The tiny model takes 4 only, a .gguf neither (ValueError, before anything loads).
+    Returns:
+        Loaded; the call is also appended to LOAD_LOG.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    if source == EMBEDDED:
-        d = embedded_dir()
-        model = AutoModelForCausalLM.from_pretrained(d, dtype=dtype)
-        tok, name = AutoTokenizer.from_pretrained(d), "SmolLM2-135M-Instruct"
-    elif source == "tiny":
+    s = str(source)
+    kind = ("embedded" if s == EMBEDDED else "tiny" if s == TINY else "gguf" if s.endswith(".gguf")
+            else "dir" if Path(s).is_dir() else "hub")
+    check_bits(kind, bits, s)
+    if kind == "tiny":
         tok = tokenizer()
         model, name = tiny_llama(vocab_size=len(tok)).to(dtype), "tiny-llama"
-    elif str(source).endswith(".gguf"):
-        p = Path(source)
+        if bits == 4:
+            from .baselines import nf4_
+
+            nf4_(model)  # bitsandbytes NF4, the same quantizer as a 4-bit load of a directory
+    elif kind == "gguf":
+        p = Path(s)
         if not p.is_file():
             raise FileNotFoundError(f"GGUF file {p} not found")
         model = AutoModelForCausalLM.from_pretrained(p.parent, gguf_file=p.name, dtype=dtype)
         tok, name = AutoTokenizer.from_pretrained(p.parent, gguf_file=p.name), p.stem
-    else:  # local directory or hub id: the real loading code, for users who have them
-        if not Path(source).is_dir() and "/" not in str(source):
-            raise ValueError(f"unknown model {source!r}: use {EMBEDDED}, tiny, a .gguf file, a directory or an HF id")
+    else:  # the embedded default's cached directory, a local directory or a hub id
+        if kind == "hub" and "/" not in s:
+            raise ValueError(f"unknown model {s!r}: use {EMBEDDED}, {TINY}, a .gguf file, a directory or an HF id")
+        path = embedded_dir() if kind == "embedded" else s
         kw = {}
         if bits in (4, 8):
             from transformers import BitsAndBytesConfig
@@ -113,8 +337,11 @@ def load_model(source: str = EMBEDDED, dtype: torch.dtype = torch.float32, devic
             kw = {"device_map": device, "quantization_config": BitsAndBytesConfig(
                 load_in_4bit=bits == 4, load_in_8bit=bits == 8, bnb_4bit_quant_type="nf4",
                 bnb_4bit_compute_dtype=dtype)}
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kw)
-        tok, name = AutoTokenizer.from_pretrained(source), str(source)
-        if kw:
-            return Loaded(model.eval(), tok, name, str(source))
-    return Loaded(model.to(device).eval(), tok, name, str(source))
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kw)
+        tok = AutoTokenizer.from_pretrained(path)
+        name = "SmolLM2-135M-Instruct" if kind == "embedded" else s
+    if not (kind not in ("tiny", "gguf") and bits in (4, 8)):  # bitsandbytes loads place themselves
+        model = model.to(device)
+    LOAD_LOG.append({"source": s, "bits": bits, "dtype": str(dtype).removeprefix("torch."), "device": str(device),
+                     "quantized_linears": _quantized_linears(model)})
+    return Loaded(model.eval(), tok, name, s)

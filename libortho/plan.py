@@ -24,6 +24,7 @@ _8B = dict(_LLAMA3, hidden_size=4096, intermediate_size=14336, num_hidden_layers
            tie_word_embeddings=False)
 _3B = dict(_LLAMA3, hidden_size=3072, intermediate_size=8192, num_hidden_layers=28, num_attention_heads=24,
            tie_word_embeddings=True)
+_31 = dict(max_position_embeddings=131072)  # Llama 3.1: same shapes, 128k context
 _70B = dict(_LLAMA3, hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
             tie_word_embeddings=False)
 _405B = dict(_LLAMA3, hidden_size=16384, intermediate_size=53248, num_hidden_layers=126, num_attention_heads=128,
@@ -32,15 +33,22 @@ _405B = dict(_LLAMA3, hidden_size=16384, intermediate_size=53248, num_hidden_lay
 KNOWN_CONFIGS = {
     "meta-llama/Meta-Llama-3-8B": _8B,
     "meta-llama/Meta-Llama-3-8B-Instruct": _8B,
-    "meta-llama/Llama-3.1-8B-Instruct": _8B,
-    "meta-llama/Meta-Llama-3.1-8B-Instruct": _8B,
+    "meta-llama/Llama-3.1-8B": dict(_8B, **_31),
+    "meta-llama/Llama-3.1-8B-Instruct": dict(_8B, **_31),
+    "meta-llama/Meta-Llama-3.1-8B": dict(_8B, **_31),
+    "meta-llama/Meta-Llama-3.1-8B-Instruct": dict(_8B, **_31),
     "meta-llama/Llama-3.2-3B": _3B,
     "meta-llama/Llama-3.2-3B-Instruct": _3B,
     "meta-llama/Meta-Llama-3-70B": _70B,
     "meta-llama/Meta-Llama-3-70B-Instruct": _70B,
-    "meta-llama/Llama-3.1-405B": _405B,
-    "meta-llama/Meta-Llama-3.1-405B": _405B,
-    "meta-llama/Llama-3.1-405B-Instruct": _405B,
+    "meta-llama/Llama-3.1-70B": dict(_70B, **_31),
+    "meta-llama/Llama-3.1-70B-Instruct": dict(_70B, **_31),
+    "meta-llama/Meta-Llama-3.1-70B": dict(_70B, **_31),
+    "meta-llama/Meta-Llama-3.1-70B-Instruct": dict(_70B, **_31),
+    "meta-llama/Llama-3.1-405B": dict(_405B, **_31),
+    "meta-llama/Meta-Llama-3.1-405B": dict(_405B, **_31),
+    "meta-llama/Llama-3.1-405B-Instruct": dict(_405B, **_31),
+    "meta-llama/Meta-Llama-3.1-405B-Instruct": dict(_405B, **_31),
     "HuggingFaceTB/SmolLM2-135M-Instruct": dict(vocab_size=49152, hidden_size=576, intermediate_size=1536,
                                                num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
                                                tie_word_embeddings=True, max_position_embeddings=8192,
@@ -59,11 +67,16 @@ class LlamaShape(SimpleNamespace):
 
 
 def model_config(model: str):
-    """The config of `model` without downloading weights: known ids need no network (and no transformers
-    import, which alone takes seconds), local dirs and .gguf files are read, other ids fetched."""
+    """The config of `model` without downloading weights: known ids and `tiny` need no network (and no
+    transformers import, which alone takes seconds), local dirs and .gguf files are read, other ids fetched
+    (offline at once when the hub does not answer: `models.hub_unreachable`)."""
     key = ALIASES.get(model, model)
     if key in KNOWN_CONFIGS:
         return LlamaShape(**KNOWN_CONFIGS[key])
+    if key == "tiny":
+        from .models import TINY_CONFIG
+
+        return LlamaShape(**TINY_CONFIG)
     from transformers import AutoConfig
 
     p = Path(model)
@@ -73,11 +86,14 @@ def model_config(model: str):
         return AutoConfig.from_pretrained(p.parent, gguf_file=p.name)
     if p.suffix == ".gguf" or model.startswith(("/", ".")):
         raise FileNotFoundError(f"model {model} not found")
+    from .models import hub_unreachable
+
+    hub_unreachable()  # when the hub does not answer: offline mode, so AutoConfig reads the cache or fails now
     try:
         return AutoConfig.from_pretrained(model)
-    except OSError as e:
-        raise ValueError(f"unknown model {model!r}: not a known id ({', '.join(sorted(KNOWN_CONFIGS))}), "
-                         f"and its config could not be fetched ({str(e).splitlines()[0][:120]})") from None
+    except (OSError, ValueError) as e:
+        raise ValueError(f"unknown model {model!r}: not a known id (e.g. {', '.join(sorted(KNOWN_CONFIGS)[:3])}, ...), "
+                         f"and its config could not be read ({(str(e).splitlines() or [''])[0][:120]})") from None
 
 
 @dataclass
@@ -172,37 +188,67 @@ def plan_all(config, seq_len: int = 2048, density: float = 0.01, batch: int = 1,
     return out
 
 
+LOAD_PRECISIONS = ("fp16", "int8", "int4")  # what a model can be loaded in ("libortho" is built after loading)
+
+
 @dataclass
 class Decision:
-    precision: str | None  # None: refused
-    auto_4bit: bool
+    """What a run under a GPU profile loads the model in.
+
+    precision: "fp16" (as stored, 16-bit on a GPU), "int8", "int4", or None (refused).
+    automatic: the precision was chosen by the policy, not requested.
+    fitting: every precision of the plan (libortho included) that fits the budget.
+    """
+
+    precision: str | None
+    automatic: bool
     message: str
+    fitting: list[str] = field(default_factory=list)
+
+    @property
+    def auto_4bit(self) -> bool:
+        return self.automatic and self.precision == "int4"
 
 
-def decide(plans: dict[str, Plan], budget_gib: float, requested: str = "fp16") -> Decision:
-    """Apply the guides' policy to a budget: keep the request if it fits, else 4-bit under 8 GB, else refuse."""
-    if plans[requested].total_gib <= budget_gib:
-        return Decision(requested, False, f"{requested} fits: {plans[requested].total_gib:.2f} of {budget_gib:g} GiB")
-    if budget_gib < AUTO_4BIT_BELOW_GIB and requested in ("fp16", "int8"):
-        if plans["int4"].total_gib <= budget_gib:
-            return Decision("int4", True, f"{requested} needs {plans[requested].total_gib:.2f} GiB > {budget_gib:g} GiB: "
-                                          f"loading in 4-bit ({plans['int4'].total_gib:.2f} GiB)")
-    fitting = [p for p in ("fp16", "int8", "int4", "libortho") if plans[p].total_gib <= budget_gib]
-    if fitting:
-        return Decision(None, False, f"{requested} needs {plans[requested].total_gib:.2f} GiB > {budget_gib:g} GiB; "
-                                     f"fits: {', '.join(fitting)}")
+def decide(plans: dict[str, Plan], budget_gib: float, requested: str = "auto", seq_len: int = 2048) -> Decision:
+    """The policy of the Llama 3 guides for a budget.
+
+    `requested="auto"` (no precision asked for): as stored when it fits; else under 8 GiB 4-bit, otherwise the
+    widest of 8-bit / 4-bit that fits; else refused. An explicit request ("fp16", "int8", "int4") is kept when it
+    fits and refused otherwise, naming what would fit.
+    """
+    fitting = [p for p in plans if plans[p].total_gib <= budget_gib]
+
+    def gib(p):
+        return f"{plans[p].total_gib:.2f}"
+
+    if requested not in ("auto", *LOAD_PRECISIONS):
+        raise ValueError(f"requested precision must be auto, fp16, int8 or int4, got {requested!r}")
+    want = "fp16" if requested == "auto" else requested
+    if want in fitting:
+        return Decision(want, False, f"{want} fits: {gib(want)} of {budget_gib:g} GiB", fitting)
+    loadable = [p for p in LOAD_PRECISIONS if p in fitting]
+    if requested == "auto" and loadable:
+        pick = "int4" if budget_gib < AUTO_4BIT_BELOW_GIB else loadable[0]
+        if pick in loadable:
+            bits = {"int8": "8-bit", "int4": "4-bit"}[pick]
+            return Decision(pick, True, f"fp16 needs {gib('fp16')} GiB > {budget_gib:g} GiB: loading in {bits} "
+                                        f"({gib(pick)} GiB)", fitting)
+    if loadable:
+        return Decision(None, False, f"{want} needs {gib(want)} GiB > {budget_gib:g} GiB; fits: {', '.join(fitting)}"
+                                     f" (--quantization-bits {8 if loadable[0] == 'int8' else 4})", fitting)
     return Decision(None, False, f"does not fit in {budget_gib:g} GiB even in 4-bit "
-                                 f"({plans['int4'].total_gib:.1f} GiB needed); {fits_hint(budget_gib)}")
+                                 f"({plans['int4'].total_gib:.1f} GiB needed); {fits_hint(budget_gib, seq_len)}", fitting)
 
 
-def fits_hint(budget_gib: float) -> str:
-    """Which known models would fit the budget in 4-bit, for refusal messages."""
+def fits_hint(budget_gib: float, seq_len: int = 2048) -> str:
+    """Which known models would fit the budget in 4-bit at `seq_len`, for refusal messages."""
     names, seen = [], set()
     for name, shape in KNOWN_CONFIGS.items():
         key = tuple(sorted(shape.items()))
         if key in seen:
             continue
         seen.add(key)
-        if plan_all(LlamaShape(**shape))["int4"].total_gib <= budget_gib:
+        if plan_all(LlamaShape(**shape), seq_len)["int4"].total_gib <= budget_gib:
             names.append(name)
-    return "what fits in 4-bit: " + (", ".join(names) if names else "none of the known models")
+    return f"what fits in 4-bit at seq_len {seq_len}: " + (", ".join(names) if names else "none of the known models")

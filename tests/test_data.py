@@ -29,3 +29,27 @@ def test_wikitext_fails_fast_offline(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(ConnectionError):
         load_text("wikitext")
+
+
+def test_directory_is_named_as_one(tmp_path):
+    with pytest.raises(IsADirectoryError, match="is a directory"):
+        load_text(tmp_path)
+
+
+def test_wikitext_unreachable_hub_fails_in_seconds(monkeypatch):
+    """No offline flag, the hub silent: the bounded probe gives up, no `datasets` retry loop."""
+    import socket
+    import time
+
+    from libortho import models
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
+    monkeypatch.setattr(models, "_HUB", {})
+    monkeypatch.setattr(models, "HUB_PROBE_S", 0.5)
+    monkeypatch.setattr(socket, "create_connection", lambda *a, **k: time.sleep(30))
+    t = time.perf_counter()
+    with pytest.raises(ConnectionError, match="unreachable"):
+        load_text("wikitext")
+    assert time.perf_counter() - t < 3
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # restored by monkeypatch afterwards

@@ -50,3 +50,40 @@ def test_unknown_model_offline(monkeypatch):
 
 def test_known_configs_are_llama3_vocab():
     assert all(v["vocab_size"] == 128256 for k, v in KNOWN_CONFIGS.items() if "meta-llama" in k)
+
+
+def test_policy_steps_down_only_when_not_asked():
+    """No precision asked: the widest that fits (int8 for 70B on 80 GiB); asked: kept or refused, never changed."""
+    p70 = plan_all(model_config("meta-llama/Meta-Llama-3-70B-Instruct"))
+    d = decide(p70, 80.0)
+    assert d.precision == "int8" and d.automatic and not d.auto_4bit and d.fitting == ["int8", "int4", "libortho"]
+    refused = decide(p70, 80.0, "fp16")
+    assert refused.precision is None and "fits: int8, int4, libortho" in refused.message
+    assert decide(p70, 80.0, "int4").precision == "int4"
+    p8 = plan_all(model_config("meta-llama/Meta-Llama-3-8B"))
+    assert decide(p8, 6.0, "int8").precision is None  # int8 asked on 6 GiB: refused, not silently 4-bit
+    with pytest.raises(ValueError, match="requested precision"):
+        decide(p8, 6.0, "int3")
+
+
+def test_refusal_hint_uses_the_same_seq_len():
+    p = plan_all(model_config("meta-llama/Meta-Llama-3-8B"), seq_len=100_000_000)
+    d = decide(p, 80.0, seq_len=100_000_000)
+    assert d.precision is None and "none of the known models" in d.message
+
+
+@pytest.mark.parametrize("name", ["meta-llama/Llama-3.1-70B", "meta-llama/Llama-3.1-70B-Instruct",
+                                  "meta-llama/Meta-Llama-3.1-70B-Instruct", "meta-llama/Llama-3.1-8B",
+                                  "meta-llama/Meta-Llama-3.1-8B"])
+def test_llama31_known_offline(monkeypatch, name):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    cfg = model_config(name)
+    assert cfg.vocab_size == 128256 and cfg.max_position_embeddings == 131072
+    assert cfg.hidden_size == (8192 if "70B" in name else 4096)
+
+
+def test_tiny_known_offline():
+    from libortho.models import tiny_llama
+
+    c = count_params(model_config("tiny"))
+    assert c.linears + c.embeddings + c.other == sum(p.numel() for p in tiny_llama().parameters())
