@@ -64,7 +64,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="GPU profile from libortho/markers.ini (e.g. gtx4050): pick the load precision for its "
                         "budget, cap the allocator to it, measure the peak")
     r.add_argument("--output-dir", type=Path, default=Path("out"))
-    r.add_argument("--seed", type=_seed, default=0, help=f"0 to 2**32-1 (default 0)")
+    r.add_argument("--seed", type=_seed, default=0, help="0 to 2**32-1 (default 0)")
     r.add_argument("--num-canaries", type=int, default=None)
     r.add_argument("--canary-format", choices=["plain", "chat"], default="plain")
     r.add_argument("--text", default="default",
