@@ -6,8 +6,9 @@
 The same cases and method as the test (`rotated_calls`: a CUDA graph of many calls rotating over weight
 copies to defeat the L2), timed with CUDA events, median of 20 replays after 3; no pytest, no assertions,
 so a kernel candidate can be compared in one device call. Prints microseconds per call and the autotuner's
-pick of the Triton kernel. `--candidate` swaps a function with `dual_gemv`'s signature in for the committed
-kernel (the base/alpha0/alpha1 cases then run it), after checking its output against the committed kernel.
+pick of the Triton kernel. `--candidate` runs a function with `dual_gemv`'s signature in the base/alpha0/alpha1
+cases instead of the committed kernel (passed to the cases, the library is not patched), after checking its
+output against the committed kernel.
 """
 from __future__ import annotations
 
@@ -20,12 +21,12 @@ import sys
 import torch
 
 sys.path.insert(0, ".")
-from bench.test_kernels import IMPLS, SHAPES, rotated_calls  # noqa: E402
+from bench.kernel_cases import IMPLS, SHAPES, rotated_calls  # noqa: E402
 from libortho.kernels import triton_dual as td  # noqa: E402
 
 
-def time_impl(impl: str, N: int, K: int) -> float:
-    run, reps, *_ = rotated_calls(impl, N, K)
+def time_impl(impl: str, N: int, K: int, gemv=None) -> float:
+    run, reps, *_ = rotated_calls(impl, N, K, gemv)
     ts = []
     for _ in range(23):
         torch.cuda.synchronize()
@@ -69,11 +70,11 @@ def main() -> None:
     p.add_argument("--candidate", default=None, help="module:function with dual_gemv's signature")
     a = p.parse_args()
     shapes = [tuple(map(int, s.split("x"))) for s in a.shapes.split(",")]
+    cand = None
     if a.candidate:
         mod, fn = a.candidate.split(":")
         cand = getattr(importlib.import_module(mod), fn)
         check_candidate(cand, shapes)
-        td.dual_gemv = cand  # the cases look it up at call time
     impls = a.impls.split(",")
     out = {}
     print("| shape | " + " | ".join(impls) + " |")
@@ -81,7 +82,7 @@ def main() -> None:
         row = {}
         for impl in impls:
             try:
-                row[impl] = time_impl(impl, N, K)
+                row[impl] = time_impl(impl, N, K, cand)
             except Exception as e:  # keep going: a lab table with holes beats none
                 print(f"{impl} {N}x{K}: {type(e).__name__}: {str(e)[:200]}", file=sys.stderr)
                 row[impl] = float("nan")

@@ -202,3 +202,81 @@ def merge(model: nn.Module) -> nn.Module:
         lin.requires_grad_(False)
         set_module(model, name, lin)
     return detach_(model)
+
+
+def convert_checkpoint(path, config: OrthoConfig | None = None, *, calibration: Iterable[torch.Tensor] | None = None,
+                       device="cpu", dtype: torch.dtype | None = None, head_bits: int = 16,
+                       host_embeddings: bool = False, propagate: str = "fp", progress: bool = True) -> nn.Module:
+    """`orthogonalize_` of a checkpoint too large to load: read layer by layer, converted as it streams.
+
+    Calibration statistics are collected one decoder layer at a time (`libortho.stream`), each layer is
+    converted by `orthogonalize_(layer, config, ...)` (the same handler, the same builder) and kept on
+    `device`; the dense model never exists. Peak device memory: one dense layer, the calibration activations
+    and what is already packed.
+
+    Args:
+        path: a Hugging Face safetensors checkpoint directory.
+        config: an `OrthoConfig` (posthoc; RTN or GPTQ base). Delta mode and ortho-tuning need a model.
+        calibration: token-id batches (needed by score='hessian' and quantizer='gptq').
+        device: where the converted layers live and the calibration runs.
+        dtype: compute dtype (None: as stored).
+        head_bits: 16 keeps the LM head dense; 4 makes it an INT4 OrthoLinear with no ortho stream (an 8B head
+            is 1 GiB in bf16, 0.27 GiB in INT4), when the embeddings are not tied to it.
+        host_embeddings: keep the embedding table in host memory (`HostEmbedding`).
+        propagate: "fp" (statistics of the full-precision model, as `orthogonalize_` on a loaded model) or
+            "quantized" (each layer calibrated on the converted layers' outputs, GPTQ's sequential scheme).
+    Returns:
+        the converted `PreTrainedModel`, in eval mode, ready for `save_pretrained` and generation.
+    """
+    from .modules import HostEmbedding
+    from .stream import Checkpoint, load_embeddings, load_head, load_layer, load_norm, load_rotary, stream_calibrate
+
+    config = config or OrthoConfig()
+    if type(config) is not OrthoConfig or config.mode is not Mode.POSTHOC:
+        raise ValueError("convert_checkpoint streams posthoc conversions; delta mode and ortho-tuning need the "
+                         "model loaded (orthogonalize_)")
+    if head_bits not in (4, 16):
+        raise ValueError(f"head_bits must be 4 or 16, got {head_bits!r}")
+    t0 = time.perf_counter()
+    ckpt = Checkpoint(path)
+    calibration = check_calibration(ckpt.skeleton, calibration)
+    gptq = config.quantizer is Quantizer.GPTQ
+    needs_stats = gptq or config.score is Score.HESSIAN
+    if needs_stats and calibration is None:
+        raise ValueError(f"score={config.score.value!r} / quantizer={config.quantizer.value!r} need calibration "
+                         "token batches")
+    layers: list[nn.Module] = []
+
+    def on_layer(i: int, layer: nn.Module, stats: dict | None) -> nn.Module:
+        check_model(layer)
+        kw = {} if stats is None else ({"hessian": stats} if gptq else {"hessian_diag": stats})
+        try:
+            orthogonalize_(layer, config, progress=False, **kw)
+        except ValueError as e:
+            raise ValueError(f"layer {i}: {e}") from None
+        layers.append(layer)
+        return layer
+
+    if needs_stats:
+        stream_calibrate(ckpt, calibration, device, dtype, full=gptq, targets=config.targets, on_layer=on_layer,
+                         propagate=propagate, progress=progress)
+    else:
+        for i in tqdm(range(ckpt.num_layers), desc="convert", disable=not progress, leave=False):
+            on_layer(i, load_layer(ckpt, i, device, dtype), None)
+    model = ckpt.skeleton
+    for i, layer in enumerate(layers):
+        model.model.layers[i] = layer
+    emb = load_embeddings(ckpt, "cpu" if host_embeddings else device, dtype)
+    model.model.embed_tokens = HostEmbedding.from_embedding(emb, device) if host_embeddings else emb
+    model.model.norm = load_norm(ckpt, device, dtype)
+    model.model.rotary_emb = load_rotary(ckpt, device)
+    head = load_head(ckpt, device, dtype)  # tied embeddings: a copy of the table (HF re-ties it on load)
+    if head_bits == 4 and not getattr(ckpt.config, "tie_word_embeddings", False):
+        head = OrthoLinear.from_linear(head, quantize_base(head.weight, config), None)
+    model.lm_head = head
+    model.requires_grad_(False).eval()
+    attach_(model, config)
+    model.libortho_stats = {"convert_seconds": time.perf_counter() - t0, "converted_linears": len(ortho_modules(model)),
+                            "streamed": True, "propagate": propagate, "head_bits": head_bits,
+                            "host_embeddings": host_embeddings}
+    return model

@@ -218,3 +218,62 @@ def test_smollm2_posthoc_one_percent(smollm2, calib_batches, tokenizer, eval_tex
     assert ppl[0.0] == perplexity(rtn, ids, prot)  # the kill switch is exactly plain INT4 of these weights
     out = smollm2.generate(ids[:8].unsqueeze(0), max_new_tokens=4, do_sample=False, pad_token_id=2)
     assert out.shape == (1, 12)
+
+
+@pytest.mark.parametrize("score", ["hessian", "magnitude"])
+def test_convert_checkpoint_streams_to_the_same_model(tmp_path, score):
+    """Layer by layer from a sharded checkpoint (propagate='fp'): the same packed layers and the same logits as
+    orthogonalize_ on the loaded model, bit for bit."""
+    from libortho.convert import convert_checkpoint
+
+    small().save_pretrained(tmp_path, max_shard_size="200KB")
+    assert (tmp_path / "model.safetensors.index.json").is_file()
+    cfg = OrthoConfig(density=0.05, group_size=32, score=score)
+    streamed = convert_checkpoint(tmp_path, cfg, calibration=calib(), progress=False)
+    loaded = orthogonalize_(small(), cfg, calibration=calib(), progress=False)
+    for (n, a), b in zip(ortho_modules(streamed).items(), ortho_modules(loaded).values()):
+        assert torch.equal(a.qweight, b.qweight) and torch.equal(a.ortho_col, b.ortho_col), n
+    for alpha in (0.0, 1.0):
+        set_alpha(streamed, alpha), set_alpha(loaded, alpha)
+        with torch.no_grad():
+            assert torch.equal(streamed(input_ids=IDS).logits, loaded(input_ids=IDS).logits)
+
+
+def test_convert_checkpoint_int4_head_and_host_embeddings(tmp_path):
+    """An untied model: INT4 head (no stream), embedding table kept on the host; it runs, saves and reloads."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from libortho import load
+    from libortho.convert import convert_checkpoint
+    from libortho.modules import HostEmbedding
+
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
+                     ).save_pretrained(tmp_path / "dense")
+    m = convert_checkpoint(tmp_path / "dense", OrthoConfig(density=0.05, group_size=32, score="magnitude"),
+                           head_bits=4, host_embeddings=True, progress=False)
+    assert isinstance(m.model.embed_tokens, HostEmbedding) and "lm_head" in ortho_modules(m)
+    assert ortho_modules(m)["lm_head"].nnz == 0
+    m.to(torch.float32)  # a .to() keeps the table on the host
+    assert m.model.embed_tokens.weight.device.type == "cpu"
+    with torch.no_grad():
+        ref = m(input_ids=IDS).logits
+    m.save_pretrained(tmp_path / "conv")
+    with torch.no_grad():
+        assert torch.equal(load(tmp_path / "conv")(input_ids=IDS).logits, ref)
+
+
+def test_convert_checkpoint_refuses_what_it_cannot_stream(tmp_path):
+    from libortho.convert import convert_checkpoint
+    from libortho.train import OrthoTuneConfig
+
+    small().save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="streams posthoc"):
+        convert_checkpoint(tmp_path, OrthoConfig(mode="delta", score="magnitude"), progress=False)
+    with pytest.raises(ValueError, match="streams posthoc"):
+        convert_checkpoint(tmp_path, OrthoTuneConfig(), progress=False)
+    with pytest.raises(ValueError, match="need calibration"):
+        convert_checkpoint(tmp_path, OrthoConfig(score="hessian"), progress=False)
+    with pytest.raises(ValueError, match=r"layer 0: .*group_size 48"):
+        convert_checkpoint(tmp_path, OrthoConfig(score="magnitude", group_size=48), progress=False)
