@@ -305,6 +305,11 @@ def _save(path: Path, payload: dict) -> None:
             signal.signal(signal.SIGINT, old)
 
 
+def _terminated(signum, frame):
+    """SIGTERM (a scheduler, `kill`) ends the run like Ctrl-C: what finished is saved, status "interrupted"."""
+    raise KeyboardInterrupt
+
+
 def _main_thread() -> bool:
     import threading
 
@@ -335,6 +340,7 @@ def execute(run: _Run) -> int:
     print(f"results: {path}")
     _save(path, payload)
     status, rc, current = "complete", 0, None
+    old_term = signal.signal(signal.SIGTERM, _terminated) if _main_thread() else None
     try:
         for name in run.wanted:
             current = name
@@ -367,6 +373,8 @@ def execute(run: _Run) -> int:
                             "traceback": traceback.format_exc()}
         msg = f"{status[len('failed: '):]}; what finished before it is saved in {path} (traceback in its \"error\")"
     finally:
+        if old_term is not None:
+            signal.signal(signal.SIGTERM, old_term)
         step = facts["steps"][-1] if facts["steps"] else None
         if step is not None and step["status"] == "running":
             step.update(status="interrupted" if rc == 130 else "failed", seconds=round(time.perf_counter() - t0, 1))

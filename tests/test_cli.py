@@ -282,6 +282,16 @@ def test_interrupt_keeps_what_finished(capsys, tmp_path, fakes):
     assert data["status"] == "interrupted" and "convert" in data and "exp1_kill_switch" not in data
 
 
+def test_sigterm_is_an_interrupt_too(capsys, tmp_path, fakes):
+    import signal
+
+    before = signal.getsignal(signal.SIGTERM)
+    fakes(null_test=lambda ctx: os.kill(os.getpid(), signal.SIGTERM))
+    r = inproc(capsys, "run", "--model", "tiny", "--output-dir", tmp_path)
+    assert r.returncode == 130 and "interrupted during null_test" in r.stderr
+    assert _results(tmp_path)[1]["status"] == "interrupted" and signal.getsignal(signal.SIGTERM) == before
+
+
 def test_wikitext_offline_falls_back_with_a_note(capsys, tmp_path, fakes):
     fakes()
     r = inproc(capsys, "run", "--experiment", "convert", "--model", "tiny", "--text", "wikitext",
@@ -357,3 +367,31 @@ def test_run_convert_on_tiny_writes_json(capsys, tmp_path):
     ppl = {a: v["ppl"] for a, v in data["convert"]["alphas"].items()}
     assert set(ppl) == {"0.0", "1.0"} and all(p > 1 for p in ppl.values())
     assert data["run_facts"]["steps"][0]["memory_policy_applied"] is True
+
+
+# -- on a GPU: the budget enforced and measured (skipped on a CPU) --------------------------------------------
+
+@pytest.mark.gpu
+def test_gpu_run_under_gtx4050_is_capped_and_measured(capsys, tmp_path):
+    r = inproc(capsys, "run", "--experiment", "convert", "--model", "tiny", "--profile", "gtx4050",
+               "--device", "cuda", "--output-dir", tmp_path, "--no-progress")
+    assert r.returncode == 0, r.stderr[-2000:]
+    _, data = _results(tmp_path)
+    mem = data["run_facts"]["memory"]
+    assert mem["cap_applied"] is True and mem["cap"]["allocator_cap_gib"] < 6
+    assert 0 < mem["torch_max_reserved_gib"] < 6 and (mem["nvml_peak_gib"] is None or mem["nvml_peak_gib"] <= 6)
+    assert data["run_facts"]["steps"][0]["torch_max_reserved_gib"] > 0
+
+
+@pytest.mark.gpu
+def test_gpu_out_of_memory_under_the_cap_exits_3(capsys, tmp_path, fakes):
+    """A step that needs more than the profile's 6 GiB: one line naming it and the measured peak, exit 3."""
+    def greedy(ctx):
+        keep = [torch.empty(2 * 2**30, dtype=torch.uint8, device="cuda")]
+        keep.append(torch.empty(8 * 2**30, dtype=torch.uint8, device="cuda"))
+
+    fakes(kill_switch=greedy)
+    r = inproc(capsys, "run", "--model", "tiny", "--profile", "gtx4050", "--device", "cuda", "--output-dir", tmp_path)
+    assert r.returncode == 3 and re.search(r"out of memory in kill_switch \(peak [2-6]\.\d\d GiB\)", r.stderr), r.stderr
+    _, data = _results(tmp_path)
+    assert data["status"].startswith("failed: out of memory in kill_switch") and "convert" in data

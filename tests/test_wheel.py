@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -15,7 +16,18 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-pytestmark = pytest.mark.slow  # builds a wheel, runs Experiment 2 on the tiny model: about 60 s on 2 idle cores
+# the tests using `installed` are slow: building the wheel, three interpreters and Experiment 2 on the tiny
+# model take about 60 s on 2 idle cores
+# a path built above the package (`Path(__file__).parent.parent`, `parents[1]`, "../x") or a repo-root file by name
+OUTSIDE = re.compile(r"__file__\)?(\.resolve\(\))?\.(parent\.parent|parents\[\d\])|[\"']\.\./|[\"']thresholds\.toml")
+
+
+def test_no_module_reads_above_the_package():
+    """The cheap guard beside the wheel test: no module builds a path above its own package directory."""
+    hits = [f"{f.relative_to(ROOT)}:{i}: {line.strip()}" for f in sorted((ROOT / "libortho").rglob("*.py"))
+            for i, line in enumerate(f.read_text().splitlines(), 1) if OUTSIDE.search(line)]
+    assert not hits, hits
+    assert OUTSIDE.search('PATH = Path(__file__).resolve().parent.parent / "thresholds.toml"')  # the control
 
 
 def _env(target: Path) -> dict:
@@ -49,6 +61,7 @@ def installed(tmp_path_factory) -> tuple[Path, Path]:
     return target, cwd
 
 
+@pytest.mark.slow
 def test_check_gpu_and_plan(installed):
     target, cwd = installed
     assert (target / "libortho" / "markers.ini").is_file()
@@ -59,6 +72,7 @@ def test_check_gpu_and_plan(installed):
     assert r.returncode == 0 and "int4" in r.stdout, r.stderr[-2000:]
 
 
+@pytest.mark.slow
 def test_missing_package_file_is_caught(installed, tmp_path):
     """The control: the same install without markers.ini fails, in one line naming the file."""
     target, cwd = installed
@@ -70,6 +84,7 @@ def test_missing_package_file_is_caught(installed, tmp_path):
     assert r.returncode == 2 and "markers.ini" in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
 
 
+@pytest.mark.slow
 def test_experiment_2_on_tiny(installed):
     target, cwd = installed
     out = cwd / "out"
