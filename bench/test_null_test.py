@@ -130,3 +130,24 @@ def test_text_sources(monkeypatch, tmp_path, eval_text):
     assert text.name == f"file:{f}" and fallback is None
     with pytest.raises(FileNotFoundError):
         load_eval_text(str(tmp_path / "missing.txt"))
+
+
+def test_streamed_null_test_of_a_checkpoint(tmp_path, tokenizer, eval_text):
+    """The 8B path at tiny size on the CPU: fp through load_offloaded, INT4 arms converted layer by layer (their
+    alpha 0 is the INT4 arm), NF4 resident; the same JSON shape as the in-memory null test."""
+    from libortho.experiments.null import Grid, Plan, run_null_test_checkpoint
+    from libortho.models import tiny_llama
+    from libortho.perplexity import Protocol
+
+    tiny_llama(vocab_size=len(tokenizer)).save_pretrained(tmp_path / "ckpt")
+    plan = Plan(Protocol(128, 128, 256), grids=(Grid("rtn", 32, True), Grid("rtn", 64, False)), density=0.05,
+                control=None, calib_batches=2, calib_length=64, ortho_tuned=False)
+    out = run_null_test_checkpoint(tmp_path / "ckpt", tokenizer, eval_text, plan, device="cpu", budget_gib=6,
+                                   progress=False, model_name="tiny", plot_path=tmp_path / "p.png",
+                                   random_weights=True)
+    assert set(out["arms"]) == {"fp", "rtn_g32_sym", "rtn_g64_asym", "libortho_posthoc_rtn_g32_sym_a1",
+                                "libortho_posthoc_rtn_g64_asym_a1", "nf4"}
+    assert out["arms"]["fp"]["kl_vs_fp"] == 0 and out["arms"]["rtn_g32_sym"]["kl_vs_fp"] > 0
+    assert out["best_int4"] in out["int4_configurations_tried"] and out["did_not_fit"] == {}
+    assert any("random" in n for n in out["notes"]) and Path(out["plot"]).is_file()
+    json.dumps(out)

@@ -53,6 +53,23 @@ class RunContext:
         return {"int4": 4, "int8": 8}.get((self.extra.get("memory_policy") or {}).get("precision"))
 
 
+    @property
+    def budget_gib(self) -> float | None:
+        """The profile's GPU budget (None without --profile)."""
+        return (self.extra.get("memory_policy") or {}).get("budget_gib")
+
+    @property
+    def streamed(self) -> bool:
+        """Read the checkpoint layer by layer instead of loading it: a local checkpoint directory on a GPU whose
+        budget the policy met by going to 4-bit (the full-precision model does not fit)."""
+        return self.load_bits == 4 and Path(self.model).is_dir() and str(self.device).startswith("cuda")
+
+    @property
+    def random_weights(self) -> bool:
+        """The model is a random test model (run_facts.model.weights, or `tiny`)."""
+        return (self.extra.get("model") or {}).get("weights") == "random" or self.model == "tiny"
+
+
 def load_all() -> dict[str, Callable]:
     """Import the experiment modules so they register themselves."""
     from . import demo, kill_switch, null  # noqa: F401

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from ..baselines import nf4_
+from ..baselines import nf4_, nf4_bits_per_weight
 from ..config import OrthoConfig
 from ..convert import orthogonalize_
 from ..data import calibration_batches, load_text
@@ -305,6 +305,131 @@ def run_null_test(model, tokenizer, text, plan: Plan = FULL, seed: int = 0, prog
     return out
 
 
+# A checkpoint too large for the device (8B on 6 GiB): two resident INT4 grids at 1% and NF4, on 1024 tokens.
+CHECKPOINT_QUICK = Plan(Protocol(max_length=512, stride=256, max_tokens=1024),
+                        grids=(Grid("rtn", 128, True), Grid("rtn", 64, False)), density=0.01, control=None,
+                        calib_batches=8, calib_length=256, ortho_tuned=False)
+# the fp reference's weights may take the budget less this (activations, logits of a 512-token window, context)
+OFFLOAD_HEADROOM_GIB = 2.5
+
+
+def _free() -> None:
+    import gc
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def run_null_test_checkpoint(path, tokenizer, text, plan: Plan = CHECKPOINT_QUICK, device="cuda",
+                             budget_gib: float | None = None, seed: int = 0, progress: bool = True,
+                             model_name: str = "model", plot_path: Path | None = None, log=print,
+                             random_weights: bool = False) -> dict:
+    """The null test of a checkpoint too large to hold in full precision on `device` (the same protocol, arms
+    and JSON as `run_null_test`, built another way):
+
+    * fp: accelerate's offloading (`stream.load_offloaded`), the weights over `budget_gib - 2.5` in host memory
+      and streamed through the device at each forward;
+    * every INT4 grid: converted layer by layer (`convert_checkpoint`, INT4 head, embeddings in host memory) and
+      resident; its alpha 0 is the INT4 arm, its alpha 1 the libortho arm (1% ortho by default);
+    * NF4: bitsandbytes, resident; an arm that runs out of memory under the cap is recorded in `did_not_fit`
+      with the error, not estimated.
+    """
+    from ..convert import convert_checkpoint
+    from ..models import LOAD_LOG, load_model
+    from ..modules import HostEmbedding
+    from ..oom import is_oom
+    from ..stream import load_offloaded
+
+    torch.manual_seed(seed)
+    t_start = time.perf_counter()
+    p = plan.protocol
+    ids = encode(tokenizer, text.text, p)
+    budget = budget_gib if budget_gib is not None else 6.0
+    offload_gib = max(0.5, budget - OFFLOAD_HEADROOM_GIB)
+
+    def measure(arm_model, what: str) -> dict:
+        t0 = time.perf_counter()
+        r = evaluate(arm_model, ids, p, reference=ref, progress=progress)
+        r["seconds"] = round(time.perf_counter() - t0, 1)
+        log(f"  measured {what} in {r['seconds']:.1f} s")
+        return r
+
+    log(f"null test (streamed): {model_name} on {text.name}, {ids.numel()} tokens, windows {p.max_length}/{p.stride}")
+    ref = None
+    fp_model = load_offloaded(path, offload_gib, torch.bfloat16, device)
+    LOAD_LOG.append({"source": str(path), "bits": None, "dtype": "bfloat16", "device": str(device),
+                     "how": f"accelerate offload, {offload_gib:g} GiB on the device"})
+    placement = sorted({str(v) for v in getattr(fp_model, "hf_device_map", {"": device}).values()})
+    ref = reference_logprobs(fp_model, ids, p, progress)
+    arms: dict[str, dict] = {"fp": {**measure(fp_model, "fp (offloaded)"), "kind": "fp", "bits_per_weight": 16.0,
+                                    "placement": placement}}
+    del fp_model
+    _free()
+    calib = calibration_batches(tokenizer, plan.calib_batches, plan.calib_length)
+    libortho, did_not_fit = {}, {}
+    for g in plan.grids:
+        cfg = OrthoConfig(density=plan.density, group_size=g.group_size, symmetric=g.symmetric, pad=True,
+                          score="hessian", seed=seed, quantizer=g.quantizer)
+        t0 = time.perf_counter()
+        m = convert_checkpoint(path, cfg, calibration=calib, device=device, dtype=torch.bfloat16, head_bits=4,
+                               host_embeddings=True, progress=progress)
+        LOAD_LOG.append({"source": str(path), "bits": 4, "dtype": "bfloat16", "device": str(device),
+                         "how": f"streamed conversion, {g.name} + {plan.density:g} ortho"})
+        q_s = round(time.perf_counter() - t0, 1)
+        mods = {n: x for n, x in ortho_modules(m).items() if n != "lm_head"}
+        base_bits, o_bits = bits_per_weight({n: x.base() for n, x in mods.items()}), _ortho_bits(m)
+        set_alpha(m, 0.0)
+        arms[g.name] = {**measure(m, g.name), "kind": g.quantizer, "group_size": g.group_size,
+                        "symmetric": g.symmetric, "bits_per_weight": base_bits, "quantize_seconds": q_s,
+                        "measured_as": f"libortho_posthoc_{g.name}_a0 (alpha 0 reads the INT4 base alone)"}
+        set_alpha(m, 1.0)
+        arms[f"libortho_posthoc_{g.name}_a1"] = {**measure(m, f"libortho alpha 1 ({g.name})"), "kind": "libortho",
+                                                 "alpha": 1.0, "base": g.name, "density": plan.density,
+                                                 "bits_per_weight": base_bits + o_bits}
+        libortho[f"libortho_posthoc_{g.name}"] = {"base": g.name, "config": cfg.to_dict(), "head": "INT4, no stream",
+                                                 "embeddings": "host memory", "ortho_bits_per_weight": o_bits}
+        del m
+        _free()
+    if plan.nf4:
+        try:
+            loaded = load_model(str(path), dtype=torch.bfloat16, device=device, bits=4)
+            nf4 = loaded.model
+            nf4.model.embed_tokens = HostEmbedding.from_embedding(nf4.model.embed_tokens, device)
+            _free()
+            arms["nf4"] = {**measure(nf4, "nf4"), "kind": "nf4", "blocksize": 64, "double_quant": True,
+                           "bits_per_weight": nf4_bits_per_weight(), "head": "bf16 (bitsandbytes skips it)"}
+            del nf4, loaded
+        except Exception as e:  # noqa: BLE001 - only out-of-memory is a result; anything else is raised
+            if not is_oom(e):
+                raise
+            did_not_fit["nf4"] = f"out of memory under the cap: {str(e).splitlines()[0][:200]}"
+            log(f"  nf4: {did_not_fit['nf4']}")
+        _free()
+    for r in arms.values():
+        r["ppl_ratio_vs_fp"] = r["ppl"] / arms["fp"]["ppl"]
+    arms = {k: _round(v) for k, v in arms.items()}
+    int4 = [g.name for g in plan.grids]
+    best = min(int4, key=lambda n: (arms[n]["kl_vs_fp"], arms[n]["bits_per_weight"], n))
+    notes = ["streamed: the fp reference ran with accelerate offloading inside the budget; every INT4 arm is the "
+             "alpha-0 of a libortho model converted layer by layer, with an INT4 head (the fp arm's head is bf16) "
+             "and the embedding table in host memory"]
+    if random_weights:
+        notes.append("the model's weights are random (a test model, not a trained one): its perplexities measure "
+                     "the pipeline, not language ability")
+    out = {"model": model_name, "dataset": text.name, "streamed": True, "budget_gib": budget,
+           "protocol": {**p.to_dict(), "tokens_scored": arms["fp"]["tokens"], "tokens_evaluated": int(ids.numel()),
+                        "windows": len(ref), "same_windows_every_arm": True, "tokenizer": type(tokenizer).__name__},
+           "calibration": {"text": "debian:fortunes", "batches": plan.calib_batches, "length": plan.calib_length},
+           "arms": arms, "did_not_fit": did_not_fit, "best_int4": best,
+           "best_int4_selection": "lowest kl_vs_fp over every INT4 configuration tried (ties: fewer bits)",
+           "int4_configurations_tried": int4, "libortho": libortho, "notes": notes, "seed": seed,
+           "seconds": round(time.perf_counter() - t_start, 1)}
+    if plot_path is not None:
+        out["plot"] = str(plot(out, Path(plot_path)))
+    return out
+
+
 def gptq_vs_rtn(arms: dict) -> dict:
     """{grid: {ppl_ratio, kl_ratio}} of GPTQ over RTN for every grid measured with both (kl_ratio None at 0)."""
     out = {}
@@ -367,14 +492,26 @@ def load_eval_text(source: str):
 def run(ctx: RunContext, plan: Plan | None = None) -> dict:
     """`python -m libortho run --experiment 2`: the null test on `ctx.model` and `ctx.text` (FULL plan with
     `--size full` or on a GPU, QUICK otherwise)."""
-    plan = plan or (FULL if ctx.full_size else QUICK)
-    loaded = load_model(ctx.model, device=ctx.device, bits=ctx.load_bits)
     requested = ctx.text
     text, fallback = load_eval_text(ctx.text)
+    if ctx.streamed:
+        from transformers import AutoTokenizer
+
+        plan = plan or CHECKPOINT_QUICK
+        tok = AutoTokenizer.from_pretrained(ctx.model)
+        out = run_null_test_checkpoint(ctx.model, tok, text, plan, ctx.device, ctx.budget_gib, ctx.seed,
+                                       ctx.progress, str(ctx.model), ctx.artifact("exp2_null_test.png"),
+                                       log=print if ctx.progress else (lambda *_: None),
+                                       random_weights=ctx.random_weights)
+        out["dataset_requested"] = requested
+        _print_table(out)
+        return out
+    plan = plan or (FULL if ctx.full_size else QUICK)
+    loaded = load_model(ctx.model, device=ctx.device, bits=ctx.load_bits)
     from .kill_switch import SMALL
 
     ks_small = SMALL.get(ctx.model, SMALL["smollm2-135m"])  # the size experiment 1 cached in a quick run
-    random_weights = loaded.name == "tiny-llama" or bool(getattr(loaded.model.config, "libortho_random_weights", False))
+    random_weights = ctx.random_weights
     out = run_null_test(loaded.model, loaded.tokenizer, text, plan, ctx.seed, ctx.progress, loaded.name,
                         ctx.artifact("exp2_null_test.png"),
                         log=print if ctx.progress else (lambda *_: None),
