@@ -140,6 +140,7 @@ def test_streamed_null_test_of_a_checkpoint(tmp_path, tokenizer, eval_text):
     from libortho.perplexity import Protocol
 
     tiny_llama(vocab_size=len(tokenizer)).save_pretrained(tmp_path / "ckpt")
+    tokenizer.save_pretrained(tmp_path / "ckpt")
     plan = Plan(Protocol(128, 128, 256), grids=(Grid("rtn", 32, True), Grid("rtn", 64, False)), density=0.05,
                 control=None, calib_batches=2, calib_length=64, ortho_tuned=False)
     out = run_null_test_checkpoint(tmp_path / "ckpt", tokenizer, eval_text, plan, device="cpu", budget_gib=6,
