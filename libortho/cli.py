@@ -333,7 +333,7 @@ def execute(run: _Run) -> int:
                      "args": args, "run_facts": facts, "notes": []}
     if facts["model"]["weights"] == "random":
         note = (f"the weights of {a.model} are random: its numbers test the pipeline, not a language model "
-                "(perplexities in the tens of thousands are expected)")
+                f"(a perplexity near the vocabulary size, {facts['model']['vocab_size']}, is expected)")
         payload["notes"].append(note)
         print(f"libortho: note: {note}")
     facts["steps"] = []
