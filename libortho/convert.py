@@ -28,6 +28,7 @@ from .select import collect_hessian, collect_hessian_diag, hessian_diag_of, sele
 # fn(model, config, linears, **kwargs) -> {name: OrthoLinear} or ({name: OrthoLinear}, finish(model))
 Handler = Callable[..., "dict[str, OrthoLinear] | tuple[dict[str, OrthoLinear], Callable[[nn.Module], None]]"]
 _HANDLERS: dict[type, Handler] = {}
+_STREAMED: dict[type, Callable[..., dict]] = {}
 
 
 def register_handler(config_cls: type):
@@ -38,6 +39,19 @@ def register_handler(config_cls: type):
         _HANDLERS[config_cls] = fn
         return fn
     return deco
+
+
+def register_streamed(config_cls: type):
+    """Decorator: `fn(model, config, *, hessian_diag, progress, **kwargs) -> stats` finishes a `config_cls` model
+    that `convert_checkpoint` built with INT4 bases and empty streams (ortho-tuning trains them there)."""
+    def deco(fn):
+        _STREAMED[config_cls] = fn
+        return fn
+    return deco
+
+
+def _lookup(table: dict, config):
+    return next((table[c] for c in type(config).__mro__ if c in table), None)
 
 
 def dense_weight(lin: nn.Module) -> torch.Tensor:
@@ -111,7 +125,7 @@ def orthogonalize_(model: nn.Module, config: OrthoConfig | None = None, *,
         >>> with libortho.alpha(model, 0.0): ...   # privacy kill switch
     """
     config = config or OrthoConfig()
-    handler = next((_HANDLERS[c] for c in type(config).__mro__ if c in _HANDLERS), None)
+    handler = _lookup(_HANDLERS, config)
     if handler is None:
         raise ValueError(f"no handler for {type(config).__name__}; import the module that registers it")
     if ortho_modules(model):
@@ -206,18 +220,20 @@ def merge(model: nn.Module) -> nn.Module:
 
 def convert_checkpoint(path, config: OrthoConfig | None = None, *, calibration: Iterable[torch.Tensor] | None = None,
                        device="cpu", dtype: torch.dtype | None = None, head_bits: int = 16,
-                       host_embeddings: bool = False, propagate: str = "fp", progress: bool = True) -> nn.Module:
+                       host_embeddings: bool = False, propagate: str = "fp", progress: bool = True,
+                       **kwargs) -> nn.Module:
     """`orthogonalize_` of a checkpoint too large to load: read layer by layer, converted as it streams.
 
-    Calibration statistics are collected one decoder layer at a time (`libortho.stream`), each layer is
-    converted by `orthogonalize_(layer, config, ...)` (the same handler, the same builder) and kept on
-    `device`; the dense model never exists. Peak device memory: one dense layer, the calibration activations
-    and what is already packed.
+    Calibration statistics are collected one decoder layer at a time (`libortho.stream`) and each layer is
+    converted as it passes, by the same handler and builder as `orthogonalize_`, then kept on `device`; the dense
+    model never exists. Peak device memory: one dense layer, the calibration activations and what is packed.
 
     Args:
         path: a Hugging Face safetensors checkpoint directory.
-        config: an `OrthoConfig` (posthoc; RTN or GPTQ base). Delta mode and ortho-tuning need a model.
-        calibration: token-id batches (needed by score='hessian' and quantizer='gptq').
+        config: `OrthoConfig` (posthoc; RTN or GPTQ base), or a config registered with `register_streamed`
+            (`OrthoTuneConfig`: INT4 bases of the public weights, then the stream is picked and trained on the
+            assembled model with `**kwargs`, e.g. `loss_fn=`). Delta mode needs two models: `orthogonalize_`.
+        calibration: token-id batches (score 'hessian' / 'saliency_hessian', quantizer 'gptq').
         device: where the converted layers live and the calibration runs.
         dtype: compute dtype (None: as stored).
         head_bits: 16 keeps the LM head dense; 4 makes it an INT4 OrthoLinear with no ortho stream (an 8B head
@@ -232,26 +248,35 @@ def convert_checkpoint(path, config: OrthoConfig | None = None, *, calibration: 
     from .stream import Checkpoint, load_embeddings, load_head, load_layer, load_norm, load_rotary, stream_calibrate
 
     config = config or OrthoConfig()
-    if type(config) is not OrthoConfig or config.mode is not Mode.POSTHOC:
-        raise ValueError("convert_checkpoint streams posthoc conversions; delta mode and ortho-tuning need the "
-                         "model loaded (orthogonalize_)")
+    finisher = _lookup(_STREAMED, config) if config.mode is Mode.TUNE else None
+    if config.mode is Mode.DELTA or (config.mode is Mode.TUNE and finisher is None):
+        raise ValueError(f"convert_checkpoint streams posthoc conversions and registered streamed configs, not "
+                         f"mode {config.mode.value!r}; load the models and use orthogonalize_")
     if head_bits not in (4, 16):
         raise ValueError(f"head_bits must be 4 or 16, got {head_bits!r}")
     t0 = time.perf_counter()
     ckpt = Checkpoint(path)
     calibration = check_calibration(ckpt.skeleton, calibration)
     gptq = config.quantizer is Quantizer.GPTQ
-    needs_stats = gptq or config.score is Score.HESSIAN
+    needs_stats = gptq or config.score in (Score.HESSIAN, Score.SALIENCY_HESSIAN)
     if needs_stats and calibration is None:
         raise ValueError(f"score={config.score.value!r} / quantizer={config.quantizer.value!r} need calibration "
                          "token batches")
     layers: list[nn.Module] = []
+    hessian_diag: dict[str, torch.Tensor] = {}
 
     def on_layer(i: int, layer: nn.Module, stats: dict | None) -> nn.Module:
         check_model(layer)
-        kw = {} if stats is None else ({"hessian": stats} if gptq else {"hessian_diag": stats})
         try:
-            orthogonalize_(layer, config, progress=False, **kw)
+            if finisher is None:
+                kw = {} if stats is None else ({"hessian": stats} if gptq else {"hessian_diag": stats})
+                orthogonalize_(layer, config, progress=False, **kw)
+            else:  # INT4(public) bases with empty streams; the stream is picked and trained on the whole model
+                for name, lin in target_linears(layer, config.targets).items():
+                    set_module(layer, name, OrthoLinear.from_linear(lin, quantize_base(lin.weight.detach(), config),
+                                                                    None))
+                    if stats is not None:
+                        hessian_diag[f"{ckpt.prefix}layers.{i}.{name}"] = stats[name].detach().cpu()
         except ValueError as e:
             raise ValueError(f"layer {i}: {e}") from None
         layers.append(layer)
@@ -275,8 +300,11 @@ def convert_checkpoint(path, config: OrthoConfig | None = None, *, calibration: 
         head = OrthoLinear.from_linear(head, quantize_base(head.weight, config), None)
     model.lm_head = head
     model.requires_grad_(False).eval()
+    stats = {"streamed": True, "propagate": propagate, "head_bits": head_bits, "host_embeddings": host_embeddings,
+             "convert_seconds": time.perf_counter() - t0}
+    if finisher is not None:
+        stats.update(finisher(model, config, hessian_diag=hessian_diag or None, progress=progress, **kwargs))
     attach_(model, config)
-    model.libortho_stats = {"convert_seconds": time.perf_counter() - t0, "converted_linears": len(ortho_modules(model)),
-                            "streamed": True, "propagate": propagate, "head_bits": head_bits,
-                            "host_embeddings": host_embeddings}
+    model.libortho_stats = {**stats, "seconds": time.perf_counter() - t0,
+                            "converted_linears": len(ortho_modules(model))}
     return model

@@ -27,8 +27,10 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
-from transformers import PreTrainedModel
-from transformers.quantizers import HfQuantizer, register_quantization_config, register_quantizer
+# submodules, not `transformers.quantizers` / `transformers.PreTrainedModel`: this module may be imported while
+# transformers.modeling_utils is itself importing (libortho/__init__.py registers us then), see _is_hf_model
+from transformers.quantizers.auto import register_quantization_config, register_quantizer
+from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from .linear import ORTHO_KEYS, is_ortho_key
@@ -125,11 +127,17 @@ class LibOrthoHfQuantizer(HfQuantizer):
 # ---------------------------------------------------------------------------------------------------------------
 # attaching a converted model to transformers, saving
 
+def _is_hf_model(model) -> bool:
+    from transformers import PreTrainedModel  # at call time: modeling_utils is fully imported by then
+
+    return isinstance(model, PreTrainedModel)
+
+
 def attach_(model: nn.Module, ortho_config) -> nn.Module:
     """Mark a converted `PreTrainedModel` as a libortho model: `save_pretrained` then writes base + ortho files.
     Other modules just remember the config."""
     model.libortho_config = ortho_config
-    if not isinstance(model, PreTrainedModel):
+    if not _is_hf_model(model):
         return model
     qc = LibOrthoConfig(ortho_config=ortho_config.to_dict(), layers=_layers(model))
     model.config.quantization_config = qc
@@ -152,20 +160,20 @@ def detach_(model: nn.Module) -> nn.Module:
     for attr in ("hf_quantizer", "quantization_method", "libortho_config"):
         model.__dict__.pop(attr, None)
     model.__dict__.pop("save_pretrained", None)
-    if isinstance(model, PreTrainedModel):
+    if _is_hf_model(model):
         model.is_quantized = False
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
     return model
 
 
-def _hook_save(model: PreTrainedModel) -> None:
+def _hook_save(model: nn.Module) -> None:
     # HF's writer has no after-save hook for quantizers: the instance's save_pretrained writes the ortho file and
     # the base hashes once HF has written the base (a bound method: deepcopy rebinds it to the copy).
     model.save_pretrained = types.MethodType(_save_pretrained, model)
 
 
-def _save_pretrained(self: PreTrainedModel, save_directory, *args, **kwargs):
+def _save_pretrained(self: nn.Module, save_directory, *args, **kwargs):
     d = Path(save_directory)
     if d.exists() and not d.is_dir():
         raise NotADirectoryError(f"{d} is a file; save_pretrained needs a directory")
@@ -265,7 +273,7 @@ def _finish_load(model: nn.Module, qc: LibOrthoConfig, directory: Path | None, f
         if not m.has_ortho:
             m.alpha.fill_(0.0)
     model.libortho_config = OrthoConfig.from_dict(qc.ortho_config)
-    if isinstance(model, PreTrainedModel):
+    if _is_hf_model(model):
         _hook_save(model)
 
 
@@ -283,7 +291,7 @@ def _read_ortho(path: Path, base_hash: str, qc: LibOrthoConfig) -> dict[str, tor
         raise ValueError(f"{path} is truncated or not a safetensors file: {e}") from None
 
 
-def load(directory: str | os.PathLike, with_ortho: bool = True, **kwargs) -> PreTrainedModel:
+def load(directory: str | os.PathLike, with_ortho: bool = True, **kwargs) -> nn.Module:
     """`AutoModelForCausalLM.from_pretrained(directory, **kwargs)` of a libortho checkpoint, in eval mode.
 
     Args:
@@ -316,7 +324,7 @@ def save(model: nn.Module, directory: str | os.PathLike, **kwargs) -> Path:
     """`model.save_pretrained(directory)` for a converted model; returns the directory."""
     if not ortho_modules(model):
         raise ValueError("model has no OrthoLinear; convert it with orthogonalize_ before saving")
-    if not isinstance(model, PreTrainedModel) or not hasattr(model.config, "quantization_config"):
+    if not _is_hf_model(model) or not hasattr(model.config, "quantization_config"):
         raise ValueError("libortho.save needs a converted Hugging Face model (PreTrainedModel)")
     model.save_pretrained(directory, **kwargs)
     return Path(directory)

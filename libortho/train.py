@@ -37,7 +37,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .config import Mode, OrthoConfig, Score, TUNE_SCORES
-from .convert import quantize_base, register_handler
+from .convert import quantize_base, register_handler, register_streamed
 from .linear import OrthoLinear
 from .llama import LLAMA_LINEARS
 from .modules import ortho_modules
@@ -193,15 +193,32 @@ def until_extracted(canaries: list[Canary]) -> Callable[[nn.Module], float]:
 
 
 def fit(model: nn.Module, params: list[nn.Parameter], loss_fn: LossFn, cfg: TrainConfig, progress: bool = True,
-        desc: str = "fine-tune", measure: Callable[[nn.Module], float] | None = None) -> dict:
-    """AdamW on `params` for `cfg.max_steps` steps; with `measure`, stop once it reaches `cfg.target`."""
+        desc: str = "fine-tune", measure: Callable[[nn.Module], float] | None = None,
+        checkpoint: Callable[[int, torch.optim.Optimizer, dict], None] | None = None, checkpoint_every: int = 0,
+        resume: dict | None = None) -> dict:
+    """AdamW on `params` for `cfg.max_steps` steps; with `measure`, stop once it reaches `cfg.target`.
+
+    Args:
+        checkpoint: called as `checkpoint(step, optimizer, history)` every `checkpoint_every` steps and at the
+            end (a resumable run saves its state there).
+        resume: {"step", "optimizer", "history"} of a saved run: training continues after that step.
+    The progress bar shows the loss and, when `loss_fn` sets `loss_fn.last_tokens`, tokens per second.
+    """
+    import time
+
     if not params:
         raise ValueError("nothing to train: no parameter requires a gradient")
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
     history: dict = {"loss": [], "measure": {}}
+    start = 0
+    if resume is not None:
+        opt.load_state_dict(resume["optimizer"])
+        history = resume.get("history", history)
+        start = int(resume["step"])
     model.train()
-    bar = tqdm(range(1, cfg.max_steps + 1), desc=desc, disable=not progress, leave=False)
-    step = 0
+    bar = tqdm(range(start + 1, cfg.max_steps + 1), desc=desc, disable=not progress, leave=False,
+               initial=start, total=cfg.max_steps)
+    step, tokens, t0 = start, 0, time.perf_counter()
     with torch.enable_grad():
         for step in bar:
             loss = loss_fn(model, step)
@@ -212,15 +229,24 @@ def fit(model: nn.Module, params: list[nn.Parameter], loss_fn: LossFn, cfg: Trai
             loss.backward()
             opt.step()
             history["loss"].append(round(loss.item(), 4))
-            bar.set_postfix(loss=f"{loss.item():.3f}")
+            tokens += getattr(loss_fn, "last_tokens", 0)
+            post = {"loss": f"{loss.item():.3f}"}
+            if tokens:
+                post["tok/s"] = f"{tokens / (time.perf_counter() - t0):.0f}"
+            bar.set_postfix(post)
             if measure is not None and (step % cfg.check_every == 0 or step == cfg.max_steps):
                 value = measure(model)
                 history["measure"][step] = value
-                bar.set_postfix(loss=f"{loss.item():.3f}", measure=f"{value:.2f}")
                 if cfg.target is not None and value >= cfg.target:
                     break
+            if checkpoint is not None and checkpoint_every and step % checkpoint_every == 0:
+                checkpoint(step, opt, history)
     model.eval()
     history["steps"] = step
+    if tokens:
+        history["tokens_per_second"] = round(tokens / (time.perf_counter() - t0), 1)
+    if checkpoint is not None:
+        checkpoint(step, opt, history)
     return history
 
 
@@ -342,51 +368,89 @@ def _saliency_masks(model: nn.Module, mods: dict[str, OrthoLinear], loss_fn: Los
 
 @register_handler(OrthoTuneConfig)
 def _tune(model: nn.Module, config: OrthoTuneConfig, linears: dict, *, calibration, progress, stats,
-          loss_fn: LossFn | None = None, measure: Callable[[nn.Module], float] | None = None, train: bool = True):
-    """Build INT4(public) bases with empty streams; the finishing step (run once they are in the model) picks
-    each layer's mask and trains the stream's values."""
+          loss_fn: LossFn | None = None, hessian_diag: dict | None = None, **kwargs):
+    """Build INT4(public) bases with empty streams; the finishing step (run once they are in the model) is
+    `tune_stream_`: pick each layer's mask and train the stream's values."""
     if loss_fn is None:
         raise ValueError("OrthoTuneConfig needs loss_fn=(model, step) -> private loss (e.g. train.canary_loss)")
-    if config.score is Score.SALIENCY_HESSIAN and calibration is None:
+    if config.score is Score.SALIENCY_HESSIAN and calibration is None and hessian_diag is None:
         raise ValueError("score='saliency_hessian' needs calibration token batches of public text")
     torch.manual_seed(config.train.seed)
-    hdiag = collect_hessian_diag(model, calibration, config.targets, progress) \
-        if config.score is Score.SALIENCY_HESSIAN else None
+    if config.score is Score.SALIENCY_HESSIAN and hessian_diag is None:
+        hessian_diag = collect_hessian_diag(model, calibration, config.targets, progress)
     new = {name: OrthoLinear.from_linear(lin, quantize_base(lin.weight.detach(), config), None)
            for name, lin in linears.items()}
 
     def finish(model: nn.Module) -> None:
-        mods = {n: m for n, m in ortho_modules(model).items() if n in new}
-        if config.score is Score.RANDOM:
-            gen = torch.Generator().manual_seed(config.seed)
-            masks = {n: top_mask(mask_scores(torch.empty(m.out_features, m.in_features), None, Score.RANDOM, 0.0,
-                                             gen), config.density) for n, m in mods.items()}
-        else:
-            masks = _saliency_masks(model, mods, loss_fn, config, hdiag)
-        nnz = total = 0
-        for n, m in mods.items():
-            mask = masks[n].to(m.qweight.device)
-            m.set_ortho_(csr_from_mask(torch.zeros(mask.shape, dtype=m.scales.dtype, device=mask.device), mask))
-            m.alpha.fill_(1.0)
-            nnz, total = nnz + m.nnz, total + mask.numel()
-        for p in model.parameters():
-            p.requires_grad_(False)
-        stats.update(nnz=nnz, density=nnz / total)
-        if not train:
-            return
-        if all(m.qweight.device.type == "cpu" for m in mods.values()):
-            for m in mods.values():  # dequantize each base once for the whole run: CPU speed (a dense copy)
-                m.cache_base_()
-        values = [m.ortho_values for m in mods.values()]
-        for v in values:
-            v.requires_grad_(True)
-        try:
-            stats.update(fit(model, values, loss_fn, config.train, progress, "ortho-tune", measure))
-        finally:
-            for v in values:
-                v.requires_grad_(False)
+        stats.update(tune_stream_(model, config, loss_fn=loss_fn, hessian_diag=hessian_diag, progress=progress,
+                                  names=set(new), **kwargs))
 
     return new, finish
+
+
+@register_streamed(OrthoTuneConfig)
+def tune_stream_(model: nn.Module, config: OrthoTuneConfig, *, loss_fn: LossFn | None = None,
+                 hessian_diag: dict | None = None,
+                 measure: Callable[[nn.Module], float] | None = None, progress: bool = True, train: bool = True,
+                 names: set[str] | None = None, checkpoint: Callable | None = None, checkpoint_every: int = 0,
+                 resume: dict | None = None) -> dict:
+    """Ortho-tune a model whose target layers are already OrthoLinear over INT4 of the public weights with
+    empty streams (what the handler or `convert_checkpoint` built): pick each layer's mask, then train the
+    stream's values for `config.train.max_steps` steps.
+
+    Args:
+        loss_fn: the private loss, `loss_fn(model, step)`.
+        hessian_diag: {layer name: diag H of its inputs on public text}, for `saliency_hessian`.
+        measure, checkpoint, checkpoint_every, resume: see `fit`. On resume the masks come from `resume`.
+        names: the layers to tune (default: every OrthoLinear among the config's targets).
+    Returns:
+        the training history and the stream's nnz / density.
+    """
+    from .llama import is_target
+
+    if loss_fn is None:
+        raise ValueError("OrthoTuneConfig needs loss_fn=(model, step) -> private loss (e.g. train.canary_loss)")
+    mods = {n: m for n, m in ortho_modules(model).items()
+            if (names is None and is_target(n, config.targets)) or (names is not None and n in names)}
+    if not mods:
+        raise ValueError("no OrthoLinear to tune: build the INT4 bases first (orthogonalize_ / convert_checkpoint)")
+    if resume is not None and "masks" in resume:
+        masks = resume["masks"]
+    elif config.score is Score.RANDOM:
+        gen = torch.Generator().manual_seed(config.seed)
+        masks = {n: top_mask(mask_scores(torch.empty(m.out_features, m.in_features), None, Score.RANDOM, 0.0, gen),
+                             config.density) for n, m in mods.items()}
+    else:
+        if config.score is Score.SALIENCY_HESSIAN and hessian_diag is None:
+            raise ValueError("score='saliency_hessian' needs hessian_diag (calibration statistics)")
+        masks = _saliency_masks(model, mods, loss_fn, config, hessian_diag)
+    nnz = total = 0
+    for n, m in mods.items():
+        mask = masks[n].to(m.qweight.device)
+        m.set_ortho_(csr_from_mask(torch.zeros(mask.shape, dtype=m.scales.dtype, device=mask.device), mask))
+        m.alpha.fill_(1.0)
+        nnz, total = nnz + m.nnz, total + mask.numel()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    stats = {"nnz": nnz, "density": nnz / total}
+    if not train:
+        return stats
+    if all(m.qweight.device.type == "cpu" for m in mods.values()):
+        for m in mods.values():  # dequantize each base once for the whole run: CPU speed (a dense copy)
+            m.cache_base_()
+    if resume is not None and "values" in resume:
+        for n, m in mods.items():
+            m.ortho_values.data.copy_(resume["values"][n].to(m.ortho_values.device, m.ortho_values.dtype))
+    values = [m.ortho_values for m in mods.values()]
+    for v in values:
+        v.requires_grad_(True)
+    try:
+        stats.update(fit(model, values, loss_fn, config.train, progress, "ortho-tune", measure,
+                         checkpoint=checkpoint, checkpoint_every=checkpoint_every, resume=resume))
+    finally:
+        for v in values:
+            v.requires_grad_(False)
+    return stats
 
 
 # ---------------------------------------------------------------------------------------------

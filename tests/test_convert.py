@@ -271,9 +271,31 @@ def test_convert_checkpoint_refuses_what_it_cannot_stream(tmp_path):
     small().save_pretrained(tmp_path)
     with pytest.raises(ValueError, match="streams posthoc"):
         convert_checkpoint(tmp_path, OrthoConfig(mode="delta", score="magnitude"), progress=False)
-    with pytest.raises(ValueError, match="streams posthoc"):
-        convert_checkpoint(tmp_path, OrthoTuneConfig(), progress=False)
+    with pytest.raises(ValueError, match="loss_fn"):
+        convert_checkpoint(tmp_path, OrthoTuneConfig(score="random", group_size=32), progress=False)
     with pytest.raises(ValueError, match="need calibration"):
         convert_checkpoint(tmp_path, OrthoConfig(score="hessian"), progress=False)
     with pytest.raises(ValueError, match=r"layer 0: .*group_size 48"):
         convert_checkpoint(tmp_path, OrthoConfig(score="magnitude", group_size=48), progress=False)
+
+
+def test_convert_checkpoint_ortho_tunes_like_the_loaded_model(tmp_path, tokenizer):
+    """OrthoTuneConfig through the stream: INT4(public) bases built layer by layer, then the same masks and the
+    same trained values as orthogonalize_ on the loaded model (score 'saliency': no statistics to differ)."""
+    from libortho.convert import convert_checkpoint
+    from libortho.privacy import make_canaries
+    from libortho.train import OrthoTuneConfig, TrainConfig, canary_loss
+
+    cs = make_canaries(tokenizer, 2, seed=0, groups=(3,))
+    general = torch.randint(0, 255, (256,), generator=torch.Generator().manual_seed(0))
+    train = TrainConfig(lr=1e-2, max_steps=3, general_chunks=1, general_length=16, target=None)
+    cfg = OrthoTuneConfig(density=0.05, group_size=32, score="saliency", train=train)
+    model = tiny_llama(seed=0, vocab_size=len(tokenizer))
+    model.save_pretrained(tmp_path)
+    streamed = convert_checkpoint(tmp_path, cfg, loss_fn=canary_loss(cs, general, train, 0), progress=False)
+    loaded = orthogonalize_(model, cfg, loss_fn=canary_loss(cs, general, train, 0), progress=False)
+    assert streamed.libortho_stats["steps"] == 3
+    for (n, a), b in zip(ortho_modules(streamed).items(), ortho_modules(loaded).values()):
+        assert torch.equal(a.ortho_col, b.ortho_col), n
+        torch.testing.assert_close(a.ortho_values, b.ortho_values, rtol=1e-4, atol=1e-6)
+    assert any(m.ortho_values.abs().sum() > 0 for m in ortho_modules(streamed).values())
