@@ -15,6 +15,7 @@ does not fit the budget in host memory.
 from __future__ import annotations
 
 import copy
+import itertools
 import json
 import math
 from collections.abc import Callable, Iterable
@@ -224,26 +225,27 @@ class _HessianHooks:
 
     def __init__(self, linears: dict[str, nn.Linear], full: bool):
         self.full, self.acc = full, {}
-        self.last = None  # (input tensor, its version, name of the linear that accumulated it, its stat)
+        self.last = None  # (input tensor, its version, name of the linear that accumulated it)
         self.handles = [m.register_forward_pre_hook(self._hook(n)) for n, m in linears.items()]
 
     def _hook(self, name):
         def fn(_mod, args):
             x = args[0]
             last = self.last
-            if last is not None and x is last[0] and x._version == last[1]:
+            if last is not None and x is last[0] and x._version == last[1]:  # same input as the previous linear
                 if name not in self.acc:
-                    self.acc[name] = self.acc[last[2]]  # same input as the previous linear: alias
-                if self.acc[name] is not self.acc[last[2]]:
-                    self.acc[name] += last[3]
-                return
+                    self.acc[name] = self.acc[last[2]]  # alias: computed once, stored once
+                if self.acc[name] is self.acc[last[2]]:
+                    return
             flat = x.detach().reshape(-1, x.shape[-1]).float()  # (N, in)
-            stat = flat.T @ flat if self.full else flat.pow(2).sum(0)  # (in, in) or (in,)
-            if name in self.acc:
-                self.acc[name] += stat
+            acc = self.acc.get(name)
+            if acc is None:
+                self.acc[name] = flat.T @ flat if self.full else flat.pow(2).sum(0)  # (in, in) or (in,)
+            elif self.full:
+                acc.addmm_(flat.T, flat)  # in place: no second (in, in) matrix (8B down_proj: 784 MiB)
             else:
-                self.acc[name] = stat
-            self.last = (x, x._version, name, stat)  # identity, not address: holding x keeps it from reuse
+                acc.add_(flat.pow(2).sum(0))
+            self.last = (x, x._version, name)  # identity, not address: holding x keeps it from being reused
         return fn
 
     def means(self, tokens: int) -> dict[str, torch.Tensor]:
@@ -275,9 +277,17 @@ def _layer_statistics(layer, i, hidden, tokens, cfg, rotary, full, targets, act_
 
 
 def _propagate(layer, hidden, device, cfg, rotary, act_device) -> None:
-    """Replace each batch of `hidden` by its output through `layer` (run on `device`), in place."""
+    """Replace each batch of `hidden` by its output through `layer`, in place. The layer runs on `device`;
+    if `on_layer` moved it elsewhere (the CPU, to keep converted layers off a small card), it comes to
+    `device` for this pass and goes back."""
+    first = next(itertools.chain(layer.parameters(), layer.buffers()), None)
+    home = first.device if first is not None else device
+    if home != device:
+        layer.to(device)
     for b in range(len(hidden)):
         hidden[b] = _run(layer, hidden[b].to(device), cfg, rotary).to(act_device)
+    if home != device:
+        layer.to(home)
 
 
 @torch.no_grad()
@@ -300,8 +310,10 @@ def stream_calibrate(ckpt: Checkpoint | str, batches: Iterable[torch.Tensor], de
             keyed by names relative to the layer (`self_attn.q_proj`, as `layer.named_modules()` gives them),
             so `orthogonalize_(layer, config, hessian=hessians)` converts it in place. Linears reading one
             input (q/k/v, gate/up) get the same tensor object: treat them as read-only. It may change the
-            layer in place or return a replacement module; keep (or move off the device) what it needs, as
-            the layer and its Hessians are dropped after it returns.
+            layer in place or return a replacement module, and keep a reference to what it wants to keep:
+            stream_calibrate drops its own references (and the Hessians) once the layer has propagated. It may
+            also move the layer (`layer.to("cpu")`: converted layers then do not pile up on a small card);
+            the second pass of propagate="quantized" brings it to `device` and puts it back.
         propagate: what feeds layer i+1. "quantized" (the default, GPTQ's choice): the outputs of layer i
             after `on_layer`, so each layer is calibrated on the activations the converted model will really
             produce and corrects the errors of the layers before it; costs a second pass through the layer.
@@ -317,10 +329,12 @@ def stream_calibrate(ckpt: Checkpoint | str, batches: Iterable[torch.Tensor], de
     Returns:
         {full module name: float32 statistic} when `keep`, else None.
     Example:
+        >>> packed = []
         >>> def pack(i, layer, h):                                    # doctest: +SKIP
         ...     orthogonalize_(layer, OrthoConfig(quantizer="gptq"), hessian=h, progress=False)
-        ...     return layer.to("cpu")
-        >>> stream_calibrate("ckpt/", batches, device="cuda", dtype=torch.bfloat16, on_layer=pack)  # doctest: +SKIP
+        ...     packed.append(layer.to("cpu"))
+        >>> stream_calibrate("ckpt/", batches, device="cuda", dtype=torch.bfloat16, act_device="cpu",
+        ...                  on_layer=pack)                           # doctest: +SKIP
     """
     if propagate not in PROPAGATE:
         raise ValueError(f"propagate must be one of {PROPAGATE}, got {propagate!r}")
@@ -329,6 +343,8 @@ def stream_calibrate(ckpt: Checkpoint | str, batches: Iterable[torch.Tensor], de
     for i in range(ckpt.num_layers):  # every layer's tensors present, before any computation
         ckpt.layer_names(i)
     device = torch.device(device)
+    if device.type == "cuda" and device.index is None:  # compare equal to the devices tensors report
+        device = torch.device("cuda", torch.cuda.current_device())
     act_device = torch.device(act_device) if act_device is not None else device
     dtype = dtype or ckpt.stored_dtype
     cfg = ckpt.config

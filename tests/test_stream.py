@@ -1,6 +1,7 @@
 import copy
 import gc
 import json
+import os
 import shutil
 import weakref
 
@@ -327,3 +328,52 @@ def test_load_offloaded_on_gpu_within_budget(mid_ckpt):
     total = sum(p.numel() * 4 for p in model.parameters())
     assert peak < 0.6 * total, (peak, total)
     torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.gtx4050
+@pytest.mark.skipif(not os.environ.get("LIBORTHO_8B_CKPT"),
+                    reason="set LIBORTHO_8B_CKPT to a Llama-3-8B-shaped checkpoint "
+                           "(python -m libortho.random_checkpoint DIR --shape llama3-8b --device cuda)")
+def test_8b_streams_inside_the_gtx4050_budget(gpu_profile):
+    """Llama-3-8B calibrated layer by layer (bf16, full Hessians, activations in host memory) and evaluated
+    with accelerate offloading, under the 6 GiB allocator cap."""
+    from transformers import AutoTokenizer
+
+    from libortho.data import fortunes
+
+    path = os.environ["LIBORTHO_8B_CKPT"]
+    _, cap = gpu_profile
+    ids = AutoTokenizer.from_pretrained(path)(fortunes().text[:40000], return_tensors="pt").input_ids[0]
+    batches = [ids[i * 512:(i + 1) * 512].unsqueeze(0) for i in range(4)]  # 4 x 512 tokens
+    finite = []
+    torch.cuda.reset_peak_memory_stats()
+    stream_calibrate(path, batches, device="cuda", dtype=torch.bfloat16, act_device="cpu", progress=False,
+                     on_layer=lambda i, layer, h: finite.append(all(t.isfinite().all() for t in h.values())))
+    calib_gib = torch.cuda.max_memory_reserved() / 2**30
+    assert len(finite) == 32 and all(finite)
+    assert calib_gib <= cap["allocator_cap_gib"], calib_gib
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    model = load_offloaded(path, budget_gib=3.5, dtype=torch.bfloat16)
+    with torch.no_grad():
+        logits = model(input_ids=batches[0][:, :128].cuda()).logits
+    eval_gib = torch.cuda.max_memory_reserved() / 2**30
+    print(f"8B stream_calibrate peak reserved {calib_gib:.2f} GiB; offloaded eval {eval_gib:.2f} GiB")
+    assert logits.isfinite().all() and eval_gib <= cap["allocator_cap_gib"], eval_gib
+
+
+@pytest.mark.gpu
+def test_on_layer_may_move_the_layer_off_the_gpu(tiny_ckpt, ids):
+    """on_layer parks each modified layer on the CPU: the quantized pass still runs it on the GPU, the
+    statistics equal the CPU run's, and every kept layer ends on the CPU."""
+    _, path = tiny_ckpt
+    kept = []
+
+    def park(i, layer, h):
+        _halve_down_proj(i, layer, h)
+        kept.append(layer.to("cpu"))
+
+    gpu = stream_calibrate(path, ids, device="cuda", on_layer=park, keep=True, progress=False)
+    cpu = stream_calibrate(path, ids, on_layer=_halve_down_proj, keep=True, progress=False)
+    assert_same_hessians(cpu, gpu, rtol=1e-3)
+    assert len(kept) == 3 and all(p.device.type == "cpu" for m in kept for p in m.parameters())
