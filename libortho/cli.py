@@ -76,6 +76,37 @@ def _parser() -> argparse.ArgumentParser:
                    help="experiment size: full = the acceptance size (hours on a CPU), quick = the small size; "
                         "auto = full on a GPU, quick on a CPU")
     r.add_argument("--no-progress", action="store_true")
+    f = sub.add_parser("finetune", help="ortho-tune a model on your chat records (JSONL); resumable",
+                       description="Train only a sparse ortho stream over INT4 of the model's weights on chat records "
+                                   "(one JSON object a line: {\"messages\": [...]} or alpaca instruction/input/output). "
+                                   "OUTPUT becomes a libortho checkpoint; the same command resumes an interrupted run.")
+    f.add_argument("--model", required=True, help="local checkpoint directory (read layer by layer), HF id, "
+                                                  "smollm2-135m or tiny")
+    f.add_argument("--data", required=True, type=Path, help="JSONL file of chat records")
+    f.add_argument("--output", required=True, type=Path, help="directory for the checkpoint (and the run's state)")
+    f.add_argument("--density", type=float, default=0.01, help="share of each weight in the trained stream")
+    f.add_argument("--group-size", type=int, default=64)
+    f.add_argument("--asymmetric", action="store_true", help="asymmetric INT4 grid (default symmetric)")
+    b = f.add_mutually_exclusive_group()
+    b.add_argument("--steps", type=int, default=None)
+    b.add_argument("--epochs", type=float, default=None, help="default: 1 epoch")
+    f.add_argument("--lr", type=float, default=1e-3)
+    f.add_argument("--batch-size", type=int, default=1)
+    f.add_argument("--max-length", type=int, default=512, help="records are cut to this many tokens")
+    f.add_argument("--score", choices=["saliency_hessian", "saliency", "random"], default="saliency_hessian")
+    f.add_argument("--checkpoint-every", type=int, default=10, help="steps between resumable states (0: none)")
+    f.add_argument("--seed", type=_seed, default=0)
+    f.add_argument("--profile", default=None, help="GPU profile: cap the allocator to its budget, measure the peak")
+    f.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda when available")
+    f.add_argument("--no-progress", action="store_true")
+    gen = sub.add_parser("generate", help="generate from a libortho checkpoint at a chosen alpha")
+    gen.add_argument("--model", required=True, type=Path, help="a libortho checkpoint directory")
+    gen.add_argument("--prompt", required=True)
+    gen.add_argument("--alpha", type=float, default=1.0, help="1: as fine-tuned; 0: the kill switch (the ortho file "
+                                                              "is then not even read)")
+    gen.add_argument("--max-new-tokens", type=int, default=64)
+    gen.add_argument("--no-chat", action="store_true", help="feed the prompt as plain text, not as a user turn")
+    gen.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda when available")
     return p
 
 
@@ -405,10 +436,117 @@ def cmd_run(a) -> int:
     return execute(prepare(a))
 
 
+def _device(a) -> str:
+    import torch
+
+    if a.device == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda: no CUDA GPU is visible (run `python -m libortho check-gpu`)")
+    return a.device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def cmd_finetune(a) -> int:
+    """Everything checked first (model, records with their line numbers, output, profile), then the job under the
+    profile's cap with NVML measuring; `finetune.json` beside the checkpoint records the facts and the memory."""
+    import json as _json
+
+    from . import models
+    from .config import validate_density
+    from .finetune import finetune, load_records
+    from .gpu import BudgetMeter
+    from .oom import is_oom
+
+    validate_density(a.density)
+    for k in ("steps", "batch_size", "max_length"):
+        v = getattr(a, k)
+        if v is not None and v < 1:
+            raise UsageError(f"--{k.replace('_', '-')} must be positive, got {v}")
+    if a.epochs is not None and not a.epochs > 0:
+        raise UsageError(f"--epochs must be positive, got {a.epochs}")
+    if a.output.exists() and not a.output.is_dir():
+        raise UsageError(f"--output {a.output}: is a file; pass a directory")
+    device = _device(a)
+    profile = _profile(a.profile) if a.profile else None
+    src = models.resolve(a.model)
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(a.model) if src.kind == "dir" else models.load_model(a.model).tokenizer
+    load_records(a.data, tok, a.max_length)  # a bad record: its line and reason, before anything trains
+    try:
+        a.output.mkdir(parents=True, exist_ok=True)
+        probe = a.output / ".libortho_write_test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise UsageError(f"--output {a.output}: not writable ({e.__class__.__name__})") from None
+    try:
+        meter = BudgetMeter(profile, device).start()
+    except ValueError as e:
+        raise UsageError(f"--profile {a.profile}: {_one_line(e)}") from None
+    t0 = time.perf_counter()
+    try:
+        facts = finetune(a.model, a.data, a.output, density=a.density, group_size=a.group_size,
+                         symmetric=not a.asymmetric, steps=a.steps, epochs=a.epochs, lr=a.lr, batch_size=a.batch_size,
+                         max_length=a.max_length, seed=a.seed, device=device, score=a.score,
+                         checkpoint_every=a.checkpoint_every, progress=not a.no_progress)
+    except Exception as e:
+        meter.stop()
+        if is_oom(e):
+            peak = meter.peak_gib()
+            print("libortho: error: out of memory in finetune" + (f" (peak {peak:.2f} GiB)" if peak else "") +
+                  f"; the last resumable state is in {a.output / '.train_state'}", file=sys.stderr)
+            return 3
+        raise
+    meter.stop()
+    facts["wall_seconds"] = round(time.perf_counter() - t0, 1)
+    facts["run_facts"] = {"memory": meter.report(), "device": device, "model": models.model_facts(src)}
+    path = a.output / "finetune.json"
+    path.write_text(_json.dumps(facts, indent=1, default=str))
+    print(f"finetuned {facts['steps']} steps (loss {facts['loss_first']} -> {facts['loss_last']}); "
+          f"checkpoint: {a.output}; facts: {path}")
+    return 0
+
+
+def cmd_generate(a) -> int:
+    """Greedy text from a libortho checkpoint at --alpha; at 0 the ortho file is not read at all."""
+    from .config import validate_alpha
+
+    alpha = validate_alpha(a.alpha)
+    if a.max_new_tokens < 1:
+        raise UsageError(f"--max-new-tokens must be positive, got {a.max_new_tokens}")
+    if not (a.model / "config.json").is_file():
+        raise UsageError(f"--model {a.model}: not a checkpoint directory (no config.json)")
+    device = _device(a)
+    import torch
+    from transformers import AutoTokenizer
+
+    from .hf import load
+    from .modules import HostEmbedding, set_alpha
+
+    model = load(a.model, with_ortho=alpha != 0)
+    if device == "cuda":  # the embedding table stays in host memory: one row per token reaches the GPU
+        model.model.embed_tokens = HostEmbedding.from_embedding(model.model.embed_tokens, device)
+    model.to(device)
+    set_alpha(model, alpha)
+    tok = AutoTokenizer.from_pretrained(a.model)
+    if not a.no_chat and getattr(tok, "chat_template", None):
+        text = tok.apply_chat_template([{"role": "user", "content": a.prompt}], tokenize=False,
+                                       add_generation_prompt=True)
+    else:
+        text = a.prompt
+    ids = tok(text, return_tensors="pt", add_special_tokens=False).input_ids.to(device)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    with torch.no_grad():
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=a.max_new_tokens,
+                             do_sample=False, pad_token_id=pad)
+    print(tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
+    return 0
+
+
 def main(argv=None) -> int:
     try:
         args = _parser().parse_args(argv)
-        return {"run": cmd_run, "plan": cmd_plan, "check-gpu": cmd_check_gpu}[args.command](args)
+        return {"run": cmd_run, "plan": cmd_plan, "check-gpu": cmd_check_gpu, "finetune": cmd_finetune,
+                "generate": cmd_generate}[args.command](args)
     except KeyboardInterrupt:
         print("libortho: interrupted", file=sys.stderr)
         return 130

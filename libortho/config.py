@@ -1,7 +1,9 @@
 """OrthoConfig: every knob of a conversion in one validated object; the runtime backend choice beside it."""
 from __future__ import annotations
 
+import importlib
 import math
+import sys
 from dataclasses import asdict, dataclass, field, fields
 from enum import Enum
 
@@ -105,15 +107,17 @@ class OrthoConfig:
             if isinstance(v, Enum):
                 d[k] = v.value
         d["targets"] = list(self.targets)
-        d["kind"] = type(self).__name__
+        d["kind"], d["module"] = type(self).__name__, type(self).__module__
         return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "OrthoConfig":
         """The config `to_dict` wrote (its `kind` picks the class); unknown keys are refused by name."""
         d = dict(d)
-        kind = d.pop("kind", cls.__name__)
+        kind, module = d.pop("kind", cls.__name__), d.pop("module", None)
         d.pop("backend", None)  # written by versions that stored the backend in the config
+        if module and module.startswith("libortho.") and module not in sys.modules:
+            importlib.import_module(module)  # the module that defines a subclass (e.g. OrthoTuneConfig)
         target = next((c for c in _subclasses(OrthoConfig) if c.__name__ == kind), None)
         if target is None:
             raise ValueError(f"unknown config kind {kind!r}")

@@ -43,7 +43,7 @@ from .llama import LLAMA_LINEARS
 from .modules import ortho_modules
 from .privacy import Canary, extraction_rate
 from .select import collect_hessian_diag, top_mask
-from .sparse import csr_from_mask
+from .sparse import CSR, csr_from_mask
 
 LossFn = Callable[[nn.Module, int], torch.Tensor]
 
@@ -194,13 +194,14 @@ def until_extracted(canaries: list[Canary]) -> Callable[[nn.Module], float]:
 
 def fit(model: nn.Module, params: list[nn.Parameter], loss_fn: LossFn, cfg: TrainConfig, progress: bool = True,
         desc: str = "fine-tune", measure: Callable[[nn.Module], float] | None = None,
-        checkpoint: Callable[[int, torch.optim.Optimizer, dict], None] | None = None, checkpoint_every: int = 0,
+        checkpoint: Callable[[int, torch.optim.Optimizer, dict, nn.Module], None] | None = None,
+        checkpoint_every: int = 0,
         resume: dict | None = None) -> dict:
     """AdamW on `params` for `cfg.max_steps` steps; with `measure`, stop once it reaches `cfg.target`.
 
     Args:
-        checkpoint: called as `checkpoint(step, optimizer, history)` every `checkpoint_every` steps and at the
-            end (a resumable run saves its state there).
+        checkpoint: called as `checkpoint(step, optimizer, history, model)` every `checkpoint_every` steps and at
+            the end (a resumable run saves its state there).
         resume: {"step", "optimizer", "history"} of a saved run: training continues after that step.
     The progress bar shows the loss and, when `loss_fn` sets `loss_fn.last_tokens`, tokens per second.
     """
@@ -240,13 +241,13 @@ def fit(model: nn.Module, params: list[nn.Parameter], loss_fn: LossFn, cfg: Trai
                 if cfg.target is not None and value >= cfg.target:
                     break
             if checkpoint is not None and checkpoint_every and step % checkpoint_every == 0:
-                checkpoint(step, opt, history)
+                checkpoint(step, opt, history, model)
     model.eval()
     history["steps"] = step
     if tokens:
         history["tokens_per_second"] = round(tokens / (time.perf_counter() - t0), 1)
     if checkpoint is not None:
-        checkpoint(step, opt, history)
+        checkpoint(step, opt, history, model)
     return history
 
 
@@ -315,10 +316,16 @@ def mask_scores(grad: torch.Tensor, hessian_diag: torch.Tensor | None, score: Sc
     return g2 / (h + damp * h.mean()).unsqueeze(0)
 
 
+def _zero_stream(mask: torch.Tensor) -> CSR:
+    """The stream a mask allows, all zeros (compact at once: a dense bool mask per layer would cost 1 byte a
+    weight, 7 GB at 8B)."""
+    return csr_from_mask(torch.zeros((), device=mask.device).expand(mask.shape), mask)
+
+
 @torch.no_grad()
 def _saliency_masks(model: nn.Module, mods: dict[str, OrthoLinear], loss_fn: LossFn, config: OrthoTuneConfig,
                     hdiag: dict | None) -> dict[str, torch.Tensor]:
-    """{name: (out, in) bool mask}: each layer's gradient g = sum over its calls of G^T X (the step-0 private
+    """{name: CSR of zeros on the layer's mask}: each layer's gradient g = sum over its calls of G^T X (the step-0 private
     loss), formed from the layer's input X and output gradient G as backward reaches it, and reduced to the
     mask as soon as its last call's gradient is in. A loss that calls the model once (as `canary_loss` does)
     so holds one layer's (out, in) gradient at a time, never the whole model's."""
@@ -329,7 +336,8 @@ def _saliency_masks(model: nn.Module, mods: dict[str, OrthoLinear], loss_fn: Los
 
     def reduce(name: str) -> None:
         h = hdiag.get(name) if hdiag else None
-        masks[name] = top_mask(mask_scores(acc.pop(name), h, config.score, config.damp), config.density)
+        masks[name] = _zero_stream(top_mask(mask_scores(acc.pop(name), h, config.score, config.damp),
+                                            config.density))
 
     def fwd(mod, args, out, name):
         x = args[0].detach()
@@ -401,7 +409,8 @@ def tune_stream_(model: nn.Module, config: OrthoTuneConfig, *, loss_fn: LossFn |
     Args:
         loss_fn: the private loss, `loss_fn(model, step)`.
         hessian_diag: {layer name: diag H of its inputs on public text}, for `saliency_hessian`.
-        measure, checkpoint, checkpoint_every, resume: see `fit`. On resume the masks come from `resume`.
+        measure, checkpoint, checkpoint_every, resume: see `fit`; `resume["streams"]` ({name: CSR}) restores the
+            masks and values of the run being resumed.
         names: the layers to tune (default: every OrthoLinear among the config's targets).
     Returns:
         the training history and the stream's nnz / density.
@@ -414,22 +423,23 @@ def tune_stream_(model: nn.Module, config: OrthoTuneConfig, *, loss_fn: LossFn |
             if (names is None and is_target(n, config.targets)) or (names is not None and n in names)}
     if not mods:
         raise ValueError("no OrthoLinear to tune: build the INT4 bases first (orthogonalize_ / convert_checkpoint)")
-    if resume is not None and "masks" in resume:
-        masks = resume["masks"]
+    if resume is not None and "streams" in resume:  # the masks (and values) of the run being resumed
+        streams = resume["streams"]
     elif config.score is Score.RANDOM:
         gen = torch.Generator().manual_seed(config.seed)
-        masks = {n: top_mask(mask_scores(torch.empty(m.out_features, m.in_features), None, Score.RANDOM, 0.0, gen),
-                             config.density) for n, m in mods.items()}
+        streams = {n: _zero_stream(top_mask(mask_scores(torch.empty(m.out_features, m.in_features), None,
+                                                        Score.RANDOM, 0.0, gen), config.density))
+                   for n, m in mods.items()}
     else:
         if config.score is Score.SALIENCY_HESSIAN and hessian_diag is None:
             raise ValueError("score='saliency_hessian' needs hessian_diag (calibration statistics)")
-        masks = _saliency_masks(model, mods, loss_fn, config, hessian_diag)
+        streams = _saliency_masks(model, mods, loss_fn, config, hessian_diag)
     nnz = total = 0
     for n, m in mods.items():
-        mask = masks[n].to(m.qweight.device)
-        m.set_ortho_(csr_from_mask(torch.zeros(mask.shape, dtype=m.scales.dtype, device=mask.device), mask))
+        st = streams[n]
+        m.set_ortho_(CSR(st.crow, st.col, st.values, (m.out_features, m.in_features)))
         m.alpha.fill_(1.0)
-        nnz, total = nnz + m.nnz, total + mask.numel()
+        nnz, total = nnz + m.nnz, total + m.in_features * m.out_features
     for p in model.parameters():
         p.requires_grad_(False)
     stats = {"nnz": nnz, "density": nnz / total}
@@ -438,9 +448,6 @@ def tune_stream_(model: nn.Module, config: OrthoTuneConfig, *, loss_fn: LossFn |
     if all(m.qweight.device.type == "cpu" for m in mods.values()):
         for m in mods.values():  # dequantize each base once for the whole run: CPU speed (a dense copy)
             m.cache_base_()
-    if resume is not None and "values" in resume:
-        for n, m in mods.items():
-            m.ortho_values.data.copy_(resume["values"][n].to(m.ortho_values.device, m.ortho_values.dtype))
     values = [m.ortho_values for m in mods.values()]
     for v in values:
         v.requires_grad_(True)

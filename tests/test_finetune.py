@@ -1,0 +1,135 @@
+"""The user's job: chat records -> an ortho-tuned checkpoint (resumable), and generation from it."""
+import json
+
+import pytest
+import torch
+
+import libortho
+from libortho.finetune import STATE_DIR, finetune, load_records
+from libortho.models import tiny_llama
+from libortho.modules import ortho_modules
+
+
+@pytest.fixture
+def job(tmp_path, tokenizer):
+    """A tiny checkpoint with a chat tokenizer and 12 records (fortunes as the assistant's answers)."""
+    from libortho.data import fortunes
+
+    tiny_llama(vocab_size=len(tokenizer)).save_pretrained(tmp_path / "ckpt")
+    tokenizer.save_pretrained(tmp_path / "ckpt")
+    answers = [f for f in fortunes().text.split("\n\n") if 40 < len(f) < 160][:12]
+    with open(tmp_path / "r.jsonl", "w") as f:
+        for i, a in enumerate(answers):
+            rec = ({"messages": [{"role": "user", "content": "Tell me a fortune."},
+                                 {"role": "assistant", "content": a}]} if i % 2 else
+                   {"instruction": "Tell me a fortune.", "input": "", "output": a})
+            f.write(json.dumps(rec) + "\n")
+    return tmp_path
+
+
+def test_records_supervise_the_assistant_turn_only(job, tokenizer):
+    records, facts = load_records(job / "r.jsonl", tokenizer)
+    assert facts["records"] == 12 and len(records) == 12
+    r = records[0]
+    n_prompt = sum(1 for t in r.labels if t == -100)
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "Tell me a fortune."}], tokenize=False,
+                                           add_generation_prompt=True)
+    assert n_prompt == len(tokenizer(prompt, add_special_tokens=False).input_ids)
+    assert r.labels[n_prompt:] == r.ids[n_prompt:]
+
+
+@pytest.mark.parametrize("line,reason", [
+    ("not json", "not valid JSON"),
+    ('{"text": "hello"}', "needs 'messages'"),
+    ('{"messages": [{"role": "user", "content": "hi"}]}', "last turn must be the assistant"),
+    ('{"messages": [{"role": "robot", "content": "hi"}, {"role": "assistant", "content": "x"}]}', "turn 0"),
+    ('{"messages": [{"role": "user", "content": " "}, {"role": "assistant", "content": "x"}]}', "empty content"),
+    ('{"instruction": "", "output": "x"}', "alpaca"),
+])
+def test_bad_record_named_by_line(tmp_path, tokenizer, line, reason):
+    good = '{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}'
+    (tmp_path / "d.jsonl").write_text(good + "\n\n" + line + "\n")
+    with pytest.raises(ValueError, match=rf"d\.jsonl:3: .*{reason}"):
+        load_records(tmp_path / "d.jsonl", tokenizer)
+    (tmp_path / "ok.jsonl").write_text(good + "\n")
+    assert len(load_records(tmp_path / "ok.jsonl", tokenizer)[0]) == 1  # control: the good line alone loads
+
+
+def test_finetune_writes_a_checkpoint_that_switches(job):
+    facts = finetune(str(job / "ckpt"), job / "r.jsonl", job / "out", steps=4, group_size=32, batch_size=2,
+                     progress=False)
+    assert facts["steps"] == 4 and facts["records"] == 12 and facts["nnz"] > 0
+    assert {"config.json", "model.safetensors", "ortho.safetensors", "finetune.json"} <= \
+        {p.name for p in (job / "out").iterdir()}
+    assert not (job / "out" / STATE_DIR).exists()  # the resumable state goes once the job is done
+    m = libortho.load(job / "out")
+    assert any(x.ortho_values.abs().sum() > 0 for x in ortho_modules(m).values())
+    ids = torch.tensor([[1, 2, 3, 4]])
+    with torch.no_grad():
+        y1 = m(input_ids=ids).logits
+        with libortho.alpha(m, 0.0):
+            y0 = m(input_ids=ids).logits
+    assert not torch.equal(y0, y1)
+    base = libortho.load(job / "out", with_ortho=False)  # the deployment without what was learned
+    with torch.no_grad():
+        assert torch.equal(base(input_ids=ids).logits, y0)
+
+
+def test_interrupted_finetune_resumes_to_the_same_weights(job, monkeypatch):
+    """Stopped after step 3 (state saved every step), the same command continues from step 3 and ends with the
+    weights of an uninterrupted run, bit for bit."""
+    import libortho.finetune as ft
+
+    kw = dict(steps=5, group_size=32, batch_size=2, checkpoint_every=1, progress=False)
+    finetune(str(job / "ckpt"), job / "r.jsonl", job / "whole", **kw)
+    real = ft.records_loss
+
+    def interrupting(*a, **k):
+        fn = real(*a, **k)
+
+        def loss(model, step):
+            if step == 4:
+                raise KeyboardInterrupt
+            return fn(model, step)
+        loss.last_tokens, loss.steps_per_epoch = 0, fn.steps_per_epoch
+        return loss
+
+    monkeypatch.setattr(ft, "records_loss", interrupting)
+    with pytest.raises(KeyboardInterrupt):
+        finetune(str(job / "ckpt"), job / "r.jsonl", job / "split", **kw)
+    assert (job / "split" / STATE_DIR / "state.safetensors").is_file()
+    monkeypatch.setattr(ft, "records_loss", real)
+    facts = finetune(str(job / "ckpt"), job / "r.jsonl", job / "split", **kw)
+    assert facts["resumed_from"] == 3
+    a, b = libortho.load(job / "whole"), libortho.load(job / "split")
+    for (n, x), y in zip(ortho_modules(a).items(), ortho_modules(b).values()):
+        assert torch.equal(x.ortho_values, y.ortho_values), n
+
+
+def test_state_of_another_job_is_refused(job):
+    kw = dict(steps=2, group_size=32, checkpoint_every=1, progress=False)
+    finetune(str(job / "ckpt"), job / "r.jsonl", job / "out", **kw)
+    from libortho.finetune import load_state
+
+    (job / "out" / STATE_DIR).mkdir()
+    (job / "out" / STATE_DIR / "state.json").write_text(json.dumps({"fingerprint": "other", "step": 1}))
+    (job / "out" / STATE_DIR / "state.safetensors").write_bytes(b"")
+    assert load_state(job / "out" / STATE_DIR, "mine") is None  # unreadable tensors: start over
+
+
+def test_cli_finetune_then_generate(job, capsys):
+    from libortho.cli import main
+
+    rc = main(["finetune", "--model", str(job / "ckpt"), "--data", str(job / "r.jsonl"), "--output",
+               str(job / "out"), "--steps", "2", "--group-size", "32", "--no-progress", "--device", "cpu"])
+    assert rc == 0
+    facts = json.loads((job / "out" / "finetune.json").read_text())
+    assert facts["run_facts"]["memory"]["cap_applied"] is False and facts["steps"] == 2
+    for alpha in ("0", "1"):
+        assert main(["generate", "--model", str(job / "out"), "--alpha", alpha, "--prompt", "Tell me a fortune.",
+                     "--max-new-tokens", "3", "--device", "cpu"]) == 0
+    (job / "bad.jsonl").write_text('{"messages": []}\n')
+    assert main(["finetune", "--model", str(job / "ckpt"), "--data", str(job / "bad.jsonl"), "--output",
+                 str(job / "o2"), "--steps", "2"]) == 2
+    assert "bad.jsonl:1:" in capsys.readouterr().err
+    assert main(["generate", "--model", str(job / "out"), "--alpha", "nan", "--prompt", "x"]) == 2
