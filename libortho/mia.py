@@ -24,7 +24,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from scipy import stats
 
 from .oom import map_batches
 from .stats import Claim, _check_common, bootstrap_ci
@@ -141,6 +140,8 @@ def record_scores(target: list[TokenStats], reference: list[TokenStats] | None =
 
 def _auc(x: np.ndarray, y: np.ndarray, axis: int = -1) -> np.ndarray:
     """P(member score > non-member score) + 0.5 P(tie), along `axis` (vectorized for the bootstrap)."""
+    from scipy import stats  # imported here: libortho loads without scipy until it is used
+
     x, y = np.moveaxis(x, axis, -1), np.moveaxis(y, axis, -1)  # (..., n1), (..., n0)
     n1, n0 = x.shape[-1], y.shape[-1]
     r = stats.rankdata(np.concatenate([x, y], -1), axis=-1)[..., :n1]  # mid-ranks of the members
@@ -215,6 +216,8 @@ def delong_var(x: np.ndarray, y: np.ndarray) -> np.ndarray:
 
     Fast form of Sun & Xu 2014: placement values from mid-ranks. Returns (k, k).
     """
+    from scipy import stats  # imported here: libortho loads without scipy until it is used
+
     n1, n0 = x.shape[1], y.shape[1]
     rx, ry = stats.rankdata(x, axis=1), stats.rankdata(y, axis=1)
     rz = stats.rankdata(np.concatenate([x, y], 1), axis=1)
@@ -233,6 +236,8 @@ def auc_claim(name: str, candidate: str, control: str, candidate_member, candida
     "greater": lower bound > threshold and p < alpha.
     CI: bootstrap (percentile) resampling members and non-members, each record's two scores together.
     """
+    from scipy import stats  # imported here: libortho loads without scipy until it is used
+
     _check_common(threshold, direction, alpha)
     cm, cn = _check_scores(candidate_member, candidate_nonmember)
     km, kn = _check_scores(control_member, control_nonmember)

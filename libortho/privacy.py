@@ -28,7 +28,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from scipy import integrate, stats
 
 from .oom import map_batches
 
@@ -248,6 +247,8 @@ def exposure_from_logprobs(logp: torch.Tensor, true_index: int = 0) -> float:
 
 def skewnorm_fit(x) -> tuple[float, float, float]:
     """Maximum-likelihood skew-normal (shape a, loc, scale) of the sample `x` (scipy.stats.skewnorm.fit)."""
+    from scipy import stats  # imported here: libortho loads without scipy until it is used
+
     x = np.asarray(x, dtype=np.float64)
     if x.size < 3 or not np.isfinite(x).all():
         raise ValueError(f"a skew-normal fit needs >= 3 finite values, got {x.size} "
@@ -262,6 +263,8 @@ def skewnorm_logcdf(x: float, a: float, loc: float, scale: float) -> float:
     scipy's logcdf underflows to -inf below about 1e-308; there, log F(x) = log f(x) + log of the
     integral of f(x - u) / f(x) over u >= 0 (the integrand starts at 1 and decays fast in the left tail).
     """
+    from scipy import integrate, stats  # imported here: libortho loads without scipy until it is used
+
     lc = float(stats.skewnorm.logcdf(x, a, loc, scale))
     if math.isfinite(lc):
         return lc
