@@ -152,3 +152,19 @@ def test_streamed_null_test_of_a_checkpoint(tmp_path, tokenizer, eval_text):
     assert out["best_int4"] in out["int4_configurations_tried"] and out["did_not_fit"] == {}
     assert any("random" in n for n in out["notes"]) and Path(out["plot"]).is_file()
     json.dumps(out)
+
+
+def test_streamed_convert_demo(tmp_path, tokenizer, monkeypatch):
+    """The convert demo's 8B path at tiny size on the CPU (RunContext.streamed forced: on a GPU it is a local
+    checkpoint whose full precision misses the budget): fp offloaded, conversion layer by layer, both alphas."""
+    from libortho.experiments import RunContext
+    from libortho.models import tiny_llama
+
+    tiny_llama(vocab_size=len(tokenizer)).save_pretrained(tmp_path / "ckpt")
+    tokenizer.save_pretrained(tmp_path / "ckpt")
+    monkeypatch.setattr(RunContext, "streamed", property(lambda self: True))
+    ctx = RunContext(model=str(tmp_path / "ckpt"), output_dir=tmp_path, device="cpu", progress=False,
+                     extra={"memory_policy": {"precision": "int4", "budget_gib": 6}})
+    out = load_all()["convert"](ctx)
+    assert out["streamed"] and set(out["alphas"]) == {"0.0", "1.0"}
+    assert out["alphas"]["0.0"]["ppl"] != out["alphas"]["1.0"]["ppl"]  # the stream changes the model

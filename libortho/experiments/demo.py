@@ -40,7 +40,7 @@ def _streamed(ctx: RunContext, text, cfg: OrthoConfig, offset: int):
     offload_gib = max(0.5, (ctx.budget_gib or 6.0) - OFFLOAD_HEADROOM_GIB)
     fp = load_offloaded(ctx.model, offload_gib, torch.bfloat16, ctx.device)
     LOAD_LOG.append({"source": str(ctx.model), "bits": None, "dtype": "bfloat16", "device": str(ctx.device),
-                     "how": f"accelerate offload, {offload_gib:g} GiB on the device"})
+                     "how": f"accelerate offload, {offload_gib:g} GiB on the device", "reference": True})
     fp_ppl = perplexity(fp, ids, DEMO_PROTOCOL, ctx.progress)
     del fp
     _free()

@@ -359,7 +359,7 @@ def run_null_test_checkpoint(path, tokenizer, text, plan: Plan = CHECKPOINT_QUIC
     ref = None
     fp_model = load_offloaded(path, offload_gib, torch.bfloat16, device)
     LOAD_LOG.append({"source": str(path), "bits": None, "dtype": "bfloat16", "device": str(device),
-                     "how": f"accelerate offload, {offload_gib:g} GiB on the device"})
+                     "how": f"accelerate offload, {offload_gib:g} GiB on the device", "reference": True})
     placement = sorted({str(v) for v in getattr(fp_model, "hf_device_map", {"": device}).values()})
     ref = reference_logprobs(fp_model, ids, p, progress)
     arms: dict[str, dict] = {"fp": {**measure(fp_model, "fp (offloaded)"), "kind": "fp", "bits_per_weight": 16.0,

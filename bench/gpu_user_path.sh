@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# The user's path at Llama-3-8B scale under the gtx4050 profile (issue 16), on a lent GPU with no hub access:
+# a random-weight Llama-3-8B checkpoint in Hugging Face format is written, then the commands a user runs.
+#
+#   bash bench/gpu_user_path.sh A    plan, run --experiment convert, run --experiment 2 (quick)
+#   bash bench/gpu_user_path.sh B    finetune on 200 chat records for 50 steps, generate at alpha 0 and 1
+#
+# Each part fits one 10-minute device call. Run from the checkout root with the project importable; carry
+# .gpu/c (bench/stage_user_path.sh makes it: the Debian texts and a trimmed bitsandbytes). Logs, the results
+# JSONs and finetune.json land in $OUT.
+set -u
+PART=${1:-A}
+OUT=${OUT:-out/gpu}; mkdir -p "$OUT"
+export PYTHONPATH=$PWD/.gpu/c/site:$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 LIBORTHO_CACHE=/tmp/locache
+mkdir -p /usr/share/doc/jargon-text /usr/share/games /usr/share/dictd /usr/share/common-licenses
+cp .gpu/c/texts/jargon.txt.gz /usr/share/doc/jargon-text/ && cp -r .gpu/c/texts/fortunes /usr/share/games/ \
+  && cp .gpu/c/texts/devil.dict.dz /usr/share/dictd/ && cp .gpu/c/texts/GPL-3 /usr/share/common-licenses/
+CKPT=/tmp/l3
+step() {  # name, timeout, command...: log to $OUT/<name>.log, print rc and wall time
+  local name=$1 limit=$2; shift 2
+  local s; s=$(date +%s)
+  timeout "$limit" "$@" > "$OUT/$name.log" 2>&1; local rc=$?
+  echo "== $name: rc=$rc in $(( $(date +%s) - s )) s"; grep -v -i -E "warn|it/s\]|Loading|Writing" "$OUT/$name.log" | tail -8
+}
+[ -f $CKPT/config.json ] || step write_checkpoint 120 python3 -m libortho.random_checkpoint $CKPT --shape llama3-8b \
+  --device cuda
+if [ "$PART" = A ]; then
+  step plan 60 python3 -m libortho plan --model $CKPT --profile gtx4050
+  step convert 240 python3 -m libortho run --experiment convert --model $CKPT --profile gtx4050 --output-dir "$OUT" \
+    --no-progress
+  step exp2 280 python3 -m libortho run --experiment 2 --model $CKPT --profile gtx4050 --output-dir "$OUT" \
+    --no-progress
+fi
+if [ "$PART" = B ]; then
+  python3 - <<'PY'
+import json
+from libortho.data import fortunes
+answers = [f for f in fortunes().text.split("\n\n") if 40 < len(f) < 300][:200]
+with open("/tmp/records.jsonl", "w") as f:
+    for i, a in enumerate(answers):
+        f.write(json.dumps({"messages": [{"role": "user", "content": f"Tell me fortune number {i}."},
+                                         {"role": "assistant", "content": a}]}) + "\n")
+PY
+  step finetune 360 python3 -m libortho finetune --model $CKPT --data /tmp/records.jsonl --output /tmp/ft --steps 50 \
+    --profile gtx4050 --no-progress
+  cp /tmp/ft/finetune.json "$OUT/" 2>/dev/null
+  step generate_a0 90 python3 -m libortho generate --model /tmp/ft --alpha 0 --prompt "Tell me fortune number 3." \
+    --max-new-tokens 16
+  step generate_a1 90 python3 -m libortho generate --model /tmp/ft --alpha 1 --prompt "Tell me fortune number 3." \
+    --max-new-tokens 16
+fi
+nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv
