@@ -15,6 +15,7 @@ does not fit the budget in host memory.
 from __future__ import annotations
 
 import copy
+import inspect
 import itertools
 import json
 import math
@@ -196,7 +197,9 @@ def attention_inputs(config, rotary: nn.Module, hidden: torch.Tensor) -> dict:
     from transformers.masking_utils import create_causal_mask
 
     pos = torch.arange(hidden.shape[1], device=hidden.device).unsqueeze(0)  # (1, T)
-    mask = create_causal_mask(config=config, inputs_embeds=hidden, attention_mask=None, cache=None, position_ids=pos)
+    # the cache argument is `cache` in transformers 5.24 and `past_key_values` in 5.17: name what this one takes
+    kw = {"cache" if "cache" in inspect.signature(create_causal_mask).parameters else "past_key_values": None}
+    mask = create_causal_mask(config=config, inputs_embeds=hidden, attention_mask=None, position_ids=pos, **kw)
     return {"attention_mask": mask, "position_ids": pos, "position_embeddings": rotary(hidden, pos)}
 
 
