@@ -11,7 +11,8 @@
 set -u
 PART=${1:-A}
 OUT=${OUT:-out/gpu}; mkdir -p "$OUT"
-export PYTHONPATH=$PWD/.gpu/c/site:$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 LIBORTHO_CACHE=/tmp/locache
+export PYTHONPATH=$PWD/.gpu/c/site:$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 LIBORTHO_CACHE=/tmp/locache \
+  PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True  # less fragmentation under the 6 GiB cap
 mkdir -p /usr/share/doc/jargon-text /usr/share/games /usr/share/dictd /usr/share/common-licenses
 cp .gpu/c/texts/jargon.txt.gz /usr/share/doc/jargon-text/ && cp -r .gpu/c/texts/fortunes /usr/share/games/ \
   && cp .gpu/c/texts/devil.dict.dz /usr/share/dictd/ && cp .gpu/c/texts/GPL-3 /usr/share/common-licenses/

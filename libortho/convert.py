@@ -225,8 +225,9 @@ def convert_checkpoint(path, config: OrthoConfig | None = None, *, calibration: 
     """`orthogonalize_` of a checkpoint too large to load: read layer by layer, converted as it streams.
 
     Calibration statistics are collected one decoder layer at a time (`libortho.stream`) and each layer is
-    converted as it passes, by the same handler and builder as `orthogonalize_`, then kept on `device`; the dense
-    model never exists. Peak device memory: one dense layer, the calibration activations and what is packed.
+    converted as it passes, by the same handler and builder as `orthogonalize_`, and parked in host memory; the
+    packed model moves to `device` at the end. The dense model never exists; peak device memory during the
+    conversion is one dense layer, its quantization temporaries and the calibration activations.
 
     Args:
         path: a Hugging Face safetensors checkpoint directory.
@@ -279,7 +280,8 @@ def convert_checkpoint(path, config: OrthoConfig | None = None, *, calibration: 
                         hessian_diag[f"{ckpt.prefix}layers.{i}.{name}"] = stats[name].detach().cpu()
         except ValueError as e:
             raise ValueError(f"layer {i}: {e}") from None
-        layers.append(layer)
+        # parked in host memory until every layer is converted: the device holds one dense layer at a time
+        layers.append(layer.to("cpu"))
         return layer
 
     if needs_stats:
@@ -290,7 +292,7 @@ def convert_checkpoint(path, config: OrthoConfig | None = None, *, calibration: 
             on_layer(i, load_layer(ckpt, i, device, dtype), None)
     model = ckpt.skeleton
     for i, layer in enumerate(layers):
-        model.model.layers[i] = layer
+        model.model.layers[i] = layer.to(device)
     emb = load_embeddings(ckpt, "cpu" if host_embeddings else device, dtype)
     model.model.embed_tokens = HostEmbedding.from_embedding(emb, device) if host_embeddings else emb
     model.model.norm = load_norm(ckpt, device, dtype)

@@ -74,9 +74,11 @@ def token_logprobs(model, ids: torch.Tensor, protocol: Protocol, progress: bool 
     device = next(model.parameters()).device
     for begin, end, first in tqdm(windows(ids.numel(), protocol), desc="evaluate", disable=not progress,
                                   leave=False):
-        logits = model(input_ids=ids[begin:end].unsqueeze(0).to(device)).logits[0].float()  # (T, V)
-        # logits at position p predict token p+1: scored targets are positions first..end-1
-        yield (begin, end, first), F.log_softmax(logits[first - begin - 1: end - begin - 1], dim=-1)
+        logits = model(input_ids=ids[begin:end].unsqueeze(0).to(device)).logits[0]  # (T, V), the model's dtype
+        # logits at position p predict token p+1: scored targets are positions first..end-1. The float32 cast is
+        # log_softmax's own (one float32 copy of a 128K-vocabulary window, not two)
+        yield (begin, end, first), F.log_softmax(logits[first - begin - 1: end - begin - 1], dim=-1,
+                                                 dtype=torch.float32)
 
 
 def perplexity(model, ids: torch.Tensor, protocol: Protocol = Protocol(), progress: bool = False) -> float:
