@@ -43,8 +43,8 @@ with open("/tmp/records.jsonl", "w") as f:
                                          {"role": "assistant", "content": a}]}) + "\n")
 PY
   step finetune 360 python3 -m libortho finetune --model $CKPT --data /tmp/records.jsonl --output /tmp/ft --steps 50 \
-    --profile gtx4050 --no-progress
-  cp /tmp/ft/finetune.json "$OUT/" 2>/dev/null
+    --density 0.005 --group-size 128 --profile gtx4050 --no-progress
+  cp /tmp/ft/finetune.json "$OUT/" 2>/dev/null; grep -E "status|OutOfMemory|line [0-9]+, in" /tmp/ft/finetune.json | tail -6
   step generate_a0 90 python3 -m libortho generate --model /tmp/ft --alpha 0 --prompt "Tell me fortune number 3." \
     --max-new-tokens 16
   step generate_a1 90 python3 -m libortho generate --model /tmp/ft --alpha 1 --prompt "Tell me fortune number 3." \

@@ -491,6 +491,9 @@ def cmd_finetune(a) -> int:
                          checkpoint_every=a.checkpoint_every, progress=not a.no_progress)
     except Exception as e:
         meter.stop()
+        (a.output / "finetune.json").write_text(_json.dumps(
+            {"status": f"failed: {e.__class__.__name__}: {_one_line(e)[:300]}", "traceback": traceback.format_exc(),
+             "run_facts": {"memory": meter.report(), "device": device}}, indent=1, default=str))
         if is_oom(e):
             peak = meter.peak_gib()
             print("libortho: error: out of memory in finetune" + (f" (peak {peak:.2f} GiB)" if peak else "") +
@@ -499,6 +502,7 @@ def cmd_finetune(a) -> int:
         raise
     meter.stop()
     facts["wall_seconds"] = round(time.perf_counter() - t0, 1)
+    facts["status"] = "complete"
     facts["run_facts"] = {"memory": meter.report(), "device": device, "model": models.model_facts(src)}
     path = a.output / "finetune.json"
     path.write_text(_json.dumps(facts, indent=1, default=str))

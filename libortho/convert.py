@@ -291,16 +291,17 @@ def convert_checkpoint(path, config: OrthoConfig | None = None, *, calibration: 
         for i in tqdm(range(ckpt.num_layers), desc="convert", disable=not progress, leave=False):
             on_layer(i, load_layer(ckpt, i, device, dtype), None)
     model = ckpt.skeleton
+    # the head is quantized in host memory (its float32 temporaries are 2 GiB at 8B), before the layers move in
+    head = load_head(ckpt, "cpu", dtype)  # tied embeddings: a copy of the table (HF re-ties it on load)
+    if head_bits == 4 and not getattr(ckpt.config, "tie_word_embeddings", False):
+        head = OrthoLinear.from_linear(head, quantize_base(head.weight, config), None)
+    model.lm_head = head.to(device)
     for i, layer in enumerate(layers):
         model.model.layers[i] = layer.to(device)
     emb = load_embeddings(ckpt, "cpu" if host_embeddings else device, dtype)
     model.model.embed_tokens = HostEmbedding.from_embedding(emb, device) if host_embeddings else emb
     model.model.norm = load_norm(ckpt, device, dtype)
     model.model.rotary_emb = load_rotary(ckpt, device)
-    head = load_head(ckpt, device, dtype)  # tied embeddings: a copy of the table (HF re-ties it on load)
-    if head_bits == 4 and not getattr(ckpt.config, "tie_word_embeddings", False):
-        head = OrthoLinear.from_linear(head, quantize_base(head.weight, config), None)
-    model.lm_head = head
     model.requires_grad_(False).eval()
     stats = {"streamed": True, "propagate": propagate, "head_bits": head_bits, "host_embeddings": host_embeddings,
              "convert_seconds": time.perf_counter() - t0}
