@@ -15,6 +15,9 @@ from .sparse import CSR, empty_csr, index_dtype
 ORTHO_KEYS = ("ortho_crow", "ortho_col", "ortho_values")
 
 
+BLOCK_BYTES = 256 * 2**20  # the largest dense weight block the backward materialises at once
+
+
 def is_ortho_key(key: str) -> bool:
     """`model.layers.0.mlp.up_proj.ortho_values` -> True."""
     return key.rsplit(".", 1)[-1] in ORTHO_KEYS
@@ -173,6 +176,21 @@ class OrthoLinear(nn.Module):
             w = w + self.alpha.float() * self.ortho_dense(torch.float32)
         return w.to(dtype)
 
+    def row_blocks(self, like: torch.Tensor):
+        """(r0, r1) blocks of output rows whose dense weight takes at most BLOCK_BYTES in `like`'s dtype."""
+        rows = max(1, BLOCK_BYTES // (self.in_features * like.element_size()))
+        return [(r0, min(self.out_features, r0 + rows)) for r0 in range(0, self.out_features, rows)]
+
+    def weight_rows(self, r0: int, r1: int, dtype: torch.dtype) -> torch.Tensor:
+        """Rows r0:r1 of base + alpha * ortho as a dense (r1 - r0, in) matrix."""
+        z = None if self.zeros is None else self.zeros[r0:r1]
+        w = dequant_weight(self.qweight[r0:r1], self.scales[r0:r1], z, self.group_size, dtype)
+        if self.ortho_on:
+            lo, hi = int(self.ortho_crow[r0]), int(self.ortho_crow[r1])
+            w = w + self.alpha.to(dtype) * csr_dense(self.ortho_crow[r0:r1 + 1] - lo, self.ortho_col[lo:hi],
+                                                      self.ortho_values[lo:hi], (r1 - r0, self.in_features), dtype)
+        return w
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., in) -> (..., out)
         if torch.is_grad_enabled() and (x.requires_grad or self.ortho_values.requires_grad):
             return _Trainable.apply(x, self.ortho_values, self)
@@ -217,10 +235,13 @@ class _Trainable(torch.autograd.Function):
         gx = gv = None
         with torch.no_grad():
             if ctx.needs_input_grad[0]:
-                w = m.dequantized_base(gy.dtype)
-                if m.ortho_on:
-                    w = w + m.alpha.to(gy.dtype) * m.ortho_dense(gy.dtype)
-                gx = gy @ w  # (..., in)
+                if m._base_cache is not None or m.out_features * m.in_features * gy.element_size() <= BLOCK_BYTES:
+                    w = m.dequantized_base(gy.dtype)
+                    if m.ortho_on:
+                        w = w + m.alpha.to(gy.dtype) * m.ortho_dense(gy.dtype)
+                    gx = gy @ w  # (..., in)
+                else:  # a large weight (an 8B head) in row blocks: never the whole dense matrix at once
+                    gx = sum(gy[..., r0:r1] @ m.weight_rows(r0, r1, gy.dtype) for r0, r1 in m.row_blocks(gy))
             if ctx.needs_input_grad[1] and m.ortho_on:
                 gv = ortho_value_grad(gy.reshape(-1, m.out_features), x.reshape(-1, m.in_features),
                                       m.ortho().rows() if m._rows_cache is None else m._rows_cache,

@@ -22,6 +22,9 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 
+KL_ROWS = 64  # tokens per KL block (the reference's log-probs wait in host memory)
+
+
 @dataclass(frozen=True)
 class Protocol:
     max_length: int = 512
@@ -129,10 +132,12 @@ def evaluate(model, ids: torch.Tensor, protocol: Protocol = Protocol(),
         nll -= logp.gather(1, targets.unsqueeze(1)).sum().item()
         count += targets.numel()
         if ref_iter is not None:
-            ref = next(ref_iter).to(logp.device)
+            ref = next(ref_iter)
             if ref.shape != logp.shape:
                 raise ValueError(f"reference window has shape {tuple(ref.shape)}, arm {tuple(logp.shape)}: "
                                  "the two models must share the tokenizer and protocol")
-            kl += F.kl_div(logp, ref, reduction="sum", log_target=True).item()  # sum_t KL(p_ref || p_arm)
+            for s in range(0, logp.shape[0], KL_ROWS):  # in row blocks: a 512 x 128K window is 256 MB per copy
+                kl += F.kl_div(logp[s:s + KL_ROWS], ref[s:s + KL_ROWS].to(logp.device), reduction="sum",
+                               log_target=True).item()  # sum_t KL(p_ref || p_arm)
     return {"ppl": math.exp(nll / count), "kl_vs_fp": None if ref_iter is None else kl / count,
             "tokens": count, "nll": nll}

@@ -119,3 +119,22 @@ def test_merged_cache_follows_alpha_and_values():
         expected = torch.nn.functional.linear(x, lin.base().dequantize() + lin.ortho_dense())
         torch.testing.assert_close(lin(x), expected)
         assert not torch.allclose(expected, ref[1.0])
+
+
+def test_backward_in_row_blocks_equals_whole(monkeypatch):
+    """A weight larger than BLOCK_BYTES (an 8B head) back-propagates through row blocks: the same gradient."""
+    import libortho.linear as L
+    from libortho.quant import quantize
+    from libortho.sparse import csr_from_mask
+
+    g = torch.Generator().manual_seed(0)
+    m = L.OrthoLinear.from_parts(quantize(torch.randn(40, 64, generator=g), 32),
+                                 csr_from_mask(torch.randn(40, 64, generator=g), torch.rand(40, 64, generator=g) < 0.2))
+    m.set_alpha(0.7)
+    x = torch.randn(3, 64, generator=g, requires_grad=True)
+    (m(x) * torch.arange(40.0)).sum().backward()
+    whole, x.grad = x.grad.clone(), None
+    monkeypatch.setattr(L, "BLOCK_BYTES", 64 * 4 * 7)  # 7 rows a block: 6 blocks, the last one short
+    assert len(m.row_blocks(x)) == 6
+    (m(x) * torch.arange(40.0)).sum().backward()
+    torch.testing.assert_close(x.grad, whole, rtol=1e-5, atol=2e-4)

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 DECODE_MAX_ROWS = 8  # up to this many rows of x: the fused GEMV; more rows (prefill): dequantize + cuBLAS
+PREFILL_BLOCK_BYTES = 256 * 2**20  # the largest dense weight block a prefill dequantizes at once
 
 
 @functools.lru_cache(maxsize=None)
@@ -47,9 +48,21 @@ def dual_linear_forward(m, x: torch.Tensor) -> torch.Tensor | None:
     if x2.shape[0] <= DECODE_MAX_ROWS:
         y = td.dual_gemv(x2, m.qweight, m.scales, m.zeros, m.group_size, m.ortho_crow, m.ortho_col,
                          m.ortho_values, m.alpha, bias, on)
-    else:  # prefill: matrix-bound, so one dequantization pass then a cuBLAS product
-        w = td.dequant(m.qweight, m.scales, m.zeros, m.group_size, x.dtype)
-        if on:
-            td.csr_scatter_add_(w, m.ortho_crow, m.ortho_col, m.ortho_values, m.alpha)
-        y = F.linear(x2, w, None if bias is None else bias.to(x.dtype))
+    else:  # prefill: matrix-bound, so dequantization passes then cuBLAS products
+        # in row blocks of at most PREFILL_BLOCK_BYTES: an 8B head dequantized whole is 1 GiB, a sixth of a small card
+        N = m.out_features
+        rows = max(1, PREFILL_BLOCK_BYTES // (m.in_features * x2.element_size()))
+        y = torch.empty(x2.shape[0], N, dtype=x.dtype, device=x.device) if rows < N else None
+        for r0 in range(0, N, rows):
+            r1 = min(N, r0 + rows)
+            w = td.dequant(m.qweight[r0:r1], m.scales[r0:r1], None if m.zeros is None else m.zeros[r0:r1],
+                           m.group_size, x.dtype)
+            if on:  # crow holds absolute offsets into col/values: a slice of it addresses the block's rows
+                td.csr_scatter_add_(w, m.ortho_crow[r0:r1 + 1], m.ortho_col, m.ortho_values, m.alpha)
+            if y is None:
+                y = F.linear(x2, w)
+            else:
+                y[:, r0:r1] = F.linear(x2, w)
+        if bias is not None:
+            y = y + bias.to(x.dtype)
     return y.reshape(*x.shape[:-1], m.out_features)
