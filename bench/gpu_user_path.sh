@@ -25,6 +25,10 @@ step() {  # name, timeout, command...: log to $OUT/<name>.log, print rc and wall
 }
 [ -f $CKPT/config.json ] || step write_checkpoint 120 python3 -m libortho.random_checkpoint $CKPT --shape llama3-8b \
   --device cuda
+if [ "$PART" = convert ]; then
+  step convert 240 python3 -m libortho run --experiment convert --model $CKPT --profile gtx4050 --output-dir "$OUT" \
+    --no-progress
+fi
 if [ "$PART" = A ]; then
   step plan 60 python3 -m libortho plan --model $CKPT --profile gtx4050
   step convert 240 python3 -m libortho run --experiment convert --model $CKPT --profile gtx4050 --output-dir "$OUT" \

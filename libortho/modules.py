@@ -47,6 +47,17 @@ def _require(model: nn.Module) -> dict[str, OrthoLinear]:
     return mods
 
 
+def input_device(model: nn.Module) -> torch.device:
+    """Where a model's input ids belong: a HostEmbedding's output device (its table stays on the host), else the
+    embedding table's device (accelerate's hooks move inputs of an offloaded model themselves)."""
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    if emb is not None and getattr(emb, "out_device", None) is not None:
+        return emb.out_device
+    if emb is not None and emb.weight.device.type != "meta":
+        return emb.weight.device
+    return next(p.device for p in model.parameters() if p.device.type != "meta")
+
+
 def set_alpha(model: nn.Module, alpha: float) -> nn.Module:
     """Set alpha on every OrthoLinear: 1 = the fine-tuned model, 0 = the privacy kill switch."""
     alpha = validate_alpha(alpha)
@@ -132,7 +143,10 @@ class HostEmbedding(nn.Embedding):
     @classmethod
     def from_embedding(cls, emb: nn.Embedding, out_device) -> "HostEmbedding":
         m = cls(emb.num_embeddings, emb.embedding_dim, emb.padding_idx, device="meta", dtype=emb.weight.dtype)
-        m.weight = nn.Parameter(emb.weight.detach().cpu(), requires_grad=False)
+        # a buffer, not a Parameter: `model.device` (the first parameter's, what generate() builds positions on)
+        # must be the device the model runs on, not the host that holds this table
+        del m.weight
+        m.register_buffer("weight", emb.weight.detach().cpu())
         m.out_device = torch.device(out_device)
         return m
 
@@ -143,7 +157,7 @@ class HostEmbedding(nn.Embedding):
         if probe.device.type != "meta":
             self.out_device = probe.device
         if probe.dtype != self.weight.dtype:
-            self.weight = nn.Parameter(self.weight.data.to(probe.dtype), requires_grad=False)
+            self.weight = self.weight.to(probe.dtype)
         return self
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:  # (B, T) -> (B, T, C) on out_device

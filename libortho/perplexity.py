@@ -74,7 +74,9 @@ def windows(n_tokens: int, protocol: Protocol) -> list[tuple[int, int, int]]:
 @torch.no_grad()
 def token_logprobs(model, ids: torch.Tensor, protocol: Protocol, progress: bool = False):
     """Yields (window, log-probs (T_scored, V)) for each window: the raw material of PPL and KL."""
-    device = next(model.parameters()).device
+    from .modules import input_device
+
+    device = input_device(model)
     for begin, end, first in tqdm(windows(ids.numel(), protocol), desc="evaluate", disable=not progress,
                                   leave=False):
         logits = model(input_ids=ids[begin:end].unsqueeze(0).to(device)).logits[0]  # (T, V), the model's dtype

@@ -269,8 +269,10 @@ def skewnorm_logcdf(x: float, a: float, loc: float, scale: float) -> float:
     if math.isfinite(lc):
         return lc
     lf = float(stats.skewnorm.logpdf(x, a, loc, scale))
+    if not math.isfinite(lf):  # beyond what the fitted density can express (a degenerate fit of a few candidates)
+        return float("-inf")
     area, _ = integrate.quad(lambda u: math.exp(stats.skewnorm.logpdf(x - u, a, loc, scale) - lf), 0, math.inf)
-    return lf + math.log(area)
+    return lf + math.log(area) if area > 0 and math.isfinite(area) else float("-inf")
 
 
 def extrapolated_exposure(logp, true_index: int = 0, fit: tuple[float, float, float] | None = None) -> float:
@@ -286,7 +288,8 @@ def extrapolated_exposure(logp, true_index: int = 0, fit: tuple[float, float, fl
         fit: (a, loc, scale) if already fitted to -logp of the other candidates.
 
     Returns:
-        Bits (>= 0); NaN when the other candidates all have the same log-probability (nothing to fit).
+        Bits (>= 0); NaN when the other candidates all have the same log-probability (nothing to fit) or the
+        fitted density is zero at the secret (a degenerate fit, e.g. of very few candidates).
     """
     lp = np.asarray(logp, dtype=np.float64)
     others = -np.delete(lp, true_index)
@@ -294,7 +297,8 @@ def extrapolated_exposure(logp, true_index: int = 0, fit: tuple[float, float, fl
         if np.ptp(others) == 0:
             return float("nan")
         fit = skewnorm_fit(others)
-    return max(0.0, -skewnorm_logcdf(-lp[true_index], *fit) / math.log(2))
+    bits = -skewnorm_logcdf(-lp[true_index], *fit) / math.log(2)
+    return max(0.0, bits) if math.isfinite(bits) else float("nan")  # NaN: the fit cannot place the secret
 
 
 @dataclass

@@ -70,8 +70,13 @@ class RunContext:
         return (self.extra.get("model") or {}).get("weights") == "random" or self.model == "tiny"
 
 
+ORDER = ("convert", "kill_switch", "null_test")  # `run --experiment all` runs them in this order
+
+
 def load_all() -> dict[str, Callable]:
-    """Import the experiment modules so they register themselves."""
+    """Import the experiment modules so they register themselves; the dict is in `ORDER` (then any other, by
+    name), whatever order the modules were first imported in."""
     from . import demo, kill_switch, null  # noqa: F401
 
-    return EXPERIMENTS
+    rank = {n: i for i, n in enumerate(ORDER)}
+    return dict(sorted(EXPERIMENTS.items(), key=lambda kv: (rank.get(kv[0], len(ORDER)), kv[0])))

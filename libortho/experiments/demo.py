@@ -8,7 +8,7 @@ import torch
 from ..config import OrthoConfig
 from ..convert import orthogonalize_
 from ..data import calibration_batches, load_text
-from ..modules import cache_base_, set_alpha
+from ..modules import cache_base_, input_device, set_alpha
 from ..models import load_model
 from ..perplexity import Protocol, encode, perplexity
 from . import RunContext, register
@@ -20,7 +20,7 @@ CALIB_CHARS, CALIB_SLICES, CALIB_SEEDED_FROM = 16 * 256 * 8, 8, 400_000
 
 @torch.no_grad()
 def greedy(model, tokenizer, prompt: str, new_tokens: int = 24) -> str:
-    ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False).input_ids.to(next(model.parameters()).device)
+    ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False).input_ids.to(input_device(model))
     out = model.generate(ids, max_new_tokens=new_tokens, do_sample=False, pad_token_id=tokenizer.eos_token_id)
     return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
 
