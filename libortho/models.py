@@ -55,11 +55,33 @@ def embedded_gguf() -> Path:
     return path
 
 
+def _readable_safetensors(path: Path) -> bool:
+    """The header parses and the file is as long as the header says (a cut-off copy is not)."""
+    import json
+    import struct
+
+    try:
+        with open(path, "rb") as f:
+            n = struct.unpack("<Q", f.read(8))[0]
+            header = json.loads(f.read(n))
+        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+        return path.stat().st_size >= 8 + n + end
+    except (OSError, ValueError, struct.error, KeyError, TypeError):
+        return False
+
+
 def embedded_dir() -> Path:
     """Safetensors copy of the embedded default, converted from GGUF once (about 40 s) and cached."""
     out = cache_dir() / "smollm2-135m-instruct"
     if (out / "config.json").is_file() and (out / "model.safetensors").is_file():
-        return out
+        if _readable_safetensors(out / "model.safetensors"):
+            return out
+        import shutil
+        import sys
+
+        print(f"libortho: the cached embedded model {out} is truncated or unreadable; rebuilding it from the GGUF",
+              file=sys.stderr)
+        shutil.rmtree(out, ignore_errors=True)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     gguf = embedded_gguf()

@@ -52,9 +52,11 @@ def resolve_group_size(group_size: int | None, in_features: int, pad: bool = Fal
     if not isinstance(group_size, int) or group_size <= 0:
         raise ValueError(f"group_size must be a positive int, -1 or None, got {group_size!r}")
     if in_features % group_size and not pad:
+        fits = [g for g in (128, 64, 32, 16) if in_features % g == 0]
         raise ValueError(
             f"group_size {group_size} does not divide in_features {in_features}; "
-            f"use a divisor of {in_features} (e.g. 32, 64), group_size=-1 (per channel) or pad=True"
+            f"use a divisor of {in_features}" + (f" (e.g. {', '.join(map(str, fits))})" if fits else "")
+            + ", group_size=-1 (per channel) or pad=True"
         )
     return group_size
 
@@ -147,6 +149,10 @@ def quantize(
         scales, zeros = quant_params(w, gs, symmetric, dtype)
     else:
         scales, zeros = _search_clip(w, gs, symmetric, dtype)
+    for what, t in (("scales", scales), ("zeros", zeros)):
+        if t is not None and not torch.isfinite(t).all():  # e.g. weights near 3e38 give a range of inf in fp32
+            raise ValueError(f"the INT4 {what} overflow {dtype} (largest |weight| {w.abs().max().item():.3g}): the "
+                             "weights are too large to quantize; rescale them or store the scales in float32")
     codes = quantize_codes(w, scales, zeros, gs)
     return QuantizedTensor(pack_int4(codes), scales, zeros, gs, (out_f, in_f))
 

@@ -145,3 +145,19 @@ def test_bits_that_cannot_be_applied_are_refused(tmp_path):
         load_model(str(gguf), bits=4)
     with pytest.raises(ValueError, match="bits must be 4, 8 or None"):
         load_model("tiny", bits=3)
+
+
+def test_truncated_embedded_cache_is_detected(tmp_path):
+    """A cut-off copy of the cached embedded model is noticed (and rebuilt by embedded_dir), a whole one is not."""
+    import torch
+    from safetensors.torch import save_file
+
+    from libortho.models import _readable_safetensors
+
+    f = tmp_path / "model.safetensors"
+    save_file({"w": torch.zeros(64, 64)}, f)
+    assert _readable_safetensors(f)
+    f.write_bytes(f.read_bytes()[:-100])
+    assert not _readable_safetensors(f)
+    f.write_bytes(b"\x00" * 4)
+    assert not _readable_safetensors(f)

@@ -96,3 +96,16 @@ def test_bits_per_weight():
 def test_dequantize_function_matches_method():
     qt = quantize(torch.randn(8, 64), 32)
     assert torch.equal(dequantize(qt), qt.dequantize())
+
+
+def test_huge_weights_refused_not_infinite_scales():
+    w = torch.full((4, 64), 3e38)
+    w[:, ::2] = -3e38  # the range (6e38) overflows float32
+    with pytest.raises(ValueError, match="overflow"):
+        quantize(w, 32, symmetric=False)
+    quantize(w / 1e30, 32, symmetric=False)  # control: the same pattern at a sane scale quantizes
+
+
+def test_divisor_hint_names_real_divisors():
+    with pytest.raises(ValueError, match=r"divisor of 96 \(e\.g\. 32, 16\)"):
+        quantize(torch.randn(4, 96), 64)
