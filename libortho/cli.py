@@ -225,17 +225,10 @@ def _text(a, facts: dict) -> str:
             facts["text"] = {"requested": "wikitext", "used": "default", "fallback": reason}
             return "default"
     elif a.text != "default":
-        path = Path(a.text)
-        if path.is_dir():
-            raise UsageError(f"--text {a.text}: is a directory; pass a UTF-8 text file")
-        if not path.is_file():
-            raise UsageError(f"--text {a.text}: no such file")
         try:
-            body = path.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as e:
-            raise UsageError(f"--text {a.text}: cannot read as UTF-8 text ({e.__class__.__name__})") from None
-        if not body.strip():
-            raise UsageError(f"--text {a.text}: the file is empty")
+            data.load_text(a.text)  # the same checks the experiments' read makes, now, in one line
+        except (OSError, ValueError) as e:
+            raise UsageError(f"--text {a.text}: {_one_line(e)}") from None
     facts["text"] = {"requested": a.text, "used": a.text}
     return a.text
 

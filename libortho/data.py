@@ -81,11 +81,11 @@ def load_text(source: str | os.PathLike = "default") -> Text:
     if path.is_dir():
         raise IsADirectoryError(f"text {path} is a directory; pass a UTF-8 text file")
     if not path.is_file():
-        raise FileNotFoundError(f"text file {path} not found")
+        raise FileNotFoundError(f"text file {path}: no such file")
     try:
         text = path.read_text(encoding="utf-8")
     except (UnicodeDecodeError, OSError) as e:
-        raise ValueError(f"cannot read {path} as UTF-8 text: {e}") from None
+        raise ValueError(f"{path}: cannot read as UTF-8 text ({e.__class__.__name__})") from None
     if not text.strip():
         raise ValueError(f"text file {path} is empty")
     return Text(f"file:{path}", text)
