@@ -216,7 +216,7 @@ def _text(a, facts: dict) -> str:
                 continue
             raise UsageError(f"the {what} text {path} is missing; {data.INSTALL_HINT}")
     if a.text == "wikitext":
-        from .models import hub_unreachable
+        from .hub import hub_unreachable
 
         reason = hub_unreachable()
         if reason:

@@ -58,8 +58,8 @@ def fortunes() -> Text:
 
 def wikitext(split: str = "test") -> Text:
     """WikiText-2 raw through `datasets`, for users who can reach it; fails at once (ConnectionError) when the
-    hub does not answer within a few seconds (`models.hub_unreachable`), instead of `datasets`' retries."""
-    from .models import hub_unreachable
+    hub does not answer within a few seconds (`hub.hub_unreachable`), instead of `datasets`' retries."""
+    from .hub import hub_unreachable
 
     reason = hub_unreachable()
     if reason:

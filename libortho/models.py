@@ -11,23 +11,19 @@ import importlib.util
 import json
 import os
 import sys
-import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from urllib.parse import urlparse
 
 import torch
+
+from .hub import go_offline, hub_unreachable  # noqa: F401  (re-exported: models.resolve and its callers)
+from .plan import TINY_CONFIG
 
 EMBEDDED = "smollm2-135m"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 TINY = "tiny"
-# The tiny random Llama's shape (the same layout as Llama 3); vocab is the embedded tokenizer's.
-TINY_CONFIG = dict(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-                   tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=2)
 # config.json key that marks a checkpoint of random weights (written by libortho's random-checkpoint writer)
 RANDOM_WEIGHTS_KEY = "libortho_random_weights"
-HUB_PROBE_S = 3.0
 WEIGHT_GLOBS = ("*.safetensors", "pytorch_model*.bin", "*.safetensors.index.json")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json")
 
@@ -120,64 +116,6 @@ def tiny_llama(seed: int = 0, vocab_size: int | None = None, hidden_size: int = 
                          "num_hidden_layers": layers})
     torch.manual_seed(seed)
     return LlamaForCausalLM(cfg).eval()
-
-
-# -- the hub ------------------------------------------------------------------------------------------------
-
-_HUB: dict = {}  # the one probe of this process: {"reason": str | None}
-
-
-def _truthy(v: str | None) -> bool:
-    return (v or "").strip().upper() in ("1", "ON", "YES", "TRUE")
-
-
-def go_offline() -> None:
-    """Switch this process to Hugging Face offline mode, also in hub libraries imported already (they read the
-    environment once, at import): no request is made, nothing retries."""
-    os.environ["HF_HUB_OFFLINE"] = "1"
-    if "huggingface_hub.constants" in sys.modules:
-        sys.modules["huggingface_hub.constants"].HF_HUB_OFFLINE = True
-    if "datasets.config" in sys.modules:
-        cfg = sys.modules["datasets.config"]
-        cfg.HF_HUB_OFFLINE = cfg.HF_DATASETS_OFFLINE = True
-
-
-def hub_unreachable(timeout_s: float | None = None) -> str | None:
-    """None when the Hugging Face hub answers, else why not (offline mode set, or no answer within `timeout_s`).
-
-    Probes once per process (a TCP connection to the endpoint's port 443, DNS included, bounded by a thread
-    join); when the hub does not answer, sets offline mode for the rest of the process (`go_offline`).
-    """
-    if _truthy(os.environ.get("HF_HUB_OFFLINE")) or _truthy(os.environ.get("TRANSFORMERS_OFFLINE")):
-        go_offline()
-        return _HUB.get("reason") or "HF_HUB_OFFLINE is set"
-    if "reason" in _HUB:
-        return _HUB["reason"]
-    timeout_s = HUB_PROBE_S if timeout_s is None else timeout_s
-    host = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co").hostname or "huggingface.co"
-    err: list = []
-
-    def probe():
-        import socket
-
-        try:
-            socket.create_connection((host, 443), timeout=timeout_s).close()
-        except OSError as e:
-            err.append(e)
-
-    t = threading.Thread(target=probe, daemon=True)
-    t.start()
-    t.join(timeout_s)  # getaddrinfo ignores the socket timeout: the join bounds it
-    if t.is_alive():
-        reason = f"{host}:443 did not answer within {timeout_s:g} s"
-    elif err:
-        reason = f"{host}:443 unreachable ({err[0].__class__.__name__}: {err[0]})"
-    else:
-        reason = None
-    _HUB["reason"] = reason
-    if reason:
-        go_offline()
-    return reason
 
 
 # -- resolving a source without loading it ---------------------------------------------------------------------

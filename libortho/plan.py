@@ -54,6 +54,10 @@ KNOWN_CONFIGS = {
                                                tie_word_embeddings=True, max_position_embeddings=8192,
                                                rms_norm_eps=1e-5, rope_theta=100000.0, bos_token_id=1, eos_token_id=2),
 }
+# The tiny random Llama's shape (the same layout as Llama 3); vocab is the embedded tokenizer's.
+TINY_CONFIG = dict(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                   tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=2)
 ALIASES = {"smollm2-135m": "HuggingFaceTB/SmolLM2-135M-Instruct"}
 
 
@@ -69,13 +73,11 @@ class LlamaShape(SimpleNamespace):
 def model_config(model: str):
     """The config of `model` without downloading weights: known ids and `tiny` need no network (and no
     transformers import, which alone takes seconds), local dirs and .gguf files are read, other ids fetched
-    (offline at once when the hub does not answer: `models.hub_unreachable`)."""
+    (offline at once when the hub does not answer: `hub.hub_unreachable`)."""
     key = ALIASES.get(model, model)
     if key in KNOWN_CONFIGS:
         return LlamaShape(**KNOWN_CONFIGS[key])
     if key == "tiny":
-        from .models import TINY_CONFIG
-
         return LlamaShape(**TINY_CONFIG)
     from transformers import AutoConfig
 
@@ -86,7 +88,7 @@ def model_config(model: str):
         return AutoConfig.from_pretrained(p.parent, gguf_file=p.name)
     if p.suffix == ".gguf" or model.startswith(("/", ".")):
         raise FileNotFoundError(f"model {model} not found")
-    from .models import hub_unreachable
+    from .hub import hub_unreachable
 
     hub_unreachable()  # when the hub does not answer: offline mode, so AutoConfig reads the cache or fails now
     try:

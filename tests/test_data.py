@@ -41,12 +41,12 @@ def test_wikitext_unreachable_hub_fails_in_seconds(monkeypatch):
     import socket
     import time
 
-    from libortho import models
+    from libortho import hub
 
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
-    monkeypatch.setattr(models, "_HUB", {})
-    monkeypatch.setattr(models, "HUB_PROBE_S", 0.5)
+    monkeypatch.setattr(hub, "_HUB", {})
+    monkeypatch.setattr(hub, "HUB_PROBE_S", 0.5)
     monkeypatch.setattr(socket, "create_connection", lambda *a, **k: time.sleep(30))
     t = time.perf_counter()
     with pytest.raises(ConnectionError, match="unreachable"):

@@ -5,7 +5,7 @@ import time
 import pytest
 import torch
 
-from libortho import models
+from libortho import hub, models
 from libortho.models import (LOAD_LOG, RANDOM_WEIGHTS_KEY, embedded_dir, hub_unreachable, load_model, model_facts,
                              resolve, tiny_llama)
 
@@ -92,7 +92,7 @@ def fresh_hub(monkeypatch):
     """No offline flag, no cached probe; restores both (the probe may switch the process offline)."""
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
-    monkeypatch.setattr(models, "_HUB", {})
+    monkeypatch.setattr(hub, "_HUB", {})
     import huggingface_hub.constants as c
 
     monkeypatch.setattr(c, "HF_HUB_OFFLINE", False)
