@@ -24,7 +24,7 @@ import torch
 
 from bench.kernel_cases import DENSITY, GROUP, IMPLS, SHAPES, rotated_calls
 from bench.thresholds import load as load_thresholds
-from libortho.gpu import now_utc
+from bench.measure import now_utc
 
 
 RESULTS: dict[tuple, dict] = {}

@@ -23,7 +23,8 @@ import os
 import pytest
 import torch
 
-from libortho.gpu import GIB, NvmlPoller, measure_copy_bandwidth, now_utc, profiles
+from bench.measure import measure_copy_bandwidth, now_utc
+from libortho.gpu import GIB, NvmlPoller, profiles
 from bench.thresholds import load as load_thresholds
 
 PROFILES = profiles()
