@@ -14,8 +14,6 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-
 from .hub import go_offline, hub_unreachable  # noqa: F401  (re-exported: models.resolve and its callers)
 from .plan import TINY_CONFIG
 
@@ -34,7 +32,7 @@ def cache_dir() -> Path:
 
 @dataclass
 class Loaded:
-    model: torch.nn.Module
+    model: "torch.nn.Module"
     tokenizer: object
     name: str
     source: str
@@ -82,6 +80,8 @@ def embedded_dir() -> Path:
 
     gguf = embedded_gguf()
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    import torch
+
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     from safetensors.torch import save_file
 
@@ -114,6 +114,8 @@ def tiny_llama(seed: int = 0, vocab_size: int | None = None, hidden_size: int = 
     cfg = LlamaConfig(**{**TINY_CONFIG, "vocab_size": vocab_size or TINY_CONFIG["vocab_size"],
                          "hidden_size": hidden_size, "intermediate_size": 2 * hidden_size,
                          "num_hidden_layers": layers})
+    import torch
+
     torch.manual_seed(seed)
     return LlamaForCausalLM(cfg).eval()
 
@@ -256,7 +258,7 @@ def _quantized_linears(model) -> int:
     return sum(type(m).__name__ in ("Linear4bit", "Linear8bitLt") for m in model.modules())
 
 
-def load_model(source: str = EMBEDDED, dtype: torch.dtype = torch.float32, device: str = "cpu",
+def load_model(source: str = EMBEDDED, dtype: "torch.dtype | None" = None, device: str = "cpu",
                bits: int | None = None) -> Loaded:
     """Load `source`: 'smollm2-135m', 'tiny', a .gguf file, a local directory or a Hugging Face id.
 
@@ -267,8 +269,10 @@ def load_model(source: str = EMBEDDED, dtype: torch.dtype = torch.float32, devic
     Returns:
         Loaded; the call is also appended to LOAD_LOG.
     """
+    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    dtype = torch.float32 if dtype is None else dtype
     s = str(source)
     kind = ("embedded" if s == EMBEDDED else "tiny" if s == TINY else "gguf" if s.endswith(".gguf")
             else "dir" if Path(s).is_dir() else "hub")

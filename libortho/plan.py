@@ -10,8 +10,6 @@ from dataclasses import dataclass, field
 from types import SimpleNamespace
 from pathlib import Path
 
-import torch
-
 from .llama import is_target, LLAMA_LINEARS
 
 GIB = 1024**3
@@ -125,6 +123,8 @@ def count_params(config) -> ParamCount:
     if isinstance(config, LlamaShape):
         return llama_param_count(config)
     from transformers import AutoModelForCausalLM
+
+    import torch
 
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
