@@ -17,6 +17,10 @@ def gpu_profiles() -> dict[str, dict]:
 def pytest_addoption(parser):
     parser.addoption("--model", default=None,
                      help="GPU benchmarks: also measure this model (HF id, local dir, .gguf, smollm2-135m)")
+    # here, not in bench/conftest.py: a plain `pytest --candidate X` (testpaths) reads only this file's options
+    parser.addoption("--candidate", default="ortho_tuned",
+                     help="Experiment 1: the arm tested as the switch (ortho_tuned, lora: claims hold; delta, "
+                          "int4_of_fine_tuned, nf4_of_fine_tuned, posthoc_*: claims fail)")
 
 
 def pytest_configure(config):

@@ -1,7 +1,8 @@
 """python -m libortho {run, check-gpu, plan}: the user's front door.
 
-Exit codes: 0 done; 1 an experiment failed (what finished is saved, status "failed: ..."); 2 bad input (one
-line on stderr, checked before any computation); 3 out of memory (saved, status "failed: out of memory in
+Exit codes: 0 done; 1 an experiment failed (what finished is saved, status "failed: ...") or a claim it decides
+did not hold (status "complete", the claims in "claims_failed"); 2 bad input (one line on stderr, checked
+before any computation); 3 out of memory (saved, status "failed: out of memory in
 <step> (peak X GiB)"); 130 interrupted by Ctrl-C (saved, status "interrupted").
 """
 from __future__ import annotations
@@ -67,6 +68,9 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--seed", type=_seed, default=0, help="0 to 2**32-1 (default 0)")
     r.add_argument("--num-canaries", type=int, default=None)
     r.add_argument("--canary-format", choices=["plain", "chat"], default="plain")
+    r.add_argument("--candidate", default=None,
+                   help="experiment 1: the arm tested as the kill switch (default ortho_tuned); its claims decide "
+                        "the exit code (a negative control such as delta or int4_of_fine_tuned exits 1)")
     r.add_argument("--text", default="default",
                    help="evaluation text: default (the Jargon File, Debian jargon-text), wikitext (WikiText-2 test; "
                         "when the hub does not answer within 3 s the run says so and uses the default text), or a "
@@ -262,6 +266,14 @@ def prepare(a) -> _Run:
     missing = [w for w in wanted if w not in experiments]
     if missing:
         raise UsageError(f"experiment {missing[0]} is not available in this version")
+    if a.candidate is not None:
+        from .experiments.kill_switch import CANDIDATES
+
+        if "kill_switch" not in wanted:
+            raise UsageError(f"--candidate {a.candidate}: applies to experiment 1 (--experiment 1 or all)")
+        if a.candidate not in CANDIDATES:
+            raise UsageError(f"--candidate {a.candidate}: not a candidate arm; choose from {', '.join(CANDIDATES)}")
+        facts["candidate"] = a.candidate  # experiment 1 reads it from ctx.extra
     key = ALIASES.get(a.model, a.model)
     known = LlamaShape(**KNOWN_CONFIGS[key]) if key in KNOWN_CONFIGS else None
     try:
@@ -307,14 +319,32 @@ def _verdicts(d: dict, prefix: str = "") -> list[tuple[str, bool]]:
 def summary_line(key: str, section: dict) -> str | None:
     """One line per experiment from its "claims" or "acceptance" block: how many checks hold, which do not."""
     for block in ("claims", "acceptance"):
-        if isinstance(section, dict) and isinstance(section.get(block), dict):
+        if isinstance(section, dict) and isinstance(section.get(block), list):  # [{"name", "passed", ...}]
+            v = [(c["name"], bool(c["passed"])) for c in section[block]]
+        elif isinstance(section, dict) and isinstance(section.get(block), dict):
             v = _verdicts(section[block])
-            if not v:
-                return None
-            failed = [n for n, ok in v if not ok]
-            return (f"{key} {block}: {len(v) - len(failed)} of {len(v)} met"
-                    + (f"; not met: {', '.join(failed)}" if failed else ""))
+        else:
+            continue
+        if not v:
+            return None
+        failed = [n for n, ok in v if not ok]
+        return (f"{key} {block}: {len(v) - len(failed)} of {len(v)} met"
+                + (f"; not met: {', '.join(failed)}" if failed else ""))
     return None
+
+
+def claims_failed(payload: dict) -> list[str]:
+    """"<section>.<claim>" of every claim a section's "claims" block decides and that did not hold."""
+    out = []
+    for key, section in payload.items():
+        if not isinstance(section, dict):
+            continue
+        claims = section.get("claims")
+        if isinstance(claims, list):
+            out += [f"{key}.{c['name']}" for c in claims if not c.get("passed")]
+        elif isinstance(claims, dict):
+            out += [f"{key}.{n}" for n, ok in _verdicts(claims) if not ok]
+    return out
 
 
 def _save(path: Path, payload: dict) -> None:
@@ -405,6 +435,11 @@ def execute(run: _Run) -> int:
         run.meter.stop()
         facts["memory"] = run.meter.report()
         payload["status"] = status
+        _save(path, payload)
+    failed = claims_failed(payload) if rc == 0 else []
+    if failed:  # the run is complete; what it claims does not hold
+        rc, msg = 1, f"claims not met: {', '.join(failed)} (saved in {path})"
+        payload["claims_failed"] = failed
         _save(path, payload)
     if rc:
         print(f"libortho: {'error: ' if rc != 130 else ''}{msg}", file=sys.stderr)

@@ -249,6 +249,10 @@ def load_public(name: str = PUBLIC, device: str = "cpu", bits: int | None = None
             raise ValueError(f"{PUBLIC} (the derived public model) loads in full precision; drop bits={bits}")
         loaded, facts = derive(recipe, progress)
         loaded.model.to(device)
+        from .models import LOAD_LOG
+
+        LOAD_LOG.append({"source": f"{PUBLIC} (derived off the grid, {facts['key']})", "bits": None,
+                         "dtype": "float32", "device": str(device), "quantized_linears": 0})
         return loaded, {"public_model": "derived off the 4-bit grid", **facts}
     if name == Q4:
         loaded = load_model(EMBEDDED, device=device, bits=bits)

@@ -1,28 +1,49 @@
-"""Experiment 1: the privacy kill switch, measured with extraction, exposure and perplexity, against controls.
+"""Experiment 1: the privacy kill switch, decided by claims that can fail.
 
-Every arm sees the same canaries, the same general text, the same candidates and the same evaluation
-windows. Arms with a switch are swept over alpha; arms without one are reported under "1.0" (the
-model as built) only.
+Every arm sees the same canaries, the same general text, the same candidates, the same membership records
+and the same evaluation windows. Arms with a switch are swept over alpha; arms without one are reported
+under "1.0" (the model as built) only. Training runs a fixed budget (`TrainConfig(target=None)`): every canary
+is in every step, so a canary is inserted `max_steps` times; nothing trains "until extracted".
 
 | arm                  | what it is                                                                  |
 | -------------------- | --------------------------------------------------------------------------- |
-| never_trained        | the public model                                                            |
+| never_trained        | the public model (by default off the 4-bit grid: `libortho.public_model`)   |
+| int4_of_public       | INT4 RTN of the public model on the base grid (control of INT4-based arms)  |
+| nf4_of_public        | bitsandbytes NF4 of the public model (control of the NF4 arm)               |
 | fine_tuned           | full fine-tune of the public model on canaries + general text               |
-| int4_of_fine_tuned   | INT4 RTN of fine_tuned (the base grid below)                                 |
+| int4_of_fine_tuned   | INT4 RTN of fine_tuned (the base grid)                                      |
 | nf4_of_fine_tuned    | bitsandbytes NF4 of fine_tuned                                              |
 | posthoc_{hessian, magnitude, random} | orthogonalize_ of fine_tuned, mode posthoc, that score      |
 | delta                | orthogonalize_ of fine_tuned, mode delta: INT4(public) + top entries of the delta |
 | ortho_tuned          | libortho: frozen INT4(public) base, only a sparse ortho stream trained      |
 | lora                 | PEFT LoRA (r 8, alpha 32, dropout 0.1), alpha scales the adapter            |
 
-The INT4 grid is group 32 asymmetric for every arm: the embedded SmolLM2 weights come from a Q4_1
-GGUF (group-32 asymmetric 4-bit), so INT4(public) on that grid *is* the public model and alpha=0 of
-`ortho_tuned` equals `never_trained` bit for bit. On a model not published in 4-bit, alpha=0 is INT4 of
-the public weights, which differs from them by the usual quantization error.
+**Claims.** A candidate switch X is compared with its control `CONTROL_OF[X]`, the public model quantized
+the way X's alpha-0 weights are (ortho_tuned, delta, posthoc, int4_of_fine_tuned: `int4_of_public`; lora,
+fine_tuned: `never_trained`; nf4_of_fine_tuned: `nf4_of_public`). Each claim is a one-sided test on
+per-canary (or per-record) values with a 95% CI (`libortho.stats`, `libortho.mia`), thresholds from
+thresholds.toml as effect sizes:
+
+* `alpha0_exposure_no_higher`: skew-normal extrapolated exposure of X at alpha 0 is no more than
+  `alpha0_exposure_margin_bits` above the control's (paired per canary; median of the differences, its
+  upper 95% bootstrap bound and the Wilcoxon p; the median because a skew-normal tail fitted to a few dozen
+  candidates can put one canary at thousands of bits).
+* `alpha0_extraction_no_higher`: greedy extraction rate at alpha 0 no more than `alpha0_extraction_margin`
+  above the control's (MOVER Clopper-Pearson).
+* `alpha0_mia_auc_no_higher`: membership inference (loss ratio to the public model) of the trained canaries
+  against held-out canaries: AUC at alpha 0 no more than `alpha0_mia_auc_margin` above the control's (DeLong).
+* `alpha1_exposure_gain`: extrapolated exposure at alpha 1 above that at alpha 0 by more than
+  `alpha1_exposure_gain_bits` (median of the paired differences; the switch switches something on).
+* `alpha1_extraction_above_control`: extraction at alpha 1 above the control's by more than
+  `alpha1_extraction_gain`.
+
+An arm without a switch is the same model at "alpha 0" and "alpha 1", so it can pass the alpha-0 claims only
+by leaking nothing and the alpha-1 claims only by leaking: it passes both only if nothing was learned.
 """
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import math
 import os
@@ -32,6 +53,7 @@ import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -40,41 +62,80 @@ from ..config import OrthoConfig
 from ..convert import orthogonalize_
 from ..data import calibration_batches, load_text
 from ..hf import load as load_checkpoint
-from ..models import load_model
+from ..mia import attack_metrics, auc_claim, record_scores, token_stats
 from ..modules import cache_base_, set_alpha, state_without_tied
 from ..perplexity import Protocol, encode, perplexity
-from ..privacy import make_canaries, measure
+from ..privacy import exposure_from_logprobs, extrapolated_exposure, make_canaries, measure, prepare_candidates
+from ..public_model import load_public
 from ..results import save_figure
+from ..stats import no_higher_claim, paired_claim, power_report, proportion_claim, summarize
 from ..train import (LoraSpec, OrthoTuneConfig, TrainConfig, cache_path, cached, canary_loss, full_finetune_,
-                     general_ids, lora_finetune_, lora_wrap, set_lora_alpha, until_extracted)
+                     general_ids, lora_finetune_, lora_wrap, set_lora_alpha)
 from . import RunContext, register
 
-ARMS = ("never_trained", "fine_tuned", "int4_of_fine_tuned", "nf4_of_fine_tuned", "posthoc_hessian",
-        "posthoc_magnitude", "posthoc_random", "delta", "ortho_tuned", "lora")
-MAIN_ARMS = ("never_trained", "fine_tuned", "ortho_tuned")
+ARMS = ("never_trained", "int4_of_public", "nf4_of_public", "fine_tuned", "int4_of_fine_tuned", "nf4_of_fine_tuned",
+        "posthoc_hessian", "posthoc_magnitude", "posthoc_random", "delta", "ortho_tuned", "lora")
+CONTROLS = ("never_trained", "int4_of_public", "nf4_of_public")
 SWITCHED = ("posthoc_hessian", "posthoc_magnitude", "posthoc_random", "delta", "ortho_tuned", "lora")
-ALPHAS = (0.0, 0.25, 0.5, 0.75, 1.0)
+CONTROL_OF = {"ortho_tuned": "int4_of_public", "lora": "never_trained", "delta": "int4_of_public",
+              "posthoc_hessian": "int4_of_public", "posthoc_magnitude": "int4_of_public",
+              "posthoc_random": "int4_of_public", "int4_of_fine_tuned": "int4_of_public",
+              "nf4_of_fine_tuned": "nf4_of_public", "fine_tuned": "never_trained"}
+CANDIDATES = tuple(CONTROL_OF)  # arms `--candidate` may name
+MUST_PASS = ("ortho_tuned", "lora")  # switches: every claim holds
+MUST_FAIL = ("delta", "int4_of_fine_tuned", "nf4_of_fine_tuned", "posthoc_hessian", "posthoc_magnitude",
+             "posthoc_random", "fine_tuned")  # negative controls: at least one claim fails
+ALPHAS = (0.0, 0.05, 0.1, 0.25, 0.5, 1.0)
+CLAIMS = ("alpha0_exposure_no_higher", "alpha0_extraction_no_higher", "alpha0_mia_auc_no_higher",
+          "alpha1_exposure_gain", "alpha1_extraction_above_control")
+MIA_ATTACKS = ("ref_ratio", "min_k_pp", "loss")  # kept per record in the JSON; the claim uses the first
+MIA_FPR = 0.01
 
 
 @dataclass(frozen=True)
 class Size:
-    """How big a run is. `FULL` is the acceptance size; the `make test` sizes are in bench/."""
+    """How big a run is. `FULL` is the acceptance size (per seed); `SMALL` holds the `make test` sizes.
 
-    num_canaries: int = 20
-    n_candidates: int = 1000  # |R|, true secret included
+    Args:
+        name: which thresholds apply (`thresholds.toml` [exp1_kill_switch] and its [.small] overrides).
+        num_canaries: trained canaries (members); num_holdout: canaries of the same format never trained on
+            (non-members of membership inference).
+        n_candidates: |R| of every exposure; n_candidates_decisive: |R| of the candidate switch at alpha 0 and
+            of its control, where the alpha-0 claims are decided.
+        finetune, ortho, lora: fixed training budgets (target None: no early stop).
+    """
+
+    name: str = "full"
+    num_canaries: int = 100
+    num_holdout: int = 100
+    n_candidates: int = 1000
+    n_candidates_decisive: int = 10_000
     groups: tuple[int, ...] = (4, 4, 4)  # digits of the secret: 1914-0122-1485
     ppl: Protocol = Protocol(max_length=512, stride=512, max_tokens=8192)
     calib: tuple[int, int] = (16, 256)  # calibration batches x tokens (public fortunes)
     density: float = 0.01
     group_size: int = 32
     symmetric: bool = False
-    # learning rates measured on SmolLM2-135M, 20 canaries: every run reaches 20/20 in 35-85 steps. Ortho-tuning
-    # at 3e-3 overshoots (alpha-1 ppl 20.34); 1e-3, LoRA's rate, gives 18.14 (results/exp1_ortho_sweep.json)
-    finetune: TrainConfig = TrainConfig(lr=1e-4, max_steps=300, check_every=5)
-    ortho: TrainConfig = TrainConfig(lr=1e-3, max_steps=300, check_every=5)
-    lora: TrainConfig = TrainConfig(lr=1e-3, max_steps=300, check_every=5)
+    # lrs from results/exp1_ortho_sweep.json (SmolLM2, 20 canaries): 1e-3 for ortho-tuning and LoRA, 1e-4 full FT.
+    # Budgets: 100 steps = 100 insertions of each canary (the former until-extracted runs stopped at 35-85).
+    finetune: TrainConfig = TrainConfig(lr=1e-4, max_steps=100, check_every=100, target=None)
+    ortho: TrainConfig = TrainConfig(lr=1e-3, max_steps=100, check_every=100, target=None)
+    lora: TrainConfig = TrainConfig(lr=1e-3, max_steps=100, check_every=100, target=None)
     alphas: dict = field(default_factory=dict)  # arm -> alphas, overriding ALPHAS
-    chunk: int = 256  # candidates per forward pass
+    arms: tuple[str, ...] = ARMS  # what `run` measures at this size
+    chunk: int = 1024  # candidates per forward pass (|R| = 1000 in one; 1024 x 14 tokens x 49152 fp32 logits: 2.8 GB)
+    mia_k: float = 0.2  # Min-K% share
+
+    def __post_init__(self):
+        if self.num_canaries < 2 or self.num_holdout < 2:
+            raise ValueError(f"need >= 2 canaries and >= 2 held-out canaries, got {self.num_canaries} and "
+                             f"{self.num_holdout}")
+        if not 2 <= self.n_candidates <= self.n_candidates_decisive:
+            raise ValueError(f"need 2 <= n_candidates <= n_candidates_decisive, got {self.n_candidates} and "
+                             f"{self.n_candidates_decisive}")
+        unknown = set(self.arms) - set(ARMS)
+        if unknown:
+            raise ValueError(f"unknown arms {sorted(unknown)}; choose from {ARMS}")
 
     def alphas_for(self, arm: str) -> tuple[float, ...]:
         if arm not in SWITCHED:
@@ -91,35 +152,115 @@ FULL = Size()
 
 
 def _quick(lr: float, max_steps: int) -> TrainConfig:
-    return TrainConfig(lr=lr, max_steps=max_steps, check_every=2, general_chunks=1, general_length=32)
+    return TrainConfig(lr=lr, max_steps=max_steps, check_every=max_steps, target=None, general_chunks=1,
+                       general_length=32)
 
 
 # The small sizes: `make test`, and `run` on a CPU unless `--size full`. The acceptance size is FULL.
-# SmolLM2's ortho rate: 3e-3 and 1e-2 both reach 3/3 in 14 steps; alpha-1 ppl 34.7 vs 151.4 (2 CPU cores).
 SMALL = {
-    # the tiny model is random: it is here to run every arm end to end, not to memorize
-    "tiny": Size(num_canaries=2, n_candidates=8, groups=(4, 4), ppl=Protocol(128, 128, 128), calib=(2, 32),
-                 finetune=_quick(3e-3, 4), ortho=_quick(3e-2, 4), lora=_quick(1e-2, 4), chunk=8),
-    "smollm2-135m": Size(num_canaries=3, n_candidates=16, groups=(4, 4), ppl=Protocol(256, 256, 256),
-                         calib=(2, 64), density=0.02, finetune=_quick(3e-4, 30), ortho=_quick(3e-3, 40),
-                         lora=_quick(3e-3, 30),
-                         alphas={"ortho_tuned": (0.0, 1.0)}, chunk=16),
+    # the tiny model is random: it runs every arm end to end and memorizes at a high learning rate
+    "tiny": Size(name="small", num_canaries=8, num_holdout=8, n_candidates=32, n_candidates_decisive=32,
+                 groups=(4, 4), ppl=Protocol(128, 128, 128), calib=(2, 32), density=0.02,
+                 finetune=_quick(1e-2, 30), ortho=_quick(3e-2, 30), lora=_quick(3e-2, 30), chunk=64),
+    "smollm2-135m": Size(name="small", num_canaries=8, num_holdout=8, n_candidates=32, n_candidates_decisive=32,
+                         groups=(4, 4), ppl=Protocol(256, 256, 256), calib=(2, 64), density=0.02,
+                         # 20 steps: full FT at 3e-4 extracts 8/8; ortho at 3e-3 2/8, at 1e-2 7/8 (2 CPU cores)
+                         finetune=_quick(3e-4, 20), ortho=_quick(1e-2, 20), lora=_quick(1e-2, 20),
+                         alphas={a: (0.0, 1.0) for a in SWITCHED}, chunk=64,
+                         arms=("never_trained", "int4_of_public", "fine_tuned", "int4_of_fine_tuned", "ortho_tuned")),
 }
+SMALL["smollm2-135m-q4"] = SMALL["smollm2-135m"]
+
+
+# ---------------------------------------------------------------------------------------------
+# measurement cache: every number depends on the weights, the size and the code that computes it
+
+_CODE = ("privacy.py", "mia.py", "perplexity.py", "quant.py", "linear.py", "baselines.py", "convert.py", "train.py",
+         "modules.py", "select.py", "sparse.py", "public_model.py", "config.py", "experiments/kill_switch.py")
+
+
+def code_fingerprint() -> str:
+    """Hash of the source files that compute the measurements (a change to any of them invalidates the cache)."""
+    import transformers
+
+    import libortho
+
+    root = Path(libortho.__file__).resolve().parent  # the package's own files
+    h = hashlib.sha256(f"{torch.__version__} {transformers.__version__}".encode())
+    for rel in _CODE:
+        h.update((root / rel).read_bytes())
+    for p in sorted((root / "kernels").glob("*.py")):
+        h.update(p.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def _json_num(x) -> float | None:
+    x = float(x)
+    return round(x, 6) if math.isfinite(x) else None
+
+
+def _tail_logcdf(x: float, a: float, loc: float, scale: float) -> float:
+    """log P(X <= x), X ~ skew-normal(a, loc, scale), deep in the left tail where quadrature underflows:
+    log f(x) - log (d/dx log f)(x), the first term of the asymptotic series of the tail integral."""
+    from scipy import special, stats
+
+    z = (x - loc) / scale
+    lf = float(stats.skewnorm.logpdf(x, a, loc, scale))
+    mills = math.exp(float(stats.norm.logpdf(a * z)) - float(special.log_ndtr(a * z)))  # phi(az) / Phi(az)
+    slope = (-z + a * mills) / scale  # d/dx log f(x) > 0 left of the mode
+    return lf - math.log(slope) if slope > 0 and math.isfinite(lf) else float("-inf")
+
+
+def extrapolated(lp: np.ndarray) -> float:
+    """`privacy.extrapolated_exposure` of one canary (true secret at index 0); where its tail integral underflows
+    (a secret far beyond every candidate), the asymptotic tail (`_tail_logcdf`). NaN if nothing to fit."""
+    from ..privacy import skewnorm_fit
+
+    if not np.ptp(lp[1:]) > 0:
+        return float("nan")
+    try:
+        e = extrapolated_exposure(lp)
+        if math.isfinite(e):
+            return e
+    except (ValueError, OverflowError):
+        pass
+    fit = skewnorm_fit(-lp[1:])
+    return max(0.0, -_tail_logcdf(-float(lp[0]), *fit) / math.log(2))
+
+
+def exposure_view(logprobs: list[np.ndarray], n: int) -> dict:
+    """Rank and extrapolated exposure of each canary over its first `n` candidates (the true secret first).
+
+    The candidates of |R| = n are the first n of any larger |R| (same seeded sequence), so one scoring at the
+    decisive |R| also gives the exposure at the smaller one."""
+    rank, ext = [], []
+    for lp in logprobs:
+        lp = np.asarray(lp[:n], dtype=np.float64)
+        rank.append(exposure_from_logprobs(torch.from_numpy(lp)))
+        ext.append(extrapolated(lp))
+    fin = [e for e in ext if math.isfinite(e)]
+    return {"exposure": [_json_num(e) for e in rank], "exposure_ext": [_json_num(e) for e in ext],
+            "mean_exposure": _json_num(sum(rank) / len(rank)),
+            "mean_exposure_ext": _json_num(sum(fin) / len(fin)) if fin else None}
 
 
 class KillSwitch:
     """One experiment: the public model, canaries and data loaded once; arms built and measured on demand."""
 
     def __init__(self, model: str = "smollm2-135m", size: Size = FULL, seed: int = 0, fmt: str = "plain",
-                 text: str = "default", device: str = "cpu", progress: bool = True, bits: int | None = None):
+                 text: str = "default", device: str = "cpu", progress: bool = True, bits: int | None = None,
+                 measure_cache: bool = True):
         torch.manual_seed(seed)
         self.source, self.size, self.seed, self.fmt, self.device, self.progress = model, size, seed, fmt, device, progress
-        loaded = load_model(model, device=device, bits=bits)
+        self.measure_cache = measure_cache
+        loaded, self.public_facts = load_public(model, device=device, bits=bits, progress=progress)
         self.public, self.tok, self.name = loaded.model, loaded.tokenizer, loaded.name
         for p in self.public.parameters():
             p.requires_grad_(False)
         self.pad_id = self.tok.pad_token_id if self.tok.pad_token_id is not None else self.tok.eos_token_id
-        self.canaries = make_canaries(self.tok, size.num_canaries, seed, fmt, size.groups)
+        # members and non-members from one draw: the same distribution (distinct users and secrets)
+        drawn = make_canaries(self.tok, size.num_canaries + size.num_holdout, seed, fmt, size.groups)
+        self.canaries, self.holdout = drawn[:size.num_canaries], drawn[size.num_canaries:]
         self.general = general_ids(self.tok)
         self.calib = calibration_batches(self.tok, *size.calib)
         self.text = load_text(text)
@@ -131,15 +272,18 @@ class KillSwitch:
         self.train_info: dict[str, dict] = {}
         self.seconds: dict[str, float] = {}
         self._ft_state = None
+        self._candidates: dict[int, list] = {}
+        self._reference = None
+        self._fingerprint = code_fingerprint() if measure_cache else None
         self.ocfg = OrthoTuneConfig(density=size.density, group_size=size.group_size, symmetric=size.symmetric,
                                     seed=seed, train=size.ortho)
 
     # -- cache keys ---------------------------------------------------------------------------
     def cache_key(self, kind: str, train: TrainConfig, **more) -> dict:
         """Everything that determines a trained arm's weights: its cache key."""
-        return {"kind": kind, "model": self.source, "seed": self.seed, "format": self.fmt,
-                "canaries": self.size.num_canaries, "groups": list(self.size.groups), "train": train.to_dict(),
-                "general": "fortunes@100000", **more}
+        return {"kind": kind, "model": self.source, "public": self.public_facts.get("key"), "seed": self.seed,
+                "format": self.fmt, "canaries": self.size.num_canaries, "holdout": self.size.num_holdout,
+                "groups": list(self.size.groups), "train": train.to_dict(), "general": "fortunes@100000", **more}
 
     def ortho_cache(self) -> Path:
         """Where the ortho-tuned arm is cached: a libortho checkpoint (save_pretrained) plus meta.json."""
@@ -157,12 +301,12 @@ class KillSwitch:
         if self._ft_state is None:
             def build():
                 m = self._copy_public()
-                hist = full_finetune_(m, self._loss(self.size.finetune), self.size.finetune, self.progress,
-                                      until_extracted(self.canaries))
+                hist = full_finetune_(m, self._loss(self.size.finetune), self.size.finetune, self.progress)
                 return state_without_tied(m), {"history": hist}
             state, meta, hit = cached("full_ft", self.cache_key("full_ft", self.size.finetune), build)
             self._ft_state = state
-            self.train_info["fine_tuned"] = {"steps": meta["history"]["steps"], "cached": hit}
+            self.train_info["fine_tuned"] = {"steps": meta["history"]["steps"], "cached": hit,
+                                             "final_loss": meta["history"]["loss"][-1]}
         m = self._copy_public()
         m.load_state_dict({k: v.to(self.device) for k, v in self._ft_state.items()}, strict=False)
         if getattr(m.config, "tie_word_embeddings", False):
@@ -180,13 +324,14 @@ class KillSwitch:
             except (ValueError, OSError) as e:  # a truncated entry: rebuild it
                 print(f"libortho: cache entry {d} is unreadable ({str(e)[:120]}); rebuilding it", file=sys.stderr)
                 shutil.rmtree(d, ignore_errors=True)
+                model = None
         if model is None:
             hit = False
             model = self._copy_public()
             orthogonalize_(model, self.ocfg, calibration=self.calib, loss_fn=self._loss(self.size.ortho),
-                           measure=until_extracted(self.canaries), progress=self.progress)
-            meta = {"history": {k: model.libortho_stats.get(k) for k in ("loss", "measure", "steps", "nnz",
-                                                                          "density")}, "config": self.ocfg.to_dict()}
+                           progress=self.progress)
+            meta = {"history": {k: model.libortho_stats.get(k) for k in ("loss", "steps", "nnz", "density")},
+                    "config": self.ocfg.to_dict()}
             tmp = d.with_name(d.name + f".tmp{os.getpid()}")
             model.save_pretrained(tmp)
             (tmp / "meta.json").write_text(json.dumps(meta, indent=1, default=str))
@@ -198,7 +343,8 @@ class KillSwitch:
         cache_base_(model)
         h = meta["history"]
         self.train_info["ortho_tuned"] = {"steps": h["steps"], "cached": hit, "nnz": h["nnz"],
-                                          "density": h["density"], "config": self.ocfg.to_dict()}
+                                          "density": h["density"], "final_loss": (h.get("loss") or [None])[-1],
+                                          "config": self.ocfg.to_dict()}
         return model.eval()
 
     def lora(self):
@@ -206,8 +352,7 @@ class KillSwitch:
 
         def build():
             m = lora_wrap(self._copy_public(), spec, self.seed)
-            hist = lora_finetune_(m, self._loss(self.size.lora), self.size.lora, self.progress,
-                                  until_extracted(self.canaries))
+            hist = lora_finetune_(m, self._loss(self.size.lora), self.size.lora, self.progress)
             return {k: v for k, v in m.state_dict().items() if "lora_" in k}, {"history": hist}
 
         state, meta, hit = cached("lora", self.cache_key("lora", self.size.lora, lora=spec.to_dict()), build)
@@ -216,7 +361,8 @@ class KillSwitch:
         if missing:
             raise ValueError(f"cached LoRA weights do not fit the model: {sorted(missing)[:3]}")
         m.load_state_dict({k: v.to(self.device) for k, v in state.items()}, strict=False)
-        self.train_info["lora"] = {"steps": meta["history"]["steps"], "cached": hit, "config": spec.to_dict()}
+        self.train_info["lora"] = {"steps": meta["history"]["steps"], "cached": hit, "config": spec.to_dict(),
+                                   "final_loss": meta["history"]["loss"][-1]}
         return m.eval()
 
     def _ortho_config(self, mode: str, score: str) -> OrthoConfig:
@@ -227,16 +373,16 @@ class KillSwitch:
         """(model, alpha setter or None) of `arm`."""
         if arm == "never_trained":
             return self._copy_public(), None
-        if arm == "fine_tuned":
-            return self.fine_tuned(), None
-        if arm == "int4_of_fine_tuned":
-            m = self.fine_tuned()
+        if arm in ("int4_of_public", "int4_of_fine_tuned"):
+            m = self._copy_public() if arm == "int4_of_public" else self.fine_tuned()
             int4_rtn_(m, self.size.group_size, self.size.symmetric)
             return m, None
-        if arm == "nf4_of_fine_tuned":
-            m = self.fine_tuned()
+        if arm in ("nf4_of_public", "nf4_of_fine_tuned"):
+            m = self._copy_public() if arm == "nf4_of_public" else self.fine_tuned()
             nf4_(m)
             return m, None
+        if arm == "fine_tuned":
+            return self.fine_tuned(), None
         if arm.startswith("posthoc_") or arm == "delta":
             m = self.fine_tuned()
             mode, score = ("delta", "hessian") if arm == "delta" else ("posthoc", arm.split("_", 1)[1])
@@ -251,60 +397,285 @@ class KillSwitch:
         raise ValueError(f"unknown arm {arm!r}; choose from {ARMS}")
 
     # -- measurement --------------------------------------------------------------------------
-    def evaluate(self, model) -> dict:
-        rep = measure(model, self.tok, self.canaries, self.size.n_candidates, self.seed, self.size.chunk,
-                      self.oom_events)
-        return {"extraction_rate": rep.extraction_rate, "mean_exposure": rep.mean_exposure,
-                "ppl": perplexity(model, self.eval_ids, self.size.ppl),
-                "extracted": sum(rep.extracted), "exposures": [round(e, 3) for e in rep.exposures]}
+    def candidates(self, n: int) -> list:
+        """The |R| = n candidates of every canary, tokenized once for all arms."""
+        if n not in self._candidates:
+            self._candidates[n] = prepare_candidates(self.tok, self.canaries, n, self.seed)
+        return self._candidates[n]
 
-    def measure_arm(self, arm: str, alphas: tuple[float, ...] | None = None) -> dict[str, dict]:
-        """Build `arm` and measure it at each alpha (memoized: a second call adds only missing alphas)."""
+    def records(self) -> list[list[int]]:
+        """Membership records: the trained canaries' full texts, then the held-out ones'."""
+        return [c.ids for c in self.canaries] + [c.ids for c in self.holdout]
+
+    def reference_stats(self):
+        """Token statistics of the membership records under the public model (the loss-ratio reference)."""
+        if self._reference is None:
+            self._reference = token_stats(self.public, self.records(), events=self.oom_events)
+        return self._reference
+
+    def evaluate(self, model, n_candidates: int | None = None) -> dict:
+        """Extraction, exposure (rank and extrapolated, at |R| = n_candidates and at the size's |R|), membership
+        inference and perplexity of `model` as it stands (alpha already set)."""
+        n = n_candidates or self.size.n_candidates
+        rep = measure(model, self.tok, self.canaries, n, self.seed, self.size.chunk, self.oom_events,
+                      candidates=self.candidates(n), extrapolate=False)
+        views = {str(r): exposure_view(rep.logprobs, r) for r in sorted({n, self.size.n_candidates})}
+        scores = record_scores(token_stats(model, self.records(), events=self.oom_events), self.reference_stats(),
+                               self.size.mia_k)
+        m = len(self.canaries)
+        mia = {a: attack_metrics(scores[a][:m], scores[a][m:], MIA_FPR, self.seed) for a in MIA_ATTACKS}
+        std = views[str(self.size.n_candidates)]
+        return {"extraction_rate": rep.extraction_rate, "extracted": [bool(x) for x in rep.extracted],
+                "mean_exposure": std["mean_exposure"], "mean_exposure_ext": std["mean_exposure_ext"],
+                "ppl": perplexity(model, self.eval_ids, self.size.ppl), "n_candidates": n, "by_R": views,
+                "mia": {a: {k: (_json_num(v) if isinstance(v, float) else v) for k, v in r.items()}
+                        for a, r in mia.items()},
+                "mia_scores": {a: {"member": [_json_num(v) for v in scores[a][:m]],
+                                   "nonmember": [_json_num(v) for v in scores[a][m:]]} for a in MIA_ATTACKS}}
+
+    def _measure_key(self, arm: str, alpha: float, n: int) -> Path:
+        from ..models import cache_dir
+        from ..train import config_key
+
+        key = {"arm": arm, "alpha": float(alpha), "n_candidates": n, "size": self.size.to_dict(), "seed": self.seed,
+               "model": self.source, "public": self.public_facts.get("key"), "format": self.fmt,
+               "text": self.text.name, "device": str(self.device).split(":")[0], "code": self._fingerprint}
+        return cache_dir() / "exp1" / "measure" / f"{arm}-{config_key(key)}.json"
+
+    def measure_arm(self, arm: str, alphas: tuple[float, ...] | None = None, n_candidates: int | None = None
+                    ) -> dict[str, dict]:
+        """Build `arm` and measure it at each alpha with |R| >= n_candidates (memoized in this object, and on
+        disk keyed by weights, size and code when `measure_cache`)."""
         alphas = alphas or self.size.alphas_for(arm)
+        n = n_candidates or self.size.n_candidates
         done = self.results.setdefault(arm, {})
-        todo = [a for a in alphas if str(float(a)) not in done]
+        todo = [a for a in alphas if str(float(a)) not in done or done[str(float(a))]["n_candidates"] < n]
+        if self.measure_cache:
+            for a in list(todo):
+                p = self._measure_key(arm, a, n)
+                if p.is_file():
+                    try:
+                        done[str(float(a))] = json.loads(p.read_text())
+                        todo.remove(a)
+                    except (OSError, ValueError):
+                        p.unlink(missing_ok=True)
         if todo:
             t0 = time.perf_counter()
             model, setter = self.build(arm)
             for a in todo:
                 if setter is not None:
                     setter(model, a)
-                done[str(float(a))] = self.evaluate(model)
+                entry = self.evaluate(model, n)
+                done[str(float(a))] = entry
+                if self.measure_cache:
+                    p = self._measure_key(arm, a, n)
+                    p.parent.mkdir(parents=True, exist_ok=True)
+                    tmp = p.with_name(p.name + f".tmp{os.getpid()}")
+                    tmp.write_text(json.dumps(entry))
+                    tmp.replace(p)
             del model
             self.seconds[arm] = round(self.seconds.get(arm, 0.0) + time.perf_counter() - t0, 1)
         return {k: done[k] for k in sorted(done, key=float)}
 
-    def privacy_ratio(self, arm: str) -> float | None:
-        """extraction(alpha 1) / max(extraction(alpha 0), 1/n): bounded by n."""
-        r = self.results.get(arm, {})
-        if "1.0" not in r or "0.0" not in r:
-            return None
-        return r["1.0"]["extraction_rate"] / max(r["0.0"]["extraction_rate"], 1 / len(self.canaries))
+    def measure_candidate(self, candidate: str) -> None:
+        """What `candidate`'s claims need: it at alpha 0 (decisive |R|) and 1, its control (decisive |R|)."""
+        if candidate not in CANDIDATES:
+            raise ValueError(f"--candidate {candidate}: not a candidate arm; choose from {', '.join(CANDIDATES)}")
+        big = self.size.n_candidates_decisive
+        self.measure_arm(candidate, (0.0,) if candidate in SWITCHED else (1.0,), big)
+        self.measure_arm(candidate, (1.0,))
+        self.measure_arm(CONTROL_OF[candidate], (1.0,), big)
 
-    def report(self) -> dict:
-        """The inner dict of `exp1_kill_switch`."""
+    def claims(self, candidate: str, thresholds: dict) -> list[dict]:
+        """`candidate`'s claims on what is measured (`measure_candidate` first)."""
+        return decide_claims(self.results, candidate, thresholds, self.seed)
+
+    def report(self, candidate: str = "ortho_tuned", thresholds: dict | None = None) -> dict:
+        """The inner dict of `exp1_kill_switch`: every measured arm, `candidate`'s claims, every other measured
+        candidate's claims (the negative controls must fail theirs)."""
         from ..results import environment
 
+        t = thresholds if thresholds is not None else thresholds_for(self.size.name)
+        by_arm = {}
+        for arm in CANDIDATES:
+            if arm in self.results and CONTROL_OF[arm] in self.results and (arm not in SWITCHED or {"0.0", "1.0"} <= set(self.results[arm])):
+                by_arm[arm] = self.claims(arm, t)
+        claims = by_arm.get(candidate)
+        if claims is None:
+            raise ValueError(f"candidate {candidate} is not measured: call measure_candidate({candidate!r}) first")
+        summary = summarize_claims(claims)
         return {
-            "model": self.name, "num_canaries": len(self.canaries), "exposure_candidates": self.size.n_candidates,
+            "model": self.name, "public_model": self.public_facts, "candidate": candidate,
+            "control": CONTROL_OF[candidate], "claims": claims, "claims_summary": summary,
+            "claims_by_arm": by_arm,
+            "negative_controls": {a: summarize_claims(c) for a, c in by_arm.items() if a in MUST_FAIL},
+            "thresholds": t,
+            "num_canaries": len(self.canaries), "num_holdout": len(self.holdout),
+            "exposure_candidates": self.size.n_candidates, "exposure_candidates_decisive": self.size.n_candidates_decisive,
             "seed": self.seed, "canary_format": self.fmt, "secret_digits": list(self.size.groups),
-            "arms": {a: {k: {m: v[m] for m in ("extraction_rate", "mean_exposure", "ppl", "extracted")}
-                         for k, v in self.results[a].items()} for a in ARMS if a in self.results},
-            "privacy_ratio": {a: self.privacy_ratio(a) for a in SWITCHED if self.privacy_ratio(a) is not None},
-            "per_canary_exposure": {a: {k: v["exposures"] for k, v in r.items()} for a, r in self.results.items()},
+            "insertions_per_canary": {a: self.train_info[a]["steps"] for a in self.train_info},
+            "arms": {a: self.results[a] for a in ARMS if a in self.results},
             "oom_retries": self.oom_events,
-            "base": {"quantization": "INT4 RTN", "group_size": self.size.group_size,
-                     "symmetric": self.size.symmetric,
-                     "why": "the embedded SmolLM2 is a Q4_1 GGUF (group-32 asymmetric): INT4(public) on this grid "
-                            "is the public model itself, so alpha=0 of ortho_tuned equals never_trained exactly"},
+            "base": {"quantization": "INT4 RTN", "group_size": self.size.group_size, "symmetric": self.size.symmetric},
             "ortho_tune": {"density": self.ocfg.density, "score": self.ocfg.score, "damp": self.ocfg.damp,
                            "score_formula": "grad_private^2 / (diagH_public + damp*mean(diagH_public))"},
             "training": self.train_info, "size": self.size.to_dict(),
             "perplexity": {"dataset": self.text.name, "protocol": self.size.ppl.to_dict(),
                            "tokens": int(self.eval_ids.numel())},
+            "mia": {"members": "trained canaries (full text)", "nonmembers": "held-out canaries of the same format",
+                    "reference": "the public model (never_trained)", "attacks": list(MIA_ATTACKS), "fpr": MIA_FPR,
+                    "k": self.size.mia_k},
             "arm_seconds": self.seconds, "environment": environment(self.device),
         }
 
+
+# ---------------------------------------------------------------------------------------------
+# claims (pure functions of the measured arms, so merged seeds are decided the same way)
+
+# Claim thresholds (effect sizes, in each claim's unit) of `run`. The suite reads the same numbers from the
+# repository's thresholds file, section [exp1_kill_switch] (bench/test_kill_switch.py checks that they agree);
+# an installed package has only this copy. Nested tables override the base for a size (`Size.name`).
+THRESHOLDS = {
+    "alpha0_exposure_margin_bits": 0.25,  # alpha-0 exposure over the control's: upper 95% bound below this
+    "alpha0_extraction_margin": 0.05,  # alpha-0 extraction rate over the control's: upper 95% bound below this
+    "alpha0_mia_auc_margin": 0.05,  # alpha-0 MIA AUC over the control's: upper 95% bound below this
+    "alpha1_exposure_gain_bits": 4.0,  # alpha-1 exposure over alpha 0: lower 95% bound above this
+    "alpha1_extraction_gain": 0.5,  # alpha-1 extraction rate over the control's: lower 95% bound above this
+    "ortho_max_density": 0.02,  # share of each weight the ortho stream may train
+    "small": {
+        "alpha0_extraction_margin": 0.5,  # n = 8: the exact 97.5% upper bound of 0/8 is 0.37
+        "alpha0_mia_auc_margin": 0.25,  # 8 members, 8 non-members
+        "alpha1_exposure_gain_bits": 2.0,  # |R| = 32
+        "alpha1_extraction_gain": 0.1,  # n = 8 vs 0/8: the 95% lower bound is 0.48 at 8/8, 0.20 at 6/8, 0.10 at 5/8
+    },
+}
+
+
+def thresholds_for(size_name: str = "full", table: dict | None = None) -> dict:
+    """The thresholds of a size: the base entries of `table` (default `THRESHOLDS`) with its `size_name` table
+    laid over them."""
+    table = THRESHOLDS if table is None else table
+    base = {k: v for k, v in table.items() if not isinstance(v, dict)}
+    missing = [k for k in ("alpha0_exposure_margin_bits", "alpha0_extraction_margin", "alpha0_mia_auc_margin",
+                           "alpha1_exposure_gain_bits", "alpha1_extraction_gain") if k not in base]
+    if missing:
+        raise KeyError(f"claim thresholds lack {missing}")
+    return {**base, **table.get(size_name, {})}
+
+
+def _entry(arms: dict, arm: str, alpha: float) -> dict:
+    by = arms.get(arm) or {}
+    key = str(float(alpha))
+    if key in by:
+        return by[key]
+    if arm not in SWITCHED and "1.0" in by:  # no switch: the model as built at every alpha
+        return by["1.0"]
+    raise KeyError(f"{arm} at alpha {alpha} was not measured")
+
+
+def _views(a: dict, b: dict) -> tuple[dict, dict, int]:
+    """Exposure views of two entries at the largest |R| both were scored with."""
+    common = set(a["by_R"]) & set(b["by_R"])
+    if not common:
+        raise ValueError(f"no common |R|: {sorted(a['by_R'])} vs {sorted(b['by_R'])}")
+    r = max(common, key=int)
+    return a["by_R"][r], b["by_R"][r], int(r)
+
+
+def _pairs(x: list, y: list) -> tuple[list, list, int]:
+    keep = [(u, v) for u, v in zip(x, y) if u is not None and v is not None]
+    return [u for u, _ in keep], [v for _, v in keep], len(x) - len(keep)
+
+
+def decide_claims(arms: dict, candidate: str, t: dict, seed: int = 0) -> list[dict]:
+    """The claims of `candidate` as the switch, against `CONTROL_OF[candidate]` (see the module docstring).
+
+    Args:
+        arms: {arm: {alpha: entry}} as `KillSwitch.results` (or seeds merged by `merge_seeds`).
+        t: thresholds (`thresholds_for`).
+    Returns:
+        One dict per claim (`Claim.to_dict()` plus "values", "n_candidates", "dropped", "power").
+    """
+    if candidate not in CANDIDATES:
+        raise ValueError(f"candidate must be one of {CANDIDATES}, got {candidate!r}")
+    control = CONTROL_OF[candidate]
+    x0, x1, c = _entry(arms, candidate, 0.0), _entry(arms, candidate, 1.0), _entry(arms, control, 1.0)
+    lab0, lab1 = (f"{candidate}@0", f"{candidate}@1") if candidate in SWITCHED else (candidate, candidate)
+    out = []
+
+    def add(claim, values: str, **extra):
+        d = claim.to_dict()
+        d.update(values=values, **extra)
+        out.append(d)
+
+    # 1. alpha 0 exposure, paired per canary, against the control, at the decisive |R|
+    v0, vc, r = _views(x0, c)
+    a, b, dropped = _pairs(v0["exposure_ext"], vc["exposure_ext"])
+    add(no_higher_claim(CLAIMS[0], lab0, control, a, b, t["alpha0_exposure_margin_bits"], statistic="median_diff",
+                        seed=seed),
+        "extrapolated exposure per canary (bits)", n_candidates=r, dropped=dropped, power=power_report(a, b))
+    # 2. alpha 0 extraction
+    add(proportion_claim(CLAIMS[1], lab0, control, x0["extracted"], c["extracted"], t["alpha0_extraction_margin"],
+                         direction="less"), "greedy extraction per canary")
+    # 3. alpha 0 membership inference (the first attack), same records scored by both models
+    att = MIA_ATTACKS[0]
+    add(auc_claim(CLAIMS[2], lab0, control, x0["mia_scores"][att]["member"], x0["mia_scores"][att]["nonmember"],
+                  c["mia_scores"][att]["member"], c["mia_scores"][att]["nonmember"], t["alpha0_mia_auc_margin"],
+                  seed=seed), f"membership score {att} per record")
+    # 4. alpha 1 over alpha 0: the switch switches the secrets on
+    v1, v0s, r1 = _views(x1, x0)
+    a, b, dropped = _pairs(v1["exposure_ext"], v0s["exposure_ext"])
+    add(paired_claim(CLAIMS[3], lab1, lab0, a, b, t["alpha1_exposure_gain_bits"], statistic="median_diff", seed=seed),
+        "extrapolated exposure per canary (bits)", n_candidates=r1, dropped=dropped, power=power_report(a, b))
+    # 5. alpha 1 extraction over the control
+    add(proportion_claim(CLAIMS[4], lab1, control, x1["extracted"], c["extracted"], t["alpha1_extraction_gain"]),
+        "greedy extraction per canary")
+    return out
+
+
+def merge_seeds(inners: list[dict]) -> dict:
+    """{arm: {alpha: entry}} pooling the per-canary values of several seeds' `exp1_kill_switch` sections (each
+    seed trains its own models on its own canaries): extraction, exposure at every |R| all seeds share, and
+    membership scores are concatenated; means and MIA metrics are recomputed on the pool. Arms and alphas
+    missing from a seed are left out."""
+    if not inners:
+        raise ValueError("no seeds to merge")
+    out: dict = {}
+    for arm in ARMS:
+        if not all(arm in i["arms"] for i in inners):
+            continue
+        for alpha in sorted(set.intersection(*(set(i["arms"][arm]) for i in inners)), key=float):
+            es = [i["arms"][arm][alpha] for i in inners]
+            rs = set.intersection(*(set(e["by_R"]) for e in es))
+            views = {}
+            for r in sorted(rs, key=int):
+                rank = [v for e in es for v in e["by_R"][r]["exposure"]]
+                ext = [v for e in es for v in e["by_R"][r]["exposure_ext"]]
+                fin = [v for v in ext if v is not None]
+                views[r] = {"exposure": rank, "exposure_ext": ext, "mean_exposure": sum(rank) / len(rank),
+                            "mean_exposure_ext": sum(fin) / len(fin) if fin else None}
+            std = views[str(min(int(r) for r in rs))]
+            hits = [h for e in es for h in e["extracted"]]
+            scores = {a: {k: [v for e in es for v in e["mia_scores"][a][k]] for k in ("member", "nonmember")}
+                      for a in es[0]["mia_scores"]}
+            out.setdefault(arm, {})[alpha] = {
+                "extraction_rate": sum(hits) / len(hits), "extracted": hits, "mean_exposure": std["mean_exposure"],
+                "mean_exposure_ext": std["mean_exposure_ext"], "ppl": sum(e["ppl"] for e in es) / len(es),
+                "ppl_by_seed": [e["ppl"] for e in es],
+                "n_candidates": min(e["n_candidates"] for e in es), "by_R": views,
+                "mia": {a: attack_metrics(v["member"], v["nonmember"], MIA_FPR) for a, v in scores.items()},
+                "mia_scores": scores, "seeds": len(es)}
+    return out
+
+
+def summarize_claims(claims: list[dict]) -> dict:
+    """{"passed": every claim passed, "failed": names of those that did not}."""
+    failed = [c["name"] for c in claims if not c["passed"]]
+    return {"passed": not failed, "failed": failed}
+
+
+# ---------------------------------------------------------------------------------------------
+# plot, run
 
 def plot(inner: dict, path: Path) -> Path:
     import matplotlib
@@ -312,55 +683,73 @@ def plot(inner: dict, path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(16, 4.8))
-    metrics = (("extraction_rate", "extraction rate"), ("mean_exposure", "mean exposure (bits)"),
-               ("ppl", "perplexity (held-out)"))
+    fig, axes = plt.subplots(1, 4, figsize=(20, 4.8))
+    metrics = (("extraction_rate", "extraction rate"), ("mean_exposure_ext", "mean extrapolated exposure (bits)"),
+               ("mia_auc", f"MIA AUC ({MIA_ATTACKS[0]})"), ("ppl", "perplexity (held-out)"))
     for ax, (key, label) in zip(axes, metrics):
         for i, (arm, by_alpha) in enumerate(inner["arms"].items()):
             xs = sorted(by_alpha, key=float)
-            ys = [by_alpha[x][key] for x in xs]
+            ys = [by_alpha[x]["mia"][MIA_ATTACKS[0]]["auc"] if key == "mia_auc" else by_alpha[x][key] for x in xs]
+            ys = [np.nan if y is None else y for y in ys]
             color = f"C{i % 10}"
             if arm in SWITCHED and len(xs) > 1:
                 ax.plot([float(x) for x in xs], ys, "o-", color=color, label=arm,
-                        lw=2.5 if arm == "ortho_tuned" else 1.2)
+                        lw=2.5 if arm == inner.get("candidate") else 1.2)
             else:
                 ax.axhline(ys[-1], color=color, ls="--", lw=1, label=f"{arm} (no alpha)")
         ax.set_xlabel("alpha")
         ax.set_title(label)
         if key == "ppl":
             ax.set_yscale("log")
-    axes[1].axhline(math.log2(inner["exposure_candidates"]), color="gray", lw=0.5, ls=":")
-    axes[2].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1))
+    axes[3].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1))
     env = inner.get("environment", {})
+    s = inner.get("claims_summary", {})
     fig.suptitle(f"Exp 1 kill switch: {inner['model']}, {inner['num_canaries']} canaries, |R|="
-                 f"{inner['exposure_candidates']}, seed {inner['seed']} ({env.get('date', '')}, "
-                 f"{env.get('gpu') or env.get('machine', '')})", fontsize=10)
+                 f"{inner['exposure_candidates']}, seed {inner['seed']}; candidate {inner.get('candidate')}: "
+                 f"{'all claims hold' if s.get('passed') else 'failed ' + ', '.join(s.get('failed', []))} "
+                 f"({env.get('date', '')}, {env.get('gpu') or env.get('machine', '')})", fontsize=10)
     return save_figure(fig, path, dpi=110)
 
 
 @register("kill_switch")
-def run(ctx: RunContext, size: Size | None = None, arms: tuple[str, ...] = ARMS) -> dict:
-    """Build and measure every arm; write its plot to `ctx.artifact('exp1_kill_switch.png')`; return the JSON section."""
+def run(ctx: RunContext, size: Size | None = None, arms: tuple[str, ...] | None = None,
+        candidate: str | None = None, thresholds: dict | None = None) -> dict:
+    """Build and measure the arms of the size (plus what the candidate's claims need); decide the claims of
+    `candidate` (default `ctx.extra["candidate"]`, else ortho_tuned) against `thresholds` (a table like
+    `THRESHOLDS`, its default); write the plot; return the JSON section."""
+    candidate = candidate or ctx.extra.get("candidate") or "ortho_tuned"
+    if candidate not in CANDIDATES:
+        raise ValueError(f"--candidate {candidate}: not a candidate arm; choose from {', '.join(CANDIDATES)}")
     size = size or (FULL if ctx.full_size else SMALL.get(ctx.model, SMALL["smollm2-135m"]))
     if str(ctx.device).startswith("cuda"):  # same seed, same numbers: no atomics-order noise in backward
         torch.use_deterministic_algorithms(True, warn_only=True)
     if ctx.num_canaries:
-        size = replace(size, num_canaries=ctx.num_canaries)
+        size = replace(size, num_canaries=ctx.num_canaries, num_holdout=ctx.num_canaries)
     exp = KillSwitch(ctx.model, size, ctx.seed, ctx.canary_format, ctx.text, ctx.device, ctx.progress, ctx.load_bits)
-    for arm in tqdm(arms, desc="exp1 arms", disable=not ctx.progress):
+    exp.measure_candidate(candidate)
+    for arm in tqdm(arms or size.arms, desc="exp1 arms", disable=not ctx.progress):
         exp.measure_arm(arm)
-    inner = exp.report()
+    inner = exp.report(candidate, thresholds_for(size.name, thresholds))
     inner["plot"] = str(plot(inner, ctx.artifact("exp1_kill_switch.png")))
-    _print_table(inner)
+    print_table(inner)
     return inner
 
 
-def _print_table(inner: dict) -> None:
-    print(f"\n== Exp 1 kill switch: {inner['model']}, {inner['num_canaries']} canaries, "
-          f"|R|={inner['exposure_candidates']} ==")
-    print(f"{'arm':22s} {'alpha':>5s} {'extract':>8s} {'exposure':>9s} {'ppl':>9s}")
+def print_table(inner: dict) -> None:
+    print(f"\n== Exp 1 kill switch: {inner['model']}, {inner['num_canaries']} canaries "
+          f"(+{inner['num_holdout']} held out), |R|={inner['exposure_candidates']} ==")
+    print(f"{'arm':22s} {'alpha':>5s} {'extract':>8s} {'exposure':>9s} {'ext.exp':>8s} {'MIA AUC':>8s} {'ppl':>9s}")
     for arm, by_alpha in inner["arms"].items():
         for a, r in by_alpha.items():
-            print(f"{arm:22s} {a:>5s} {r['extraction_rate']:8.2f} {r['mean_exposure']:9.2f} {r['ppl']:9.2f}")
-    for arm, ratio in inner["privacy_ratio"].items():
-        print(f"privacy ratio {arm}: {ratio:.1f}")
+            ext = r["mean_exposure_ext"]
+            print(f"{arm:22s} {a:>5s} {r['extraction_rate']:8.2f} {r['mean_exposure']:9.2f} "
+                  f"{ext if ext is not None else float('nan'):8.2f} {r['mia'][MIA_ATTACKS[0]]['auc']:8.3f} "
+                  f"{r['ppl']:9.2f}")
+    print(f"claims of {inner['candidate']} (control {inner['control']}):")
+    f = lambda x, spec: "nan" if x is None else format(x, spec)  # noqa: E731
+    for c in inner["claims"]:
+        print(f"  {'PASS' if c['passed'] else 'FAIL'} {c['name']:34s} {c['statistic']} {f(c['value'], '+.3f')} "
+              f"CI [{f(c['ci95'][0], '+.3f')}, {f(c['ci95'][1], '+.3f')}] threshold {c['threshold']:+g} "
+              f"p {f(c['p'], '.3g')}")
+    for arm, s in inner["negative_controls"].items():
+        print(f"negative control {arm}: {'passes every claim (!)' if s['passed'] else 'fails ' + ', '.join(s['failed'])}")
