@@ -245,35 +245,23 @@ class _Run:
 
 
 def prepare(a) -> _Run:
-    """Check everything the run needs and reserve its results file; raise UsageError (one line) otherwise."""
-    import torch
+    """Check everything the run needs and reserve its results file; raise UsageError (one line) otherwise.
 
+    The checks that need no torch / transformers come first (bad input answers in about a second); the results
+    file reserved on the way is removed again when a later check fails."""
     from . import models
-    from .experiments import load_all
-    from .gpu import BudgetMeter
+    from .experiments import ORDER
     from .plan import ALIASES, KNOWN_CONFIGS, LlamaShape
+    from .results import reserve_results_path
 
     if a.num_canaries is not None and a.num_canaries <= 0:
         raise UsageError(f"--num-canaries must be positive, got {a.num_canaries}")
-    if a.device == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda: no CUDA GPU is visible (run `python -m libortho check-gpu`)")
-    device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
     profile = _profile(a.profile) if a.profile else None
     facts: dict = {}
     text = _text(a, facts)
-    experiments = load_all()
-    wanted = list(experiments) if a.experiment == "all" else [EXPERIMENT_NAMES.get(a.experiment, a.experiment)]
-    missing = [w for w in wanted if w not in experiments]
-    if missing:
-        raise UsageError(f"experiment {missing[0]} is not available in this version")
-    if a.candidate is not None:
-        from .experiments.kill_switch import CANDIDATES
-
-        if "kill_switch" not in wanted:
-            raise UsageError(f"--candidate {a.candidate}: applies to experiment 1 (--experiment 1 or all)")
-        if a.candidate not in CANDIDATES:
-            raise UsageError(f"--candidate {a.candidate}: not a candidate arm; choose from {', '.join(CANDIDATES)}")
-        facts["candidate"] = a.candidate  # experiment 1 reads it from ctx.extra
+    wanted = list(ORDER) if a.experiment == "all" else [EXPERIMENT_NAMES.get(a.experiment, a.experiment)]
+    if a.candidate is not None and "kill_switch" not in wanted:
+        raise UsageError(f"--candidate {a.candidate}: applies to experiment 1 (--experiment 1 or all)")
     key = ALIASES.get(a.model, a.model)
     known = LlamaShape(**KNOWN_CONFIGS[key]) if key in KNOWN_CONFIGS else None
     try:
@@ -287,16 +275,36 @@ def prepare(a) -> _Run:
     except (OSError, ValueError) as e:
         raise UsageError(_one_line(e)) from None
     try:
-        meter = BudgetMeter(profile, device).start()  # caps the allocator now: a GPU too small is refused here
-    except ValueError as e:
-        raise UsageError(f"--profile {a.profile}: {_one_line(e)}") from None
-    from .results import reserve_results_path
-
-    try:
         path = reserve_results_path(a.output_dir, a.profile)
     except OSError as e:
-        meter.stop()
         raise UsageError(_one_line(e)) from None
+    try:  # the checks that need torch and the experiments' code
+        import torch
+
+        from .experiments import load_all
+        from .gpu import BudgetMeter
+
+        if a.device == "cuda" and not torch.cuda.is_available():
+            raise UsageError("--device cuda: no CUDA GPU is visible (run `python -m libortho check-gpu`)")
+        device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        experiments = load_all()
+        missing = [w for w in wanted if w not in experiments]
+        if missing:
+            raise UsageError(f"experiment {missing[0]} is not available in this version")
+        if a.candidate is not None:
+            from .experiments.kill_switch import CANDIDATES
+
+            if a.candidate not in CANDIDATES:
+                raise UsageError(f"--candidate {a.candidate}: not a candidate arm; choose from "
+                                 f"{', '.join(CANDIDATES)}")
+            facts["candidate"] = a.candidate  # experiment 1 reads it from ctx.extra
+        try:
+            meter = BudgetMeter(profile, device).start()  # caps the allocator now: a GPU too small is refused here
+        except ValueError as e:
+            raise UsageError(f"--profile {a.profile}: {_one_line(e)}") from None
+    except BaseException:
+        path.unlink(missing_ok=True)  # bad input leaves no file behind
+        raise
     return _Run(args=a, device=device, text=text, facts=facts, experiments=experiments, wanted=wanted, meter=meter,
                 path=path)
 

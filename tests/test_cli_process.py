@@ -76,3 +76,16 @@ def test_ctrl_c_saves_what_finished(tmp_path):
     data = json.loads(path.read_text())
     assert data["status"] == "interrupted" and "convert" in data and "exp1_kill_switch" not in data
     assert [s["status"] for s in data["run_facts"]["steps"]] == ["complete", "interrupted"]
+
+
+def test_bad_input_answers_before_the_heavy_imports(tmp_path):
+    """The issue's bound: bad input is one line and exit 2 in under 10 s, as a user runs it (a fresh process);
+    the checks run before torch and transformers load (they took 10-17 s of imports before)."""
+    for args in (["--model", str(tmp_path / "missing")], ["--model", "tiny", "--text", str(tmp_path / "no.txt")],
+                 ["--model", "tiny", "--output-dir", "/proc/libortho"]):
+        t = time.perf_counter()
+        r = subprocess.run([sys.executable, "-m", "libortho", "run", *args], capture_output=True, text=True,
+                           env=ENV, timeout=60)
+        took = time.perf_counter() - t
+        assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr, r.stderr
+        assert took < 10, f"{args}: {took:.1f} s"
