@@ -31,8 +31,9 @@ import torch
 from bench import thresholds
 from libortho.experiments import RunContext
 from libortho.experiments.kill_switch import (ARMS, CANDIDATES, CLAIMS, CONTROL_OF, FULL, MUST_FAIL, MUST_PASS,
-                                              SMALL, SWITCHED, THRESHOLDS, KillSwitch, decide_claims, merge_seeds,
-                                              plot, run, summarize_claims, thresholds_for)
+                                              RELEARN_CLAIM, SMALL, SWITCHED, THRESHOLDS, KillSwitch, decide_claims,
+                                              merge_relearn, merge_seeds, plot, run, summarize_claims,
+                                              thresholds_for)
 from libortho.results import results_dir, write_json
 
 TABLE = thresholds.load("exp1_kill_switch")
@@ -138,11 +139,13 @@ def test_report_json_and_plot_tiny(experiment, tmp_path):
     assert set(back["arms"]) == set(ARMS) and set(back["claims_by_arm"]) == set(CANDIDATES)
     for arm in SWITCHED:
         assert set(back["arms"][arm]) == {str(a) for a in exp.size.alphas_for(arm)}
-    assert [c["name"] for c in back["claims"]] == list(CLAIMS)
+    assert [c["name"] for c in back["claims"]] == [*CLAIMS, RELEARN_CLAIM]  # the tiny size runs the relearning
+    assert back["relearn"]["ortho_tuned"]["0.0"]["measured_on"] == list(range(1, exp.size.num_canaries, 2))
+    assert set(back["arms"]["ortho_tuned"]["1.0"]["sampled_extraction"]) == {"1", "10", "100"}
     assert all(CLAIM_KEYS <= set(c) for c in back["claims"])
     assert back["arms"]["ortho_tuned"]["0.0"]["n_candidates"] == exp.size.n_candidates_decisive
     # fails if the claims depended on anything but the stored per-canary values (or were not seeded)
-    again = decide_claims(back["arms"], "ortho_tuned", back["thresholds"], back["seed"])
+    again = decide_claims(back["arms"], "ortho_tuned", back["thresholds"], back["seed"], back["relearn"])
     assert json.loads(json.dumps(again, default=str)) == back["claims"]
     assert back["environment"]["date"] and back["public_model"]["key"] == "tiny"
     png = plot(inner, tmp_path / "exp1.png")
@@ -279,16 +282,16 @@ def test_full_size_claims(candidate):
     """The acceptance: seeds pooled, every claim of the candidate holds, every negative control fails one;
     writes results/exp1_kill_switch.json (and the per-seed JSONs) and the plot of seed 0."""
     inners = [_seed_section(s) for s in SEEDS]  # waits for (or runs) each seed
-    arms = merge_seeds(inners)
+    arms, relearn = merge_seeds(inners), merge_relearn(inners)
     t = thresholds_for("full", TABLE)
     by_arm = {}
     for arm in CANDIDATES:
         if arm in inners[0]["arms"] and CONTROL_OF[arm] in inners[0]["arms"]:
-            by_arm[arm] = decide_claims(arms, arm, t, seed=0)
+            by_arm[arm] = decide_claims(arms, arm, t, seed=0, relearn=relearn)
     merged = {"seeds": list(SEEDS), "candidate": candidate, "claims": by_arm[candidate],
               "claims_summary": summarize_claims(by_arm[candidate]), "claims_by_arm": by_arm,
               "negative_controls": {a: summarize_claims(c) for a, c in by_arm.items() if a in MUST_FAIL},
-              "thresholds": t, "arms": arms, "public_model": inners[0]["public_model"],
+              "thresholds": t, "arms": arms, "relearn": relearn, "public_model": inners[0]["public_model"],
               "per_seed": {str(s): {k: i[k] for k in ("training", "arm_seconds", "environment", "claims_summary",
                                                         "oom_retries")} for s, i in zip(SEEDS, inners)},
               **{k: inners[0][k] for k in ("model", "num_canaries", "num_holdout", "exposure_candidates",

@@ -88,6 +88,7 @@ MUST_FAIL = ("delta", "int4_of_fine_tuned", "nf4_of_fine_tuned", "posthoc_hessia
 ALPHAS = (0.0, 0.05, 0.1, 0.25, 0.5, 1.0)
 CLAIMS = ("alpha0_exposure_no_higher", "alpha0_extraction_no_higher", "alpha0_mia_auc_no_higher",
           "alpha1_exposure_gain", "alpha1_extraction_above_control")
+RELEARN_CLAIM = "relearn_exposure_no_higher"  # decided where the size runs the relearning attack
 MIA_ATTACKS = ("ref_ratio", "min_k_pp", "loss")  # kept per record in the JSON; the claim uses the first
 MIA_FPR = 0.01
 
@@ -125,6 +126,9 @@ class Size:
     arms: tuple[str, ...] = ARMS  # what `run` measures at this size
     chunk: int = 1024  # candidates per forward pass (|R| = 1000 in one; 1024 x 14 tokens x 49152 fp32 logits: 2.8 GB)
     mia_k: float = 0.2  # Min-K% share
+    # relearning attack: full fine-tuning of the candidate's alpha-0 weights (and of its control) on the even
+    # canaries, exposure measured on the odd ones; None: not run (the claim needs >= 5 odd canaries to pass)
+    relearn: TrainConfig | None = TrainConfig(lr=1e-4, max_steps=10, check_every=10, target=None)
 
     def __post_init__(self):
         if self.num_canaries < 2 or self.num_holdout < 2:
@@ -133,6 +137,9 @@ class Size:
         if not 2 <= self.n_candidates <= self.n_candidates_decisive:
             raise ValueError(f"need 2 <= n_candidates <= n_candidates_decisive, got {self.n_candidates} and "
                              f"{self.n_candidates_decisive}")
+        if self.relearn is not None and self.num_canaries < 10:
+            raise ValueError(f"the relearning attack needs >= 10 canaries (5 measured), got {self.num_canaries}; "
+                             "set relearn=None")
         unknown = set(self.arms) - set(ARMS)
         if unknown:
             raise ValueError(f"unknown arms {sorted(unknown)}; choose from {ARMS}")
@@ -148,6 +155,39 @@ class Size:
         return d
 
 
+SAMPLED_K = (1, 10, 100)  # sampling attempts of the sampled-extraction rate
+
+
+def dense_copy(model):
+    """A plain dense copy of `model` as it computes now (alpha included): OrthoLinear merged, a PEFT adapter
+    merged and unloaded, bitsandbytes 4-bit linears dequantized. What an attacker holding the weights trains."""
+    from torch import nn
+
+    from ..convert import merge
+    from ..modules import ortho_modules, set_module
+
+    m = copy.deepcopy(model)
+    if hasattr(m, "merge_and_unload"):  # PEFT: the adapter at its current scale folded into the base
+        m = m.merge_and_unload()
+    if ortho_modules(m):
+        merge(m)
+    try:
+        import bitsandbytes as bnb
+    except ImportError:  # nothing of it can be in the model
+        return m
+    for name, mod in list(m.named_modules()):
+        if isinstance(mod, bnb.nn.Linear4bit):
+            w = bnb.functional.dequantize_4bit(mod.weight.data, mod.weight.quant_state)
+            lin = nn.Linear(mod.in_features, mod.out_features, bias=mod.bias is not None, device=w.device,
+                            dtype=mod.compute_dtype or w.dtype)
+            with torch.no_grad():
+                lin.weight.copy_(w.reshape(lin.weight.shape))
+                if mod.bias is not None:
+                    lin.bias.copy_(mod.bias)
+            set_module(m, name, lin)
+    return m
+
+
 FULL = Size()
 
 
@@ -159,14 +199,15 @@ def _quick(lr: float, max_steps: int) -> TrainConfig:
 # The small sizes: `make test`, and `run` on a CPU unless `--size full`. The acceptance size is FULL.
 SMALL = {
     # the tiny model is random: it runs every arm end to end and memorizes at a high learning rate
-    "tiny": Size(name="small", num_canaries=8, num_holdout=8, n_candidates=32, n_candidates_decisive=32,
+    "tiny": Size(name="small", num_canaries=10, num_holdout=10, n_candidates=32, n_candidates_decisive=32,
                  groups=(4, 4), ppl=Protocol(128, 128, 128), calib=(2, 32), density=0.02,
-                 finetune=_quick(1e-2, 30), ortho=_quick(3e-2, 30), lora=_quick(3e-2, 30), chunk=64),
+                 finetune=_quick(1e-2, 30), ortho=_quick(3e-2, 30), lora=_quick(3e-2, 30), chunk=64,
+                 relearn=_quick(1e-2, 5)),
     "smollm2-135m": Size(name="small", num_canaries=8, num_holdout=8, n_candidates=32, n_candidates_decisive=32,
                          groups=(4, 4), ppl=Protocol(256, 256, 256), calib=(2, 64), density=0.02,
                          # 20 steps: full FT at 3e-4 extracts 8/8; ortho at 3e-3 2/8, at 1e-2 7/8 (2 CPU cores)
                          finetune=_quick(3e-4, 20), ortho=_quick(1e-2, 20), lora=_quick(1e-2, 20),
-                         alphas={a: (0.0, 1.0) for a in SWITCHED}, chunk=64,
+                         alphas={a: (0.0, 1.0) for a in SWITCHED}, chunk=64, relearn=None,
                          arms=("never_trained", "int4_of_public", "fine_tuned", "int4_of_fine_tuned", "ortho_tuned")),
 }
 SMALL["smollm2-135m-q4"] = SMALL["smollm2-135m"]
@@ -177,6 +218,12 @@ SMALL["smollm2-135m-q4"] = SMALL["smollm2-135m"]
 
 _CODE = ("privacy.py", "mia.py", "perplexity.py", "quant.py", "linear.py", "baselines.py", "convert.py", "train.py",
          "modules.py", "select.py", "sparse.py", "public_model.py", "config.py", "experiments/kill_switch.py")
+
+
+def config_key_of(cfg: TrainConfig) -> str:
+    from ..train import config_key
+
+    return config_key(cfg.to_dict())[:8]
 
 
 def code_fingerprint() -> str:
@@ -273,6 +320,7 @@ class KillSwitch:
         self.seconds: dict[str, float] = {}
         self._ft_state = None
         self._candidates: dict[int, list] = {}
+        self.relearned: dict[str, dict[str, dict]] = {}  # arm -> alpha -> relearning attack
         self._reference = None
         self._fingerprint = code_fingerprint() if measure_cache else None
         self.ocfg = OrthoTuneConfig(density=size.density, group_size=size.group_size, symmetric=size.symmetric,
@@ -425,7 +473,10 @@ class KillSwitch:
         m = len(self.canaries)
         mia = {a: attack_metrics(scores[a][:m], scores[a][m:], MIA_FPR, self.seed) for a in MIA_ATTACKS}
         std = views[str(self.size.n_candidates)]
+        p_true = np.exp([float(lp[0]) for lp in rep.logprobs])  # P(sampling writes the secret), temperature 1
+        sampled = {str(k): _json_num(np.mean(1 - (1 - p_true) ** k)) for k in SAMPLED_K}
         return {"extraction_rate": rep.extraction_rate, "extracted": [bool(x) for x in rep.extracted],
+                "logp_true": [_json_num(lp[0]) for lp in rep.logprobs], "sampled_extraction": sampled,
                 "mean_exposure": std["mean_exposure"], "mean_exposure_ext": std["mean_exposure_ext"],
                 "ppl": perplexity(model, self.eval_ids, self.size.ppl), "n_candidates": n, "by_R": views,
                 "mia": {a: {k: (_json_num(v) if isinstance(v, float) else v) for k, v in r.items()}
@@ -433,14 +484,56 @@ class KillSwitch:
                 "mia_scores": {a: {"member": [_json_num(v) for v in scores[a][:m]],
                                    "nonmember": [_json_num(v) for v in scores[a][m:]]} for a in MIA_ATTACKS}}
 
-    def _measure_key(self, arm: str, alpha: float, n: int) -> Path:
+    def _measure_key(self, arm: str, alpha: float, n: int, kind: str = "measure") -> Path:
         from ..models import cache_dir
         from ..train import config_key
 
-        key = {"arm": arm, "alpha": float(alpha), "n_candidates": n, "size": self.size.to_dict(), "seed": self.seed,
+        key = {"kind": kind, "arm": arm, "alpha": float(alpha), "n_candidates": n, "size": self.size.to_dict(), "seed": self.seed,
                "model": self.source, "public": self.public_facts.get("key"), "format": self.fmt,
                "text": self.text.name, "device": str(self.device).split(":")[0], "code": self._fingerprint}
-        return cache_dir() / "exp1" / "measure" / f"{arm}-{config_key(key)}.json"
+        return cache_dir() / "exp1" / "measure" / f"{kind}-{arm}-{config_key(key)}.json"
+
+    def _cached_json(self, path: Path, compute):
+        """`compute()`'s JSON-able result, read from `path` when the measurement cache has it."""
+        if self.measure_cache and path.is_file():
+            try:
+                return json.loads(path.read_text())
+            except (OSError, ValueError):
+                path.unlink(missing_ok=True)
+        out = compute()
+        if self.measure_cache:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+            tmp.write_text(json.dumps(out))
+            tmp.replace(path)
+        return out
+
+    def relearn(self, arm: str, alpha: float = 0.0) -> dict:
+        """The relearning attack on `arm` at `alpha`: its weights made dense, fully fine-tuned (`size.relearn`) on
+        the even canaries, then extraction and exposure of the odd canaries (never trained on after the switch)."""
+        if self.size.relearn is None:
+            raise ValueError("this size runs no relearning attack (Size.relearn is None)")
+        cfg, n = self.size.relearn, self.size.n_candidates
+        odd = list(range(1, len(self.canaries), 2))
+
+        def compute() -> dict:
+            t0 = time.perf_counter()
+            model, setter = self.build(arm)
+            if setter is not None:
+                setter(model, alpha)
+            m = dense_copy(model)
+            del model
+            hist = full_finetune_(m, canary_loss(self.canaries[0::2], self.general, cfg, self.pad_id), cfg, False)
+            cands = self.candidates(n)
+            rep = measure(m, self.tok, [self.canaries[i] for i in odd], n, self.seed, self.size.chunk,
+                          self.oom_events, candidates=[cands[i] for i in odd], extrapolate=False)
+            return {"extracted": [bool(x) for x in rep.extracted], "by_R": {str(n): exposure_view(rep.logprobs, n)},
+                    "trained_on": "even canaries", "measured_on": odd, "steps": hist["steps"],
+                    "final_loss": hist["loss"][-1], "seconds": round(time.perf_counter() - t0, 1)}
+
+        out = self._cached_json(self._measure_key(arm, alpha, n, f"relearn{config_key_of(cfg)}"), compute)
+        self.relearned.setdefault(arm, {})[str(float(alpha))] = out
+        return out
 
     def measure_arm(self, arm: str, alphas: tuple[float, ...] | None = None, n_candidates: int | None = None
                     ) -> dict[str, dict]:
@@ -485,10 +578,13 @@ class KillSwitch:
         self.measure_arm(candidate, (0.0,) if candidate in SWITCHED else (1.0,), big)
         self.measure_arm(candidate, (1.0,))
         self.measure_arm(CONTROL_OF[candidate], (1.0,), big)
+        if self.size.relearn is not None:
+            self.relearn(candidate, 0.0 if candidate in SWITCHED else 1.0)
+            self.relearn(CONTROL_OF[candidate], 1.0)
 
     def claims(self, candidate: str, thresholds: dict) -> list[dict]:
         """`candidate`'s claims on what is measured (`measure_candidate` first)."""
-        return decide_claims(self.results, candidate, thresholds, self.seed)
+        return decide_claims(self.results, candidate, thresholds, self.seed, self.relearned)
 
     def report(self, candidate: str = "ortho_tuned", thresholds: dict | None = None) -> dict:
         """The inner dict of `exp1_kill_switch`: every measured arm, `candidate`'s claims, every other measured
@@ -515,6 +611,7 @@ class KillSwitch:
             "seed": self.seed, "canary_format": self.fmt, "secret_digits": list(self.size.groups),
             "insertions_per_canary": {a: self.train_info[a]["steps"] for a in self.train_info},
             "arms": {a: self.results[a] for a in ARMS if a in self.results},
+            "relearn": self.relearned,
             "oom_retries": self.oom_events,
             "base": {"quantization": "INT4 RTN", "group_size": self.size.group_size, "symmetric": self.size.symmetric},
             "ortho_tune": {"density": self.ocfg.density, "score": self.ocfg.score, "damp": self.ocfg.damp,
@@ -587,12 +684,14 @@ def _pairs(x: list, y: list) -> tuple[list, list, int]:
     return [u for u, _ in keep], [v for _, v in keep], len(x) - len(keep)
 
 
-def decide_claims(arms: dict, candidate: str, t: dict, seed: int = 0) -> list[dict]:
+def decide_claims(arms: dict, candidate: str, t: dict, seed: int = 0, relearn: dict | None = None) -> list[dict]:
     """The claims of `candidate` as the switch, against `CONTROL_OF[candidate]` (see the module docstring).
 
     Args:
         arms: {arm: {alpha: entry}} as `KillSwitch.results` (or seeds merged by `merge_seeds`).
         t: thresholds (`thresholds_for`).
+        relearn: {arm: {alpha: relearning attack}} (`KillSwitch.relearned`); with both the candidate's and its
+            control's, a sixth claim `relearn_exposure_no_higher`.
     Returns:
         One dict per claim (`Claim.to_dict()` plus "values", "n_candidates", "dropped", "power").
     """
@@ -630,6 +729,17 @@ def decide_claims(arms: dict, candidate: str, t: dict, seed: int = 0) -> list[di
     # 5. alpha 1 extraction over the control
     add(proportion_claim(CLAIMS[4], lab1, control, x1["extracted"], c["extracted"], t["alpha1_extraction_gain"]),
         "greedy extraction per canary")
+    # 6. relearning: fine-tuning the alpha-0 weights on half the canaries revives the other half no more than
+    # fine-tuning the control the same way does
+    a0 = "0.0" if candidate in SWITCHED else "1.0"
+    rx, rc = (relearn or {}).get(candidate, {}).get(a0), (relearn or {}).get(control, {}).get("1.0")
+    if rx is not None and rc is not None:
+        v0, vc, r = _views(rx, rc)
+        a, b, dropped = _pairs(v0["exposure_ext"], vc["exposure_ext"])
+        add(no_higher_claim(RELEARN_CLAIM, lab0, control, a, b, t["alpha0_exposure_margin_bits"],
+                            statistic="median_diff", seed=seed),
+            "extrapolated exposure of the odd canaries after fine-tuning on the even ones (bits)", n_candidates=r,
+            dropped=dropped, power=power_report(a, b))
     return out
 
 
@@ -665,6 +775,22 @@ def merge_seeds(inners: list[dict]) -> dict:
                 "n_candidates": min(e["n_candidates"] for e in es), "by_R": views,
                 "mia": {a: attack_metrics(v["member"], v["nonmember"], MIA_FPR) for a, v in scores.items()},
                 "mia_scores": scores, "seeds": len(es)}
+    return out
+
+
+def merge_relearn(inners: list[dict]) -> dict:
+    """{arm: {alpha: attack}} pooling the relearning attacks of several seeds (odd canaries concatenated)."""
+    out: dict = {}
+    for arm in ARMS:
+        if not all(arm in (i.get("relearn") or {}) for i in inners):
+            continue
+        for alpha in set.intersection(*(set(i["relearn"][arm]) for i in inners)):
+            es = [i["relearn"][arm][alpha] for i in inners]
+            rs = set.intersection(*(set(e["by_R"]) for e in es))
+            views = {r: {k: [v for e in es for v in e["by_R"][r][k]] for k in ("exposure", "exposure_ext")}
+                     for r in rs}
+            out.setdefault(arm, {})[alpha] = {"extracted": [h for e in es for h in e["extracted"]], "by_R": views,
+                                              "seeds": len(es)}
     return out
 
 
@@ -724,7 +850,8 @@ def run(ctx: RunContext, size: Size | None = None, arms: tuple[str, ...] | None 
     if str(ctx.device).startswith("cuda"):  # same seed, same numbers: no atomics-order noise in backward
         torch.use_deterministic_algorithms(True, warn_only=True)
     if ctx.num_canaries:
-        size = replace(size, num_canaries=ctx.num_canaries, num_holdout=ctx.num_canaries)
+        n = ctx.num_canaries
+        size = replace(size, num_canaries=n, num_holdout=n, relearn=size.relearn if n >= 10 else None)
     exp = KillSwitch(ctx.model, size, ctx.seed, ctx.canary_format, ctx.text, ctx.device, ctx.progress, ctx.load_bits)
     exp.measure_candidate(candidate)
     for arm in tqdm(arms or size.arms, desc="exp1 arms", disable=not ctx.progress):
