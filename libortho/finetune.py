@@ -119,6 +119,8 @@ def load_records(path, tokenizer, max_length: int = 512) -> tuple[list[Record], 
 def records_loss(records: list[Record], batch_size: int, seed: int, pad_id: int):
     """`loss_fn(model, step)`: mean token loss of the supervised turns of one batch; each epoch visits every
     record once in a seeded order. Sets `loss_fn.last_tokens` (tokens in the batch) for the tokens/s display."""
+    from .train import compute_device, token_nll
+
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     per_epoch = math.ceil(len(records) / batch_size)
@@ -136,9 +138,12 @@ def records_loss(records: list[Record], batch_size: int, seed: int, pad_id: int)
         for i, r in enumerate(batch):
             ids[i, :len(r.ids)], labels[i, :len(r.ids)], mask[i, :len(r.ids)] = (
                 torch.tensor(r.ids), torch.tensor(r.labels), 1)
-        dev = next((p.device for p in model.parameters() if p.device.type != "cpu"), torch.device("cpu"))
+        dev = compute_device(model)
         loss_fn.last_tokens = int(mask.sum())
-        return model(input_ids=ids.to(dev), attention_mask=mask.to(dev), labels=labels.to(dev)).loss
+        labels = labels.to(dev)
+        nll = token_nll(model, ids.to(dev), mask.to(dev), labels)  # (B, T-1), logits never whole
+        valid = labels[:, 1:] != -100
+        return nll.sum() / valid.sum().clamp(min=1)  # mean over the supervised tokens, as HF's loss
 
     loss_fn.last_tokens = 0
     loss_fn.steps_per_epoch = per_epoch
@@ -253,7 +258,9 @@ def finetune(model: str, data, output, *, density: float = 0.01, group_size: int
     def checkpoint(step, opt, history, trained):
         save_state(state_dir, step, opt, history, trained, fingerprint)
 
-    kw = dict(loss_fn=loss_fn, checkpoint=checkpoint, checkpoint_every=checkpoint_every, resume=resume)
+    # on a GPU the activations of one layer at a time (a 6 GiB card holds the packed 8B model and little else)
+    kw = dict(loss_fn=loss_fn, checkpoint=checkpoint, checkpoint_every=checkpoint_every, resume=resume,
+              gradient_checkpointing=cuda)
     if local:  # read layer by layer: on a GPU the base, head and stream are resident, the embeddings in host memory
         m = convert_checkpoint(model, config, calibration=calib, device=device,
                                dtype=torch.bfloat16 if cuda else None, head_bits=4 if cuda else 16,

@@ -156,6 +156,7 @@ class NvmlPoller:
     peak_device: int = 0
     baseline_device: int = 0
     samples: int = 0
+    attributed: bool = False  # NVML has charged memory to this pid at least once
     error: str | None = None
     _stop: threading.Event = field(default_factory=threading.Event, repr=False)
     _thread: threading.Thread | None = field(default=None, repr=False)
@@ -165,6 +166,7 @@ class NvmlPoller:
         for p in nv.nvmlDeviceGetComputeRunningProcesses(h):
             if p.pid == pid and p.usedGpuMemory is not None:
                 self.peak_process = max(self.peak_process, int(p.usedGpuMemory))
+                self.attributed = True  # kept across take_peak: what `source` reports
         used = int(nv.nvmlDeviceGetMemoryInfo(h).used)
         self.peak_device = max(self.peak_device, used - self.baseline_device)
         self.samples += 1
@@ -204,9 +206,9 @@ class NvmlPoller:
 
     @property
     def source(self) -> str:
-        if self.peak_process:
+        if self.attributed:
             return "nvml-process"
-        return "nvml-device" if self.peak_device else "none"
+        return "nvml-device" if self.samples and not self.error else "none"
 
     @property
     def peak_bytes(self) -> int:

@@ -154,6 +154,39 @@ def canary_batch(canaries: list[Canary], pad_id: int) -> tuple[torch.Tensor, tor
     return ids, mask, ids.masked_fill(mask == 0, -100)
 
 
+def compute_device(model: nn.Module) -> torch.device:
+    """Where `model` computes: its first parameter off the CPU (an embedding table in host memory is not it)."""
+    return next((p.device for p in model.parameters() if p.device.type != "cpu"), torch.device("cpu"))
+
+
+LOGIT_BYTES = 128 * 2**20  # float32 logits computed at once by token_nll (an 8B vocabulary: 261 positions)
+
+
+def token_nll(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Per-position next-token loss (B, T-1) of `labels[:, 1:]` (-100: 0 loss), differentiable.
+
+    The full logits of a batch are (B, T, V) floats: at Llama-3's 128K vocabulary, 512 tokens are 0.25 GiB per
+    copy and the loss keeps several. Here the decoder runs once and the head plus cross-entropy run over
+    chunks of positions, each recomputed in backward (`torch.utils.checkpoint`), so at most LOGIT_BYTES of
+    logits exist at any time.
+    """
+    from torch.utils.checkpoint import checkpoint
+
+    head = model.get_output_embeddings()
+    hidden = model.get_decoder()(input_ids=ids, attention_mask=mask).last_hidden_state[:, :-1]  # (B, T-1, C)
+    B, T1, C = hidden.shape
+    flat_h, flat_t = hidden.reshape(-1, C), labels[:, 1:].reshape(-1)  # (N, C), (N,)
+    step = max(1, LOGIT_BYTES // (4 * head.out_features))
+
+    def chunk_nll(h: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return nn.functional.cross_entropy(head(h).float(), t, ignore_index=-100, reduction="none")
+
+    grad = torch.is_grad_enabled()
+    out = [checkpoint(chunk_nll, flat_h[s:s + step], flat_t[s:s + step], use_reentrant=False) if grad
+           else chunk_nll(flat_h[s:s + step], flat_t[s:s + step]) for s in range(0, flat_h.shape[0], step)]
+    return torch.cat(out).view(B, T1)
+
+
 def canary_loss(canaries: list[Canary], general: torch.Tensor, cfg: TrainConfig, pad_id: int) -> LossFn:
     """`loss_fn(model, step)`: mean LM loss on every canary plus mean LM loss on `general_chunks` chunks of
     general text (a seeded draw per step, so every trainer sees the same data at the same step). One forward
@@ -162,7 +195,7 @@ def canary_loss(canaries: list[Canary], general: torch.Tensor, cfg: TrainConfig,
     n = ids.shape[0]
 
     def loss_fn(model: nn.Module, step: int) -> torch.Tensor:
-        dev = next(model.parameters()).device
+        dev = compute_device(model)
         rows, masks, labs = [ids], [mask], [labels]
         if cfg.general_chunks:
             g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
@@ -174,10 +207,8 @@ def canary_loss(canaries: list[Canary], general: torch.Tensor, cfg: TrainConfig,
         batch_ids = torch.cat([pad(r, pad_id) for r in rows]).to(dev)  # (B + G, T)
         batch_mask = torch.cat([pad(m, 0) for m in masks]).to(dev)
         batch_labels = torch.cat([pad(lab, -100) for lab in labs]).to(dev)
-        logits = model(input_ids=batch_ids, attention_mask=batch_mask).logits[:, :-1].float()  # (B + G, T-1, V)
+        nll = token_nll(model, batch_ids, batch_mask, batch_labels)  # (B + G, T-1)
         target = batch_labels[:, 1:]
-        nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), target, ignore_index=-100,
-                                                reduction="none")  # (B + G, T-1)
         valid = (target != -100).float()
         loss = (nll[:n] * valid[:n]).sum() / valid[:n].sum()  # mean over canary tokens
         if cfg.general_chunks:
@@ -196,13 +227,15 @@ def fit(model: nn.Module, params: list[nn.Parameter], loss_fn: LossFn, cfg: Trai
         desc: str = "fine-tune", measure: Callable[[nn.Module], float] | None = None,
         checkpoint: Callable[[int, torch.optim.Optimizer, dict, nn.Module], None] | None = None,
         checkpoint_every: int = 0,
-        resume: dict | None = None) -> dict:
+        resume: dict | None = None, gradient_checkpointing: bool = False) -> dict:
     """AdamW on `params` for `cfg.max_steps` steps; with `measure`, stop once it reaches `cfg.target`.
 
     Args:
         checkpoint: called as `checkpoint(step, optimizer, history, model)` every `checkpoint_every` steps and at
             the end (a resumable run saves its state there).
         resume: {"step", "optimizer", "history"} of a saved run: training continues after that step.
+        gradient_checkpointing: recompute each decoder layer's activations in backward (Hugging Face's
+            `gradient_checkpointing_enable`): an 8B model keeps one layer's activations instead of 32.
     The progress bar shows the loss and, when `loss_fn` sets `loss_fn.last_tokens`, tokens per second.
     """
     import time
@@ -217,6 +250,9 @@ def fit(model: nn.Module, params: list[nn.Parameter], loss_fn: LossFn, cfg: Trai
         history = resume.get("history", history)
         start = int(resume["step"])
     model.train()
+    checkpointed = gradient_checkpointing and hasattr(model, "gradient_checkpointing_enable")
+    if checkpointed:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     bar = tqdm(range(start + 1, cfg.max_steps + 1), desc=desc, disable=not progress, leave=False,
                initial=start, total=cfg.max_steps)
     step, tokens, t0 = start, 0, time.perf_counter()
@@ -242,6 +278,8 @@ def fit(model: nn.Module, params: list[nn.Parameter], loss_fn: LossFn, cfg: Trai
                     break
             if checkpoint is not None and checkpoint_every and step % checkpoint_every == 0:
                 checkpoint(step, opt, history, model)
+    if checkpointed:
+        model.gradient_checkpointing_disable()
     model.eval()
     history["steps"] = step
     if tokens:
@@ -402,7 +440,7 @@ def tune_stream_(model: nn.Module, config: OrthoTuneConfig, *, loss_fn: LossFn |
                  hessian_diag: dict | None = None,
                  measure: Callable[[nn.Module], float] | None = None, progress: bool = True, train: bool = True,
                  names: set[str] | None = None, checkpoint: Callable | None = None, checkpoint_every: int = 0,
-                 resume: dict | None = None) -> dict:
+                 resume: dict | None = None, gradient_checkpointing: bool = False) -> dict:
     """Ortho-tune a model whose target layers are already OrthoLinear over INT4 of the public weights with
     empty streams (what the handler or `convert_checkpoint` built): pick each layer's mask, then train the
     stream's values for `config.train.max_steps` steps.
@@ -410,7 +448,7 @@ def tune_stream_(model: nn.Module, config: OrthoTuneConfig, *, loss_fn: LossFn |
     Args:
         loss_fn: the private loss, `loss_fn(model, step)`.
         hessian_diag: {layer name: diag H of its inputs on public text}, for `saliency_hessian`.
-        measure, checkpoint, checkpoint_every, resume: see `fit`; `resume["streams"]` ({name: CSR}) restores the
+        measure, checkpoint, checkpoint_every, resume, gradient_checkpointing: see `fit`; `resume["streams"]` ({name: CSR}) restores the
             masks and values of the run being resumed.
         names: the layers to tune (default: every OrthoLinear among the config's targets).
     Returns:
@@ -454,7 +492,8 @@ def tune_stream_(model: nn.Module, config: OrthoTuneConfig, *, loss_fn: LossFn |
         v.requires_grad_(True)
     try:
         stats.update(fit(model, values, loss_fn, config.train, progress, "ortho-tune", measure,
-                         checkpoint=checkpoint, checkpoint_every=checkpoint_every, resume=resume))
+                         checkpoint=checkpoint, checkpoint_every=checkpoint_every, resume=resume,
+                         gradient_checkpointing=gradient_checkpointing))
     finally:
         for v in values:
             v.requires_grad_(False)

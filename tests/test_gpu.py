@@ -72,6 +72,8 @@ def test_poller_keeps_the_peak_of_this_process():
     assert p.peak_process == 5 * GIB  # the other process's 99 GiB is not ours
     assert p.peak_bytes == 5 * GIB and p.source == "nvml-process"
     assert p.samples >= 4 and p.error is None
+    assert p.take_peak() == 5 * GIB and p.peak_bytes == 0
+    assert p.source == "nvml-process"  # a per-step reset does not turn the report into "none"
 
 
 def test_poller_without_nvml_reports_instead_of_raising():

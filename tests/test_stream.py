@@ -377,3 +377,16 @@ def test_on_layer_may_move_the_layer_off_the_gpu(tiny_ckpt, ids):
     cpu = stream_calibrate(path, ids, on_layer=_halve_down_proj, keep=True, progress=False)
     assert_same_hessians(cpu, gpu, rtol=1e-3)
     assert len(kept) == 3 and all(p.device.type == "cpu" for m in kept for p in m.parameters())
+
+
+def test_release_empties_the_model_even_while_referenced(tiny_model):
+    """release() frees a module's tensors in place although something still refers to the module (as
+    accelerate's hooks do); the control: a plain `del` of one name leaves the weights alive."""
+    from libortho.stream import release
+
+    keeper = {"model": tiny_model}  # a reference release() cannot see
+    w = tiny_model.model.layers[0].mlp.up_proj.weight
+    del tiny_model
+    assert w.numel() > 0  # `del` alone: still there
+    release(keeper["model"])
+    assert all(p.numel() == 0 for p in keeper["model"].parameters()) and w.numel() == 0

@@ -181,3 +181,48 @@ def test_truncated_cache_entry_is_rebuilt(tmp_path, monkeypatch, capsys):
     assert not hit and len(calls) == 2 and torch.equal(t["w"], torch.arange(4.0))
     assert "unreadable" in capsys.readouterr().err
     assert cached("unit", {"a": 1}, build)[2]  # the rebuilt entry is whole again
+
+
+def test_token_nll_in_chunks_is_the_models_loss_and_gradient(tiny_model, monkeypatch):
+    """The loss through the head in chunks of positions (logits never whole) equals HF's loss over full logits,
+    value and gradient; the control: dropping one chunk (a wrong reassembly) is caught."""
+    import libortho.train as tr
+
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, tiny_model.config.vocab_size, (2, 24), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, 20:] = 0
+    labels = ids.masked_fill(mask == 0, -100)
+    monkeypatch.setattr(tr, "LOGIT_BYTES", 4 * tiny_model.config.vocab_size * 5)  # 5 positions per chunk
+    w = tiny_model.model.layers[0].mlp.up_proj.weight
+    w.requires_grad_(True)
+    ref = tiny_model(input_ids=ids, attention_mask=mask, labels=labels).loss
+    (g_ref,) = torch.autograd.grad(ref, w)
+    nll = tr.token_nll(tiny_model, ids, mask, labels)
+    assert nll.shape == (2, 23) and (nll[1, 19:] == 0).all()
+    loss = nll.sum() / (labels[:, 1:] != -100).sum()
+    (g_chunk,) = torch.autograd.grad(loss, w)
+    w.requires_grad_(False)
+    torch.testing.assert_close(loss, ref)
+    torch.testing.assert_close(g_chunk, g_ref)
+    broken = torch.cat([nll.reshape(-1)[:5] * 0, nll.reshape(-1)[5:]]).sum() / (labels[:, 1:] != -100).sum()
+    assert not torch.allclose(broken, ref)
+
+
+def test_gradient_checkpointing_trains_the_same_stream(tiny_model, data):
+    """fit(gradient_checkpointing=True) recomputes activations in backward and gives the same trained values."""
+    cs, general, calib = data
+    outs = []
+    for gc in (False, True):
+        m = copy.deepcopy(tiny_model)
+        calls = []
+        # a pre-hook inside the checkpointed forward (a recompute stops early, before forward hooks would fire)
+        m.model.layers[0].mlp.register_forward_pre_hook(lambda *a: calls.append(1))
+        ocfg = OrthoTuneConfig(density=0.02, group_size=32, symmetric=False, score="saliency", train=FAST)
+        orthogonalize_(m, ocfg, loss_fn=canary_loss(cs, general, FAST, 0), progress=False, gradient_checkpointing=gc)
+        # saliency pass + 3 steps, each forward once more in backward when checkpointed (it did engage)
+        assert len(calls) == 1 + FAST.max_steps * (2 if gc else 1)
+        assert not getattr(m.model, "gradient_checkpointing", False)  # switched off again after training
+        outs.append(torch.cat([x.ortho_values for x in ortho_modules(m).values()]))
+    assert outs[0].abs().sum() > 0
+    torch.testing.assert_close(outs[0], outs[1])

@@ -32,8 +32,8 @@ def _streamed(ctx: RunContext, text, cfg: OrthoConfig, offset: int):
 
     from ..convert import convert_checkpoint
     from ..models import LOAD_LOG
-    from ..stream import load_offloaded
-    from .null import OFFLOAD_HEADROOM_GIB, _free
+    from ..stream import load_offloaded, release
+    from .null import OFFLOAD_HEADROOM_GIB
 
     tok = AutoTokenizer.from_pretrained(ctx.model)
     ids = encode(tok, text.text, DEMO_PROTOCOL)
@@ -42,8 +42,8 @@ def _streamed(ctx: RunContext, text, cfg: OrthoConfig, offset: int):
     LOAD_LOG.append({"source": str(ctx.model), "bits": None, "dtype": "bfloat16", "device": str(ctx.device),
                      "how": f"accelerate offload, {offload_gib:g} GiB on the device", "reference": True})
     fp_ppl = perplexity(fp, ids, DEMO_PROTOCOL, ctx.progress)
+    release(fp)
     del fp
-    _free()
     t0 = time.perf_counter()
     calib = calibration_batches(tok, offset=offset)
     model = convert_checkpoint(ctx.model, cfg, calibration=calib, device=ctx.device, dtype=torch.bfloat16,

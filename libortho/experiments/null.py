@@ -339,7 +339,7 @@ def run_null_test_checkpoint(path, tokenizer, text, plan: Plan = CHECKPOINT_QUIC
     from ..models import LOAD_LOG, load_model
     from ..modules import HostEmbedding
     from ..oom import is_oom
-    from ..stream import load_offloaded
+    from ..stream import load_offloaded, release
 
     torch.manual_seed(seed)
     t_start = time.perf_counter()
@@ -364,8 +364,10 @@ def run_null_test_checkpoint(path, tokenizer, text, plan: Plan = CHECKPOINT_QUIC
     ref = reference_logprobs(fp_model, ids, p, progress)
     arms: dict[str, dict] = {"fp": {**measure(fp_model, "fp (offloaded)"), "kind": "fp", "bits_per_weight": 16.0,
                                     "placement": placement}}
+    left = release(fp_model)  # accelerate's hooks would otherwise keep its device share through the conversions
     del fp_model
-    _free()
+    arms["fp"]["device_gib_after_release"] = round(left / 2**30, 3)
+    log(f"  fp model released: {left / 2**30:.2f} GiB still allocated on the device")
     calib = calibration_batches(tokenizer, plan.calib_batches, plan.calib_length)
     libortho, did_not_fit = {}, {}
     for g in plan.grids:
