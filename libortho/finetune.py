@@ -274,7 +274,7 @@ def finetune(model: str, data, output, *, density: float = 0.01, group_size: int
     st = m.libortho_stats
     facts.update(steps=st.get("steps"), loss_first=(st.get("loss") or [None])[0], loss_last=(st.get("loss") or
                  [None])[-1], tokens_per_second=st.get("tokens_per_second"), nnz=st.get("nnz"),
-                 density=st.get("density"), resumed_from=resume["step"] if resume else None, output=str(out),
+                 density=st.get("density"), device_peak_gib=st.get("device_peak_gib"), resumed_from=resume["step"] if resume else None, output=str(out),
                  config=config.to_dict(), seconds=round(st.get("seconds", st.get("convert_seconds", 0.0)), 1))
     (out / "finetune.json").write_text(json.dumps(facts, indent=1, default=str))
     return facts

@@ -18,7 +18,7 @@ MARKERS_INI = "markers.ini"  # package data: shipped inside the wheel, read thro
 # profile's budget a card still counts as that size.
 NOMINAL_SLACK = 0.97
 # What the CUDA context, cuBLAS and Triton take outside the caching allocator when it cannot be measured.
-DEFAULT_CONTEXT_GIB = 0.75
+DEFAULT_CONTEXT_GIB = 0.8  # measured 0.75 on an H200 once cuBLAS and the Triton kernels are loaded, plus slack
 
 
 @dataclass(frozen=True)

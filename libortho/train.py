@@ -462,6 +462,7 @@ def tune_stream_(model: nn.Module, config: OrthoTuneConfig, *, loss_fn: LossFn |
             if (names is None and is_target(n, config.targets)) or (names is not None and n in names)}
     if not mods:
         raise ValueError("no OrthoLinear to tune: build the INT4 bases first (orthogonalize_ / convert_checkpoint)")
+    peaks = {"before": _device_peak_gib()}  # the conversion that built the bases
     if resume is not None and "streams" in resume:  # the masks (and values) of the run being resumed
         streams = resume["streams"]
     elif config.score is Score.RANDOM:
@@ -473,6 +474,7 @@ def tune_stream_(model: nn.Module, config: OrthoTuneConfig, *, loss_fn: LossFn |
         if config.score is Score.SALIENCY_HESSIAN and hessian_diag is None:
             raise ValueError("score='saliency_hessian' needs hessian_diag (calibration statistics)")
         streams = _saliency_masks(model, mods, loss_fn, config, hessian_diag)
+    peaks["masks"] = _device_peak_gib()
     nnz = total = 0
     for n, m in mods.items():
         st = streams[n]
@@ -497,7 +499,19 @@ def tune_stream_(model: nn.Module, config: OrthoTuneConfig, *, loss_fn: LossFn |
     finally:
         for v in values:
             v.requires_grad_(False)
+    peaks["training"] = _device_peak_gib()
+    if any(v is not None for v in peaks.values()):
+        stats["device_peak_gib"] = peaks  # torch's allocated peak of each phase: where a small card's budget goes
     return stats
+
+
+def _device_peak_gib() -> float | None:
+    """torch's peak allocated GiB on the current CUDA device since the last call (None without CUDA)."""
+    if not torch.cuda.is_available() or not torch.cuda.is_initialized():
+        return None
+    peak = torch.cuda.max_memory_allocated() / 2**30
+    torch.cuda.reset_peak_memory_stats()
+    return round(peak, 3)
 
 
 # ---------------------------------------------------------------------------------------------

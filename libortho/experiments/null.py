@@ -391,8 +391,10 @@ def run_null_test_checkpoint(path, tokenizer, text, plan: Plan = CHECKPOINT_QUIC
                                                  "bits_per_weight": base_bits + o_bits}
         libortho[f"libortho_posthoc_{g.name}"] = {"base": g.name, "config": cfg.to_dict(), "head": "INT4, no stream",
                                                  "embeddings": "host memory", "ortho_bits_per_weight": o_bits}
+        del mods  # it holds the layers too: without this the next grid converts beside a whole packed 8B model
+        left = release(m)
         del m
-        _free()
+        arms[g.name]["device_gib_after_release"] = round(left / 2**30, 3)
     if plan.nf4:
         try:
             loaded = load_model(str(path), dtype=torch.bfloat16, device=device, bits=4)
@@ -401,6 +403,7 @@ def run_null_test_checkpoint(path, tokenizer, text, plan: Plan = CHECKPOINT_QUIC
             _free()
             arms["nf4"] = {**measure(nf4, "nf4"), "kind": "nf4", "blocksize": 64, "double_quant": True,
                            "bits_per_weight": nf4_bits_per_weight(), "head": "bf16 (bitsandbytes skips it)"}
+            release(nf4)
             del nf4, loaded
         except Exception as e:  # noqa: BLE001 - only out-of-memory is a result; anything else is raised
             if not is_oom(e):
