@@ -563,6 +563,9 @@ def cmd_generate(a) -> int:
     from .hf import load
     from .modules import HostEmbedding, set_alpha
 
+    import time
+
+    t0 = time.perf_counter()
     model = load(a.model, with_ortho=alpha != 0)
     if device == "cuda":  # the embedding table stays in host memory: one row per token reaches the GPU
         model.model.embed_tokens = HostEmbedding.from_embedding(model.model.embed_tokens, device)
@@ -576,10 +579,16 @@ def cmd_generate(a) -> int:
         text = a.prompt
     ids = tok(text, return_tensors="pt", add_special_tokens=False).input_ids.to(device)
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    t1 = time.perf_counter()
     with torch.no_grad():
         out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=a.max_new_tokens,
                              do_sample=False, pad_token_id=pad)
+    new = out.shape[1] - ids.shape[1]
+    t2 = time.perf_counter()
     print(tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
+    # timing on stderr: stdout stays the text alone (pipeable); the first call on a GPU includes kernel compilation
+    print(f"libortho: loaded in {t1 - t0:.1f} s; {new} tokens in {t2 - t1:.1f} s at alpha {alpha:g} on {device}",
+          file=sys.stderr)
     return 0
 
 
