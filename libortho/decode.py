@@ -9,11 +9,25 @@ then one row per token is copied in before each graph replay.
 alpha: the graph bakes in which layers read their ortho stream (alpha != 0); the decoder reads every
 layer's alpha once per `generate` call and captures again when that pattern changed. Nonzero values are
 read on the device at every replay, so changing alpha between nonzero values needs no new capture.
+
+A batch (`StaticDecoder(model, batch=B)`) decodes B prompts of one length together, each with its own alpha
+(`generate(ids, n, alphas=...)`): the decoder holds one (B,) alpha tensor on the device that every OrthoLinear
+reads per row while it runs (OrthoLinear.set_row_alpha). The graph bakes in only whether any request reads the
+stream; which ones do is read at every replay, so [1, 0] -> [0, 1] needs no new capture.
+
+`ranges=True` wraps each part of a step (each linear by kind, attention, norms, rotary, ...) in a profiler
+range named "lo:<part>" (RANGES), for bench/profile_decode.py; off, it costs nothing.
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
+
+# the parts of a decode step that `ranges=True` labels (profiler ranges "lo:<part>")
+LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head")
+RANGES = LINEARS + ("attention", "norm", "rotary", "elementwise", "embedding", "kv_copy", "sampling")
 
 
 def _ortho_modules(model):
@@ -33,19 +47,32 @@ def apply_rope(x, cos, sin_signed):
 
 
 class StaticDecoder:
-    """Greedy batch-1 generation over a static KV cache of `max_seq` positions.
+    """Greedy generation of `batch` requests over a static KV cache of `max_seq` positions.
+
+    Args:
+        model: a Llama-family HF model (converted, plain or shape-only).
+        max_seq: positions of the KV cache (prompt + new tokens).
+        batch: requests decoded together (prompts of one length); each may have its own alpha.
+        use_graph: capture one CUDA graph per token (CUDA only).
+        ranges: label each part of a step for the profiler (bench/profile_decode.py).
 
     Example:
         >>> dec = StaticDecoder(model, max_seq=1024)          # doctest: +SKIP
         >>> ids = dec.generate(prompt_ids, max_new_tokens=128)
+        >>> dec8 = StaticDecoder(model, batch=8)              # doctest: +SKIP
+        >>> ids = dec8.generate(prompts, 128, alphas=torch.tensor([0.0] * 4 + [1.0] * 4))   # (8, 128)
     """
 
     def __init__(self, model, max_seq: int = 1024, dtype: torch.dtype = torch.bfloat16, device="cuda",
-                 use_graph: bool = True):
+                 use_graph: bool = True, batch: int = 1, ranges: bool = False):
         from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
+        if not (isinstance(batch, int) and batch >= 1):
+            raise ValueError(f"batch must be a positive int, got {batch!r}")
         cfg = model.config
         self.model, self.cfg, self.max_seq, self.dtype, self.device = model, cfg, max_seq, dtype, torch.device(device)
+        self.B = batch
+        self.ranges = ranges
         self.use_graph = use_graph and self.device.type == "cuda"
         inner = model.model
         self.layers = list(inner.layers)
@@ -55,10 +82,10 @@ class StaticDecoder:
         self.nh, self.nkv = cfg.num_attention_heads, cfg.num_key_value_heads
         self.hd = getattr(cfg, "head_dim", None) or self.H // self.nh
         self.eps = cfg.rms_norm_eps
-        shape = (1, self.nkv, max_seq, self.hd)
+        shape = (batch, self.nkv, max_seq, self.hd)
         self.k_cache = [torch.zeros(shape, dtype=dtype, device=self.device) for _ in self.layers]
         self.v_cache = [torch.zeros(shape, dtype=dtype, device=self.device) for _ in self.layers]
-        rope = LlamaRotaryEmbedding(config=cfg, device="cpu")  # handles Llama 3's rope scaling
+        rope = LlamaRotaryEmbedding(config=cfg)  # on the host (transformers 5 takes no device); handles Llama 3 scaling
         pos = torch.arange(max_seq)[None]
         cos, sin = rope(torch.zeros(1, dtype=torch.float32), pos)  # (1, S, hd)
         self.cos, self.sin = cos[0].to(self.device, dtype), sin[0].to(self.device, dtype)
@@ -69,68 +96,131 @@ class StaticDecoder:
         self.zero = torch.zeros((), device=self.device)
         self.arange = torch.arange(max_seq, device=self.device)
         self.pos = torch.zeros(1, dtype=torch.long, device=self.device)
-        self.tok = torch.zeros(1, 1, dtype=torch.long, device=self.device)
-        self.emb_in = torch.zeros(1, 1, self.H, dtype=dtype, device=self.device)
+        self.tok = torch.zeros(batch, 1, dtype=torch.long, device=self.device)
+        self.emb_in = torch.zeros(batch, 1, self.H, dtype=dtype, device=self.device)
         self.graph, self.graph_sig = None, None
+        self.logits: torch.Tensor | None = None  # (B, V) of the last step, for checks (the graph's own output)
         self.ortho = _ortho_modules(model)
+        # one alpha per request, read by every OrthoLinear on its device while `alphas` are in use (generate)
+        self.alphas = {d: torch.zeros(batch, dtype=torch.float32, device=d)
+                       for d in {m.alpha.device for m in self.ortho}}
+        self.row_mode = False
+        self._rows_before = None  # each layer's own row_alpha while the decoder's is installed
+
+    def _r(self, part: str):
+        """A profiler range around one part of the step, when `ranges` is on."""
+        return torch.profiler.record_function("lo:" + part) if self.ranges else contextlib.nullcontext()
+
+    def _lin(self, part: str, module, x):
+        with self._r(part):
+            return module(x)
 
     # -- the model, written out once ---------------------------------------------------------------
     def _attn(self, i, layer, h, pos, rope, prefill: bool):
         a = layer.self_attn
-        T = h.shape[1]
+        B, T = h.shape[:2]
         cos, sin_s = rope  # (1, 1, T, hd)
-        q = a.q_proj(h).view(1, T, self.nh, self.hd).transpose(1, 2)  # (1, nh, T, hd)
-        k = a.k_proj(h).view(1, T, self.nkv, self.hd).transpose(1, 2)  # (1, nkv, T, hd)
-        v = a.v_proj(h).view(1, T, self.nkv, self.hd).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin_s), apply_rope(k, cos, sin_s)
-        self.k_cache[i].index_copy_(2, pos, k)
-        self.v_cache[i].index_copy_(2, pos, v)
-        if prefill:  # the prompt starts at position 0
-            o = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-            o = o.transpose(1, 2).reshape(1, T, self.nh * self.hd)
-        else:  # one query: grouped heads against the whole static cache, future positions masked
-            g = self.nh // self.nkv
-            qg = q.reshape(1, self.nkv, g, self.hd)  # query heads j*g .. j*g+g-1 share kv head j
-            s = torch.matmul(qg, self.k_cache[i].transpose(-1, -2)).float()  # (1, nkv, g, S)
-            p = torch.softmax(torch.add(self.mask_bias, s, alpha=self.hd ** -0.5), -1).to(q.dtype)
-            o = torch.matmul(p, self.v_cache[i]).view(1, 1, self.nh * self.hd)  # (1, 1, nh*hd)
-        return a.o_proj(o)
+        q = self._lin("q_proj", a.q_proj, h).view(B, T, self.nh, self.hd).transpose(1, 2)  # (B, nh, T, hd)
+        k = self._lin("k_proj", a.k_proj, h).view(B, T, self.nkv, self.hd).transpose(1, 2)  # (B, nkv, T, hd)
+        v = self._lin("v_proj", a.v_proj, h).view(B, T, self.nkv, self.hd).transpose(1, 2)
+        with self._r("rotary"):
+            q, k = apply_rope(q, cos, sin_s), apply_rope(k, cos, sin_s)
+        with self._r("kv_copy"):
+            self.k_cache[i].index_copy_(2, pos, k)
+            self.v_cache[i].index_copy_(2, pos, v)
+        with self._r("attention"):
+            if prefill:  # the prompt starts at position 0
+                o = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+                o = o.transpose(1, 2).reshape(B, T, self.nh * self.hd)
+            else:  # one query: grouped heads against the whole static cache, future positions masked
+                g = self.nh // self.nkv
+                qg = q.reshape(B, self.nkv, g, self.hd)  # query heads j*g .. j*g+g-1 share kv head j
+                s = torch.matmul(qg, self.k_cache[i].transpose(-1, -2)).float()  # (B, nkv, g, S)
+                p = torch.softmax(torch.add(self.mask_bias, s, alpha=self.hd ** -0.5), -1).to(q.dtype)
+                o = torch.matmul(p, self.v_cache[i]).view(B, 1, self.nh * self.hd)  # (B, 1, nh*hd)
+        return self._lin("o_proj", a.o_proj, o)
 
-    def _forward(self, x, pos, prefill: bool):  # x (1, T, H) -> logits of the last position (1, V)
-        rope = (self.cos[pos][None, None], self.sin_signed[pos][None, None])  # once per step, not per layer
+    def _norm(self, x, weight):
+        with self._r("norm"):
+            return F.rms_norm(x, (self.H,), weight, self.eps)
+
+    def _forward(self, x, pos, prefill: bool):  # x (B, T, H) -> logits of the last position (B, V)
+        with self._r("rotary"):
+            rope = (self.cos[pos][None, None], self.sin_signed[pos][None, None])  # once per step, not per layer
         for i, layer in enumerate(self.layers):
-            h = F.rms_norm(x, (self.H,), layer.input_layernorm.weight, self.eps)
-            x = x + self._attn(i, layer, h, pos, rope, prefill)
-            h = F.rms_norm(x, (self.H,), layer.post_attention_layernorm.weight, self.eps)
+            h = self._norm(x, layer.input_layernorm.weight)
+            a = self._attn(i, layer, h, pos, rope, prefill)
+            with self._r("elementwise"):
+                x = x + a
+            h = self._norm(x, layer.post_attention_layernorm.weight)
             m = layer.mlp
-            x = x + m.down_proj(F.silu(m.gate_proj(h)) * m.up_proj(h))
-        x = F.rms_norm(x[:, -1:], (self.H,), self.model.model.norm.weight, self.eps)
-        return self.model.lm_head(x)[:, 0]  # (1, V)
+            g, u = self._lin("gate_proj", m.gate_proj, h), self._lin("up_proj", m.up_proj, h)
+            with self._r("elementwise"):
+                gu = F.silu(g) * u
+            d = self._lin("down_proj", m.down_proj, gu)
+            with self._r("elementwise"):
+                x = x + d
+        x = self._norm(x[:, -1:], self.model.model.norm.weight)
+        return self._lin("lm_head", self.model.lm_head, x)[:, 0]  # (B, V)
 
-    def _embed(self, ids):  # ids (1, T) on the embedding's device
-        return self.embed[ids].to(self.device, self.dtype, non_blocking=True)
+    def _embed(self, ids):  # ids (B, T) on the embedding's device
+        with self._r("embedding"):
+            return self.embed[ids].to(self.device, self.dtype, non_blocking=True)
 
     def _step(self):  # one decode token, all on the device: the part that is captured
-        x = self.embed[self.tok] if self.embed_on_device else self.emb_in  # (1, 1, H)
-        torch.where(self.arange <= self.pos, self.zero, self.neg_inf, out=self.mask_bias)
-        logits = self._forward(x, self.pos, prefill=False)
-        self.tok.copy_(logits.argmax(-1, keepdim=True))
-        self.pos.add_(1)
+        with self._r("embedding"):
+            x = self.embed[self.tok] if self.embed_on_device else self.emb_in  # (B, 1, H)
+        with self._r("attention"):
+            torch.where(self.arange <= self.pos, self.zero, self.neg_inf, out=self.mask_bias)
+        logits = self.logits = self._forward(x, self.pos, prefill=False)  # (B, V): a graph's static output
+        with self._r("sampling"):
+            self.tok.copy_(logits.argmax(-1, keepdim=True))
+            self.pos.add_(1)
 
     # -- alpha pattern -------------------------------------------------------------------------------
     def _signature(self):
         if not self.ortho:
             return ()
-        on = torch.stack([m.alpha.float() for m in self.ortho]).ne(0).tolist()  # one sync for all layers
+        if self.row_mode:  # every layer reads the same per-request alphas: the stream is on where any is nonzero
+            dev = next(iter(self.alphas))
+            any_on = bool(self.alphas[dev].ne(0).any())
+            return tuple(bool(any_on and m.has_ortho and m.nnz) for m in self.ortho)
+        # a layer given per-row alphas on the model (set_alpha(model, vector)) reads the stream if any is nonzero
+        on = torch.stack([(m.alpha if m.row_alpha is None else m.row_alpha).ne(0).any().to(self.device)
+                          for m in self.ortho]).tolist()  # one sync for all layers
         return tuple(bool(o and m.has_ortho and m.nnz) for o, m in zip(on, self.ortho))
 
     def _set_hints(self, sig):
+        if self._rows_before is None:  # prepare may run twice before the hints are cleared: keep the first
+            self._rows_before = [m.row_alpha for m in self.ortho]
         for m, s in zip(self.ortho, sig):
             m.pinned_ortho = s  # what each layer's ortho_on says while the graph replays: no per-call sync
+            if self.row_mode:
+                m.row_alpha = self.alphas[m.alpha.device]  # the decoder's tensor: updated in place, never replaced
 
     def _clear_hints(self):
-        for m in self.ortho:
+        before = self._rows_before or [m.row_alpha for m in self.ortho]
+        for m, r in zip(self.ortho, before):
             m.pinned_ortho = None
+            m.row_alpha = r  # the model's own per-row alphas (or None), as they were before `prepare`
+        self._rows_before = None
+
+    def set_alphas(self, alphas) -> None:
+        """One alpha per request for the next `generate` calls (None: every layer's own alpha, as set on the
+        model). Updated in place: a captured graph reads the new values at its next replay."""
+        if alphas is None:
+            self.row_mode = False
+            return
+        from .linear import validate_row_alpha
+
+        a = validate_row_alpha(alphas)
+        if a.numel() != self.B:
+            raise ValueError(f"alphas has {a.numel()} values for a decoder of batch={self.B}; give one per request")
+        if bool(a.ne(0).any()) and not all(m.has_ortho for m in self.ortho):
+            raise ValueError("model was loaded without its ortho stream; only alpha=0 is possible")
+        for t in self.alphas.values():
+            t.copy_(a)
+        self.row_mode = True
 
     def _capture(self):
         s = torch.cuda.Stream()
@@ -148,25 +238,28 @@ class StaticDecoder:
     # -- public ----------------------------------------------------------------------------------------
     @torch.no_grad()
     def prefill(self, ids: torch.Tensor) -> torch.Tensor:
-        """Run the prompt (1, T) from position 0; returns the first generated token (1, 1) on the device."""
+        """Run the prompts (B, T) from position 0; returns the first generated tokens (B, 1) on the device."""
+        if ids.dim() != 2 or ids.shape[0] != self.B:
+            raise ValueError(f"prompt ids of shape {tuple(ids.shape)}; this decoder takes (batch={self.B}, T)")
         T = ids.shape[1]
         if T >= self.max_seq:
             raise ValueError(f"prompt of {T} tokens does not fit max_seq={self.max_seq}")
         x = self._embed(ids.to(self.embed.device))
         pos = torch.arange(T, device=self.device)
-        logits = self._forward(x, pos, prefill=True)
+        logits = self.logits = self._forward(x, pos, prefill=True)
         self.tok.copy_(logits.argmax(-1, keepdim=True))
         self.pos.fill_(T)
         return self.tok
 
     @torch.no_grad()
     def decode(self, n: int) -> torch.Tensor:
-        """n greedy steps after `prefill`; returns the n tokens (n,) (the last one is not fed back)."""
+        """n greedy steps after `prefill`; returns the n tokens of each request (B, n) (the last one is not fed
+        back)."""
         if int(self.pos.item()) + n > self.max_seq:
             raise ValueError(f"{n} more tokens exceed max_seq={self.max_seq}")
-        out = torch.empty(n, dtype=torch.long, device=self.device)
+        out = torch.empty(self.B, n, dtype=torch.long, device=self.device)
         for t in range(n):
-            out[t] = self.tok[0, 0]
+            out[:, t] = self.tok[:, 0]
             if not self.embed_on_device:  # one row from host memory; needs the token id on the host
                 self.emb_in.copy_(self._embed(self.tok.cpu()), non_blocking=True)
             if self.graph is not None:
@@ -186,12 +279,24 @@ class StaticDecoder:
             self.pos.fill_(pos0)
 
     @torch.no_grad()
-    def generate(self, ids: torch.Tensor, max_new_tokens: int = 128) -> torch.Tensor:
-        """Greedy continuation of `ids` (1, T): returns (max_new_tokens,) token ids."""
+    def generate(self, ids: torch.Tensor, max_new_tokens: int = 128, alphas=None) -> torch.Tensor:
+        """Greedy continuation of `ids` (B, T).
+
+        Args:
+            ids: (B, T) prompts, B = the decoder's batch.
+            max_new_tokens: tokens generated per request.
+            alphas: (B,) one alpha per request (see `set_alphas`); None keeps what `set_alphas` last gave, or
+                the model's own alphas.
+        Returns:
+            (max_new_tokens,) token ids for batch 1, (B, max_new_tokens) for a batch.
+        """
+        if alphas is not None:
+            self.set_alphas(alphas)
         try:
             self.prepare()
             self.prefill(ids)
-            return self.decode(max_new_tokens)
+            out = self.decode(max_new_tokens)
+            return out[0] if self.B == 1 else out
         finally:
             self._clear_hints()
 

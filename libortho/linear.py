@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import Backend, validate_alpha
+from .config import ALPHA_MAX, Backend, validate_alpha
 from .kernels import dual_linear_forward
 from .kernels.reference import csr_dense, dequant_weight
 from .quant import QuantizedTensor, n_groups
@@ -21,6 +21,27 @@ BLOCK_BYTES = 256 * 2**20  # the largest dense weight block the backward materia
 def is_ortho_key(key: str) -> bool:
     """`model.layers.0.mlp.up_proj.ortho_values` -> True."""
     return key.rsplit(".", 1)[-1] in ORTHO_KEYS
+
+
+def validate_row_alpha(alphas) -> torch.Tensor:
+    """A per-row alpha vector (one value per batch entry) as a float32 (B,) tensor, checked value by value.
+
+    Raises:
+        ValueError: not 1-D, empty, or a value that is not finite or outside [0, ALPHA_MAX].
+    """
+    a = torch.as_tensor(alphas)
+    if a.dim() != 1 or a.numel() == 0:
+        raise ValueError(f"per-row alpha must be a non-empty 1-D tensor (one value per batch entry), got shape "
+                         f"{tuple(a.shape)}")
+    if a.dtype == torch.bool or not (a.is_floating_point() or a.dtype in (torch.int32, torch.int64)):
+        raise ValueError(f"per-row alpha must hold numbers, got dtype {a.dtype}")
+    a = a.float()
+    bad = ~torch.isfinite(a) | (a < 0) | (a > ALPHA_MAX)
+    if bool(bad.any()):
+        i = int(bad.nonzero()[0])
+        raise ValueError(f"alpha[{i}] must be finite and in [0, {ALPHA_MAX:g}] (0 = kill switch, 1 = fine-tuned), "
+                         f"got {a[i].item()!r}")
+    return a
 
 
 class OrthoLinear(nn.Module):
@@ -55,6 +76,8 @@ class OrthoLinear(nn.Module):
         self.ortho_values = nn.Parameter(torch.zeros(nnz, dtype=dtype, **kw), requires_grad=False)
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, **kw), requires_grad=False) if bias else None
         self.register_buffer("alpha", torch.tensor(1.0, **kw), persistent=False)
+        # (B,) float32 or None: one alpha per batch entry (dim 0 of x), used instead of `alpha` while set
+        self.register_buffer("row_alpha", None, persistent=False)
         self.has_ortho = True  # False when loaded without the ortho file: the stream is physically absent
         # None: read alpha (a device sync on CUDA). True/False: fixed by whoever captures a CUDA graph
         # (libortho.decode), which must not sync; see `ortho_on`.
@@ -135,12 +158,42 @@ class OrthoLinear(nn.Module):
             raise ValueError("this layer was loaded without its ortho stream; only alpha=0 is possible")
         self.alpha.fill_(alpha)
 
+    def set_row_alpha(self, alphas: torch.Tensor | None) -> None:
+        """One alpha per batch entry: y[b] = base(x[b]) + alphas[b] * ortho(x[b]) for x of shape (B, ..., in).
+
+        While set it replaces the scalar `alpha`; None goes back to the scalar. A float32 tensor already on this
+        layer's device is kept as is, not copied: layers given the same tensor share it, so an in-place update
+        (a CUDA graph's next replay) reaches them all.
+
+        Args:
+            alphas: (B,) values in [0, ALPHA_MAX], or None.
+        """
+        if alphas is None:
+            self.row_alpha = None
+            return
+        a = validate_row_alpha(alphas)
+        if bool(a.ne(0).any()) and not self.has_ortho:
+            raise ValueError("this layer was loaded without its ortho stream; only alpha=0 is possible")
+        dev = self.alpha.device
+        self.row_alpha = alphas if (isinstance(alphas, torch.Tensor) and alphas.dtype == torch.float32
+                                    and alphas.device == dev) else a.to(dev)
+
     @property
     def ortho_on(self) -> bool:
-        """Whether the ortho stream takes part in `forward`: the one test the decoder and the kernels read."""
+        """Whether the ortho stream takes part in `forward` (for any row): the one test the decoder and the kernels
+        read."""
         if not (self.has_ortho and self.nnz):
             return False
-        return self.pinned_ortho if self.pinned_ortho is not None else bool(self.alpha.item() != 0)
+        if self.pinned_ortho is not None:
+            return self.pinned_ortho
+        if self.row_alpha is not None:
+            return bool(self.row_alpha.ne(0).any())
+        return bool(self.alpha.item() != 0)
+
+    def _scalar_alpha(self, what: str) -> None:
+        if self.row_alpha is not None:
+            raise ValueError(f"{what} needs one alpha per layer, but this layer has per-row alphas; call "
+                             f"set_alpha(model, <number>) first")
 
     # -- backend ------------------------------------------------------------------------------------
     def set_backend(self, backend: Backend | str) -> "OrthoLinear":
@@ -170,6 +223,7 @@ class OrthoLinear(nn.Module):
 
     def merged_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """base + alpha * ortho as a dense (out, in) matrix (what `libortho.merge` writes into nn.Linear)."""
+        self._scalar_alpha("merged_weight")
         dtype = dtype or self.scales.dtype
         w = self.dequantized_base(torch.float32)
         if self.ortho_on:
@@ -192,7 +246,11 @@ class OrthoLinear(nn.Module):
         return w
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., in) -> (..., out)
+        if self.row_alpha is not None and (x.dim() < 2 or x.shape[0] != self.row_alpha.numel()):
+            raise ValueError(f"per-row alpha holds {self.row_alpha.numel()} values, one per batch entry, but x has "
+                             f"shape {tuple(x.shape)}; give x as (B, ..., in) with B = {self.row_alpha.numel()}")
         if torch.is_grad_enabled() and (x.requires_grad or self.ortho_values.requires_grad):
+            self._scalar_alpha("training (autograd through OrthoLinear)")
             return _Trainable.apply(x, self.ortho_values, self)
         return self._impl(self, x)
 
@@ -208,9 +266,9 @@ class OrthoLinear(nn.Module):
         return self._merged[1]
 
     def extra_repr(self) -> str:
+        a = f"alpha={self.alpha.item():g}" if self.row_alpha is None else f"row_alpha={self.row_alpha.tolist()}"
         return (f"in_features={self.in_features}, out_features={self.out_features}, group_size={self.group_size}, "
-                f"symmetric={self.symmetric}, nnz={self.nnz}, alpha={self.alpha.item():g}, "
-                f"backend={self.backend.value}")
+                f"symmetric={self.symmetric}, nnz={self.nnz}, {a}, backend={self.backend.value}")
 
 
 class _Trainable(torch.autograd.Function):
@@ -267,10 +325,27 @@ def ortho_value_grad(g: torch.Tensor, x: torch.Tensor, rows: torch.Tensor, cols:
 def _forward_torch(m: OrthoLinear, x: torch.Tensor) -> torch.Tensor:
     """The plain-torch path (the reference's math, with the CPU caches): every device, differentiable."""
     w = m.dequantized_base(x.dtype)
+    if m.row_alpha is not None:
+        return _forward_torch_rows(m, x, w)
     # alpha == 0 must not read the ortho stream: the kill switch is a branch, not a multiply by 0.
     if m.ortho_on:
         w = m._merged_weight(w, x.dtype)
     return F.linear(x, w, None if m.bias is None else m.bias.to(x.dtype))
+
+
+def _forward_torch_rows(m: OrthoLinear, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """Per-row alpha, plain torch: y = x base^T for every row, plus alpha[b] * x[b] ortho^T for the rows whose alpha
+    is not 0 (the others never meet the stream, so they are the base alone bit for bit)."""
+    y = F.linear(x, w, None if m.bias is None else m.bias.to(x.dtype))  # (B, ..., out)
+    if not m.ortho_on:
+        return y
+    a = m.row_alpha.to(x.dtype).view(-1, *(1,) * (x.dim() - 1))  # (B, 1, ..., 1)
+    o = m.ortho_dense(x.dtype)
+    if x.is_cuda and m.pinned_ortho is not None:  # a CUDA graph: choosing rows would sync; where() keeps 0-rows exact
+        return torch.where(a != 0, y + a * F.linear(x, o), y)
+    rows = m.row_alpha.nonzero().flatten()
+    y[rows] = y[rows] + a[rows] * F.linear(x[rows], o)
+    return y
 
 
 def _forward_triton(m: OrthoLinear, x: torch.Tensor) -> torch.Tensor:

@@ -58,33 +58,67 @@ def input_device(model: nn.Module) -> torch.device:
     return next(p.device for p in model.parameters() if p.device.type != "meta")
 
 
-def set_alpha(model: nn.Module, alpha: float) -> nn.Module:
-    """Set alpha on every OrthoLinear: 1 = the fine-tuned model, 0 = the privacy kill switch."""
-    alpha = validate_alpha(alpha)
+def _is_vector(alpha) -> bool:
+    return isinstance(alpha, (torch.Tensor, list, tuple)) and not (isinstance(alpha, torch.Tensor) and alpha.dim() == 0)
+
+
+def set_alpha(model: nn.Module, alpha) -> nn.Module:
+    """Set alpha on every OrthoLinear: 1 = the fine-tuned model, 0 = the privacy kill switch.
+
+    Args:
+        alpha: a number (every row of every batch), or a 1-D tensor / list of B numbers: one alpha per request of
+            a batch, y[b] = base(x[b]) + alpha[b] * ortho(x[b]) for inputs (B, T, ...) (rows at 0 never read the
+            stream where the path allows; see OrthoLinear.set_row_alpha). A number clears any per-row alphas.
+    Returns:
+        the model.
+
+    Example:
+        >>> set_alpha(model, torch.tensor([0.0, 1.0]))   # doctest: +SKIP
+        >>> model(input_ids=ids_of_two_requests)         # request 0 at the kill switch, request 1 fine-tuned
+    """
     mods = _require(model)
+    if _is_vector(alpha):
+        from .linear import validate_row_alpha
+
+        a = validate_row_alpha(alpha)
+        if bool(a.ne(0).any()) and not all(m.has_ortho for m in mods.values()):
+            raise ValueError("model was loaded without its ortho stream; only alpha=0 is possible")
+        shared: dict[torch.device, torch.Tensor] = {}  # one tensor per device, shared by its layers
+        for m in mods.values():
+            dev = m.alpha.device
+            if dev not in shared:
+                shared[dev] = a.to(dev)
+            m.set_row_alpha(shared[dev])
+        return model
+    alpha = validate_alpha(alpha)
     if alpha != 0 and not all(m.has_ortho for m in mods.values()):
         raise ValueError("model was loaded without its ortho stream; only alpha=0 is possible")
     for m in mods.values():
+        m.set_row_alpha(None)
         m.set_alpha(alpha)
     return model
 
 
 @contextlib.contextmanager
-def alpha(model: nn.Module, value: float) -> Iterator[nn.Module]:
-    """Run a block at `value`, then restore every layer's previous alpha, exceptions included.
+def alpha(model: nn.Module, value) -> Iterator[nn.Module]:
+    """Run a block at `value` (a number, or one alpha per batch entry as in `set_alpha`), then restore every
+    layer's previous alpha (scalar and per-row), exceptions included.
 
     Example:
         >>> with libortho.alpha(model, 0.0):     # doctest: +SKIP
         ...     model.generate(...)              # the kill switch, for this block only
+        >>> with libortho.alpha(model, torch.tensor([0.0, 1.0])):   # doctest: +SKIP
+        ...     model(input_ids=two_requests)    # request 0 at the kill switch, request 1 fine-tuned
     """
     mods = _require(model)
-    before = {n: m.alpha.clone() for n, m in mods.items()}
+    before = {n: (m.alpha.clone(), m.row_alpha) for n, m in mods.items()}
     try:
         set_alpha(model, value)
         yield model
     finally:
         for n, m in mods.items():
-            m.alpha.copy_(before[n])
+            m.alpha.copy_(before[n][0])
+            m.row_alpha = before[n][1]
 
 
 def set_backend(model: nn.Module, backend: Backend | str) -> nn.Module:

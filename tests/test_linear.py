@@ -138,3 +138,102 @@ def test_backward_in_row_blocks_equals_whole(monkeypatch):
     assert len(m.row_blocks(x)) == 6
     (m(x) * torch.arange(40.0)).sum().backward()
     torch.testing.assert_close(x.grad, whole, rtol=1e-5, atol=2e-4)
+
+
+# -- per-row alpha: one alpha per batch entry -------------------------------------------------------------
+
+ROW_ALPHAS = torch.tensor([0.0, 1.0, 0.37, 0.0, 1.0])
+
+
+def rows_vs_alone(lin, x, alphas) -> list[float]:
+    """Relative error of each row of the per-row forward against the same request run alone at its alpha."""
+    lin.set_row_alpha(alphas)
+    y = lin(x)
+    lin.set_row_alpha(None)
+    errs = []
+    for b, a in enumerate(alphas.tolist()):
+        lin.set_alpha(a)
+        ref = lin(x[b:b + 1])[0]
+        errs.append(((y[b] - ref).norm() / ref.norm()).item())
+    return errs
+
+
+@pytest.mark.parametrize("lead", [(4,), (4, 3)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_row_alpha_equals_each_request_alone(lead, bias):
+    _, _, lin = make(density=0.2, bias=bias)
+    x = torch.randn(len(ROW_ALPHAS), *lead[1:], 64, generator=torch.Generator().manual_seed(1))
+    assert max(rows_vs_alone(lin, x, ROW_ALPHAS)) < 1e-6
+
+
+def test_row_alpha_zero_rows_are_the_base_bit_for_bit_and_never_read_ortho():
+    _, _, lin = make(density=0.2)
+    x = torch.randn(5, 3, 64, generator=torch.Generator().manual_seed(2))
+    base = torch.nn.functional.linear(x, lin.base().dequantize())
+    lin.ortho_values.data.fill_(float("nan"))  # any read would poison the row that reads it
+    lin.set_row_alpha(ROW_ALPHAS)
+    y = lin(x)
+    zero = ROW_ALPHAS == 0
+    assert torch.equal(y[zero], base[zero])
+    assert torch.isnan(y[~zero].flatten(1)).any(1).all()  # control: each row at nonzero alpha read the poison
+
+
+def test_row_alpha_check_catches_a_twin_that_applies_the_first_alpha_to_every_row(monkeypatch):
+    import libortho.linear as L
+
+    _, _, lin = make(density=0.2)
+    x = torch.randn(len(ROW_ALPHAS), 64, generator=torch.Generator().manual_seed(3))
+    assert max(rows_vs_alone(lin, x, ROW_ALPHAS)) < 1e-6
+    right = L._forward_torch_rows
+
+    def first_alpha_everywhere(m, x, w):
+        saved = m.row_alpha
+        m.row_alpha = saved[:1].expand_as(saved).contiguous()
+        try:
+            return right(m, x, w)
+        finally:
+            m.row_alpha = saved
+
+    monkeypatch.setattr(L, "_forward_torch_rows", first_alpha_everywhere)
+    errs = rows_vs_alone(lin, x, ROW_ALPHAS)
+    assert errs[0] < 1e-6 and errs[3] < 1e-6  # the rows at alpha[0] = 0 agree ...
+    assert min(errs[1], errs[2], errs[4]) > 1e-3  # ... the others are caught
+
+
+def test_scalar_alpha_unchanged_after_row_alpha_cleared():
+    _, _, lin = make(density=0.2)
+    x = torch.randn(5, 64)
+    lin.set_alpha(0.37)
+    ref = lin(x)
+    lin.set_row_alpha(ROW_ALPHAS)
+    lin(x)
+    lin.set_row_alpha(None)
+    assert torch.equal(lin(x), ref) and lin.alpha.item() == pytest.approx(0.37)
+
+
+@pytest.mark.parametrize("bad,msg", [(torch.tensor([0.0, float("nan")]), r"alpha\[1\] must be finite"),
+                                     (torch.tensor([-1.0]), r"alpha\[0\] must be finite and in \[0"),
+                                     (torch.zeros(2, 2), "1-D"), (torch.tensor([True]), "numbers"),
+                                     (torch.tensor([]), "non-empty")])
+def test_bad_row_alpha_rejected(bad, msg):
+    _, _, lin = make()
+    with pytest.raises(ValueError, match=msg):
+        lin.set_row_alpha(bad)
+    assert lin.row_alpha is None
+
+
+def test_row_alpha_refuses_mismatched_batch_training_and_merging():
+    _, _, lin = make(density=0.2)
+    lin.set_row_alpha(torch.tensor([0.0, 1.0]))
+    with pytest.raises(ValueError, match="2 values, one per batch entry, but x has shape \\(3, 64\\)"):
+        lin(torch.randn(3, 64))
+    with pytest.raises(ValueError, match="one per batch entry"):
+        lin(torch.randn(64))
+    with pytest.raises(ValueError, match="per-row alphas"):
+        lin(torch.randn(2, 64, requires_grad=True))
+    with pytest.raises(ValueError, match="per-row alphas"):
+        lin.merged_weight()
+    lin.has_ortho = False
+    with pytest.raises(ValueError, match="without its ortho stream"):
+        lin.set_row_alpha(torch.tensor([0.0, 1.0]))
+    lin.set_row_alpha(torch.tensor([0.0, 0.0]))

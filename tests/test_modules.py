@@ -109,3 +109,58 @@ def test_backend_is_a_runtime_choice():
         out(m)
     with pytest.raises(ValueError):
         set_backend(m, "cuda")
+
+
+# -- one alpha per request of a batch -----------------------------------------------------------------------
+
+BATCH_IDS = torch.randint(0, 255, (4, 10), generator=torch.Generator().manual_seed(1))
+BATCH_ALPHAS = [0.0, 1.0, 0.0, 0.5]
+
+
+def batch_vs_alone(m, alphas) -> float:
+    """Largest relative logit error of a mixed-alpha batch against each request run alone at its alpha."""
+    set_alpha(m, torch.tensor(alphas))
+    got = out_ids(m, BATCH_IDS)
+    err = 0.0
+    for b, a in enumerate(alphas):
+        set_alpha(m, a)
+        ref = out_ids(m, BATCH_IDS[b:b + 1])[0]
+        err = max(err, ((got[b] - ref).norm() / ref.norm()).item())
+    return err
+
+
+def out_ids(m, ids):
+    with torch.no_grad():
+        return m(input_ids=ids).logits
+
+
+def test_set_alpha_per_request_matches_each_request_alone():
+    m = converted()
+    assert batch_vs_alone(m, BATCH_ALPHAS) < 1e-5
+    # control: the same check on a batch where every request got the first one's alpha fails
+    set_alpha(m, torch.tensor(BATCH_ALPHAS[:1] * 4))
+    wrong = out_ids(m, BATCH_IDS)
+    set_alpha(m, BATCH_ALPHAS[1])
+    ref1 = out_ids(m, BATCH_IDS[1:2])[0]
+    assert ((wrong[1] - ref1).norm() / ref1.norm()).item() > 1e-3
+
+
+def test_set_alpha_number_clears_per_request_alphas_and_vector_is_shared():
+    m = converted()
+    set_alpha(m, [0.0, 1.0])
+    rows = {id(x.row_alpha) for x in ortho_modules(m).values()}
+    assert len(rows) == 1  # one tensor for every layer of a device: one in-place update reaches all
+    set_alpha(m, 1.0)
+    assert all(x.row_alpha is None for x in ortho_modules(m).values())
+    with pytest.raises(ValueError, match=r"alpha\[1\] must be finite"):
+        set_alpha(m, [0.0, float("inf")])
+    assert all(x.row_alpha is None for x in ortho_modules(m).values())  # a refused vector changes nothing
+
+
+def test_alpha_context_takes_a_vector_and_restores_the_scalar():
+    m = converted()
+    set_alpha(m, 0.5)
+    with alpha(m, torch.tensor(BATCH_ALPHAS)):
+        assert all(x.row_alpha is not None for x in ortho_modules(m).values())
+        out_ids(m, BATCH_IDS)
+    assert all(x.row_alpha is None and x.alpha.item() == 0.5 for x in ortho_modules(m).values())

@@ -34,8 +34,17 @@ def applies(m, x: torch.Tensor) -> bool:
     return supported(m.qweight, m.group_size, m.in_features)
 
 
+def row_alphas(m, x2: torch.Tensor) -> torch.Tensor:
+    """The per-row alpha (B,) of `m` spread over the rows of x2 (B*T, in): each batch entry's T rows share its
+    value. T = 1 (decode) gives the layer's own tensor, so a CUDA graph reads its current values at replay."""
+    ra = m.row_alpha
+    per = x2.shape[0] // ra.numel()
+    return ra if per == 1 else ra.repeat_interleave(per)
+
+
 def dual_linear_forward(m, x: torch.Tensor) -> torch.Tensor | None:
-    """y = base(x) + alpha * ortho(x) on the GPU, or None when the fast path does not apply."""
+    """y = base(x) + alpha * ortho(x) on the GPU, or None when the fast path does not apply. With a per-row
+    alpha (`m.row_alpha`, x of shape (B, ..., in)), y[b] = base(x[b]) + row_alpha[b] * ortho(x[b])."""
     if not applies(m, x):
         return None
     from . import triton_dual as td
@@ -45,9 +54,12 @@ def dual_linear_forward(m, x: torch.Tensor) -> torch.Tensor | None:
         x2 = x2.contiguous()
     on = m.ortho_on
     bias = None if m.bias is None else m.bias
+    alpha = m.alpha if m.row_alpha is None else row_alphas(m, x2)  # () or (M,)
     if x2.shape[0] <= DECODE_MAX_ROWS:
         y = td.dual_gemv(x2, m.qweight, m.scales, m.zeros, m.group_size, m.ortho_crow, m.ortho_col,
-                         m.ortho_values, m.alpha, bias, on)
+                         m.ortho_values, alpha, bias, on)
+    elif m.row_alpha is not None:
+        y = _prefill_rows(m, x2, alpha, on, td)
     else:  # prefill: matrix-bound, so dequantization passes then cuBLAS products
         # in row blocks of at most PREFILL_BLOCK_BYTES: an 8B head dequantized whole is 1 GiB, a sixth of a small card
         N = m.out_features
@@ -66,3 +78,26 @@ def dual_linear_forward(m, x: torch.Tensor) -> torch.Tensor | None:
         if bias is not None:
             y = y + bias.to(x.dtype)
     return y.reshape(*x.shape[:-1], m.out_features)
+
+
+def _prefill_rows(m, x2: torch.Tensor, alpha: torch.Tensor, on: bool, td) -> torch.Tensor:
+    """Prefill with one alpha per row of x2: the base for every row, then alpha * ortho only for the rows whose
+    alpha is not 0 (found with one sync: prefill is not captured in a graph). In row blocks, as the scalar path."""
+    N = m.out_features
+    rows = alpha.nonzero().flatten() if on else None
+    if rows is not None and rows.numel() == 0:
+        rows = None
+    one = torch.ones((), dtype=torch.float32, device=x2.device)
+    blk = max(1, PREFILL_BLOCK_BYTES // (m.in_features * x2.element_size()))
+    y = torch.empty(x2.shape[0], N, dtype=x2.dtype, device=x2.device)
+    for r0 in range(0, N, blk):
+        r1 = min(N, r0 + blk)
+        w = td.dequant(m.qweight[r0:r1], m.scales[r0:r1], None if m.zeros is None else m.zeros[r0:r1],
+                       m.group_size, x2.dtype)
+        y[:, r0:r1] = F.linear(x2, w)
+        if rows is not None:
+            o = td.csr_scatter_add_(torch.zeros_like(w), m.ortho_crow[r0:r1 + 1], m.ortho_col, m.ortho_values, one)
+            y[rows, r0:r1] += alpha[rows, None].to(x2.dtype) * F.linear(x2[rows], o)
+    if m.bias is not None:
+        y = y + m.bias.to(x2.dtype)
+    return y

@@ -4,6 +4,8 @@
   packed codes over K (all of it, or one of SPLIT slices) as int32 words (eight codes each, one scale per
   group), then walks the contiguous CSR segment of the same channels and adds alpha * (ortho @ x).
   HAS_ORTHO is a compile-time switch: at alpha == 0 the ortho stream is not read, nothing extra launches.
+  PER_ROW (alpha a (M,) vector, one value per row of x): a program whose row has alpha 0 skips the CSR walk (its
+  loads are masked off), so a batch mixing alpha 0 and 1 reads the stream only for the rows at 1.
 - `csr_gemv_add_`: the ortho stream alone, added into an existing output (to pair with another base kernel).
 - `dequant`: packed base -> dense weight in one pass, for prefill (many rows of x: matrix-bound, cuBLAS).
 The plain-torch definition lives in `reference.py`; tests/test_kernels.py checks one against the other.
@@ -114,28 +116,33 @@ def _wtile(qw_ptr, s_ptr, rn, nmask, rw, rg, k0, k_hi, K, stride_qn, stride_sn, 
     """The (BN, KW) int32 code words and (BN, GPT) scales of the tile at k0; nothing is read past k_hi.
     The codes are read once: evict_first keeps x and the CSR stream in L2 instead."""
     kw = k0 // 8 + rw
-    live = k0 < k_hi
+    if INTERPRET:  # the interpreter makes (vector & scalar comparison) int32, which it refuses as a load mask
+        live, live_g = (k0 + rw * 0) < k_hi, (k0 + rg * 0) < k_hi
+    else:
+        live = k0 < k_hi
+        live_g = live
     w = tl.load(qw_ptr + rn[:, None] * stride_qn + kw[None, :], mask=nmask[:, None] & ((kw < K // 8) & live)[None, :],
                 other=0, eviction_policy="evict_first")
     g = k0 // GROUP + rg
-    s = tl.load(s_ptr + rn[:, None] * stride_sn + g[None, :], mask=nmask[:, None] & ((g < K // GROUP) & live)[None, :],
+    s = tl.load(s_ptr + rn[:, None] * stride_sn + g[None, :], mask=nmask[:, None] & ((g < K // GROUP) & live_g)[None, :],
                 other=0.0, eviction_policy="evict_first")
     return w, s
 
 
-@triton.autotune(configs=GEMV_CONFIGS, key=["N", "K", "HAS_ORTHO", "RCHUNK", "GROUP"],
+@triton.autotune(configs=GEMV_CONFIGS, key=["N", "K", "HAS_ORTHO", "PER_ROW", "RCHUNK", "GROUP"],
                  prune_configs_by={"early_config_prune": _prune})
 @triton.jit
 def _dual_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, crow_ptr, col_ptr, val_ptr, alpha_ptr, b_ptr, y_ptr,
                       ws_ptr, cnt_ptr, N, K, stride_qn, stride_sn, stride_xm, stride_ym,
                       GROUP: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_ORTHO: tl.constexpr,
                       HAS_BIAS: tl.constexpr, RCHUNK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                      SPLIT: tl.constexpr, CSR_EARLY: tl.constexpr, PREFETCH: tl.constexpr):
+                      SPLIT: tl.constexpr, CSR_EARLY: tl.constexpr, PREFETCH: tl.constexpr, PER_ROW: tl.constexpr):
     """qw_ptr: the packed codes as int32 words (N, K/8): word j of a row holds k = 8j .. 8j+7, code i at bits
     4i (the same bytes as the uint8 layout, little-endian). Per word, with the codes as 128 + q:
     sum_i (q_i - 8) x_i = sum_i (128 + q_i) x_i - 136 sum_i x_i, the second term computed once per word column
     and shared by every row (fp32 throughout; the cancellation costs about 6 of its 24 bits).
-    SPLIT > 1: program (n, m, s) sums K slice s into ws[s, m, n-block]; cnt[m, n-block] counts the slices done."""
+    SPLIT > 1: program (n, m, s) sums K slice s into ws[s, m, n-block]; cnt[m, n-block] counts the slices done.
+    PER_ROW: alpha_ptr holds one alpha per row m; a row at 0 reads nothing of the CSR stream."""
     pid_n = tl.program_id(0)
     m = tl.program_id(1)
     sid = tl.program_id(2)
@@ -149,9 +156,13 @@ def _dual_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, crow_ptr, col_ptr, val_ptr, a
     rg = tl.arange(0, GPT)
     x_row = x_ptr + m * stride_xm
     acc = tl.zeros((BLOCK_N, KW), dtype=tl.float32)
+    if HAS_ORTHO and PER_ROW:
+        a_row = tl.load(alpha_ptr + m).to(tl.float32)
     if HAS_ORTHO and CSR_EARLY:  # loads in flight during the K loop
         rs = tl.load(crow_ptr + rn, mask=nmask, other=0)
         re = tl.load(crow_ptr + rn + 1, mask=nmask, other=0)
+        if PER_ROW:  # a row at alpha 0: its rows read as empty, so these loads are masked off
+            re = tl.where(a_row != 0, re, rs)
         e0 = rs[:, None] + tl.arange(0, RCHUNK)[None, :]
         em0 = e0 < re[:, None]
         v0 = tl.load(val_ptr + e0, mask=em0, other=0.0)
@@ -200,11 +211,21 @@ def _dual_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, crow_ptr, col_ptr, val_ptr, a
             w = wn
             s = sn
     y = tl.sum(acc, axis=1)  # (BN,)
-    if HAS_ORTHO and CSR_EARLY:
+    if HAS_ORTHO and CSR_EARLY and PER_ROW:
+        if a_row != 0:  # a runtime branch, uniform over the program: a row at alpha 0 skips the walk
+            xv = tl.load(x_row + c0.to(tl.int32), mask=em0, other=0.0).to(tl.float32)
+            o = tl.sum(v0.to(tl.float32) * xv, axis=1)
+            o += _csr_rows_dot(x_row, crow_ptr, col_ptr, val_ptr, rn, nmask, N, RCHUNK, RCHUNK)
+            y += a_row * o
+    elif HAS_ORTHO and CSR_EARLY:
         xv = tl.load(x_row + c0.to(tl.int32), mask=em0, other=0.0).to(tl.float32)
         o = tl.sum(v0.to(tl.float32) * xv, axis=1)
         o += _csr_rows_dot(x_row, crow_ptr, col_ptr, val_ptr, rn, nmask, N, RCHUNK, RCHUNK)  # rows past 1 chunk
         y += tl.load(alpha_ptr).to(tl.float32) * o
+    elif HAS_ORTHO and PER_ROW:
+        if sid == 0:
+            if a_row != 0:
+                y += a_row * _csr_rows_dot(x_row, crow_ptr, col_ptr, val_ptr, rn, nmask, N, RCHUNK, 0)
     elif HAS_ORTHO:  # the same channels' CSR rows, contiguous in memory: read once, added before the store
         if sid == 0:  # (split: by the first slice's program, in parallel with the other slices)
             y += tl.load(alpha_ptr).to(tl.float32) * _csr_rows_dot(x_row, crow_ptr, col_ptr, val_ptr, rn, nmask,
@@ -310,9 +331,13 @@ def split_buffers(device: torch.device, rows: int, out_features: int) -> tuple[t
 
 def dual_gemv(x2, qweight, scales, zeros, group_size, crow, col, values, alpha_t, bias, has_ortho: bool,
               config: triton.Config | None = None):
-    """x2 (M, K) contiguous rows -> (M, N) in x2.dtype. `config`: one of GEMV_CONFIGS instead of the tuner's
-    pick (the parity tests run every kind of tile this way)."""
+    """x2 (M, K) contiguous rows -> (M, N) in x2.dtype. `alpha_t`: a 0-dim tensor (one alpha) or an (M,) float32
+    tensor (one alpha per row of x2). `config`: one of GEMV_CONFIGS instead of the tuner's pick (the parity tests
+    run every kind of tile this way)."""
     M, K = x2.shape
+    per_row = has_ortho and alpha_t.dim() == 1
+    if per_row and alpha_t.numel() != M:
+        raise ValueError(f"dual_gemv: per-row alpha has {alpha_t.numel()} values for {M} rows of x")
     N = qweight.shape[0]
     qw = qweight.view(torch.int32)  # (N, K/8): the same bytes, read a word at a time
     y = torch.empty(M, N, dtype=x2.dtype, device=x2.device)
@@ -329,7 +354,7 @@ def dual_gemv(x2, qweight, scales, zeros, group_size, crow, col, values, alpha_t
         alpha_t if has_ortho else dummy, bias if bias is not None else dummy, y, ws, cnt,
         N, K, qw.stride(0), scales.stride(0), x2.stride(0), y.stride(0),
         GROUP=group_size, HAS_ZERO=zeros is not None, HAS_ORTHO=has_ortho, HAS_BIAS=bias is not None,
-        RCHUNK=rchunk(values.numel(), N) if has_ortho else 16, **extra)
+        RCHUNK=rchunk(values.numel(), N) if has_ortho else 16, PER_ROW=per_row, **extra)
     return y
 
 

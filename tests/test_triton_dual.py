@@ -1,0 +1,131 @@
+"""The Triton kernels on the CPU, through Triton's interpreter (TRITON_INTERPRET=1): per-row alpha parity.
+
+The interpreter is chosen when the kernels are defined, so the cases run in a fresh process (`_run_cases`) and
+report numbers that the tests below check. Skipped with a reason where Triton is not installed; the same cases
+on a GPU, compiled, are in tests/test_kernels.py.
+"""
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None,
+                                reason="Triton is not installed (pip install triton runs its interpreter on CPU)")
+ALPHAS = [0.0, 1.0, 0.37, 0.0]  # one per row of x: rows 0 and 3 at the kill switch
+TOL = 1e-2  # bf16 outputs
+
+
+def _layer(symmetric: bool, bias: bool, seed: int):
+    from libortho.linear import OrthoLinear
+    from libortho.quant import quantize
+    from libortho.sparse import csr_from_mask
+
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(40, 256, generator=g) * 0.02  # 40 outputs: not a multiple of any BLOCK_N
+    base = quantize(w, 64, symmetric, dtype=torch.bfloat16)
+    mask = torch.rand(40, 256, generator=g) < 0.1
+    b = torch.randn(40, generator=g).to(torch.bfloat16) if bias else None
+    # a stream as large as the weights it sits on (not a quantization residual): alpha moves y by ~30%, far
+    # above the bf16 tolerance, so a row given the wrong alpha cannot pass
+    return OrthoLinear.from_parts(base, csr_from_mask((torch.randn(40, 256, generator=g) * 0.02).to(torch.bfloat16),
+                                                      mask), b)
+
+
+def _rel(y, ref):
+    return ((y.float() - ref.float()).norm() / ref.float().norm()).item()
+
+
+def _cases() -> dict:
+    """Runs under the interpreter: per kind of tile, each row against the reference at its own alpha, the rows
+    at alpha 0 against the base-only kernel, a poisoned stream, and the control (alpha[0] for every row)."""
+    from libortho.kernels import _prefill_rows, reference
+    from libortho.kernels import triton_dual as td
+
+    kinds = {}
+    for c in td.GEMV_CONFIGS:
+        kinds.setdefault((c.kwargs["SPLIT"], c.kwargs["CSR_EARLY"], c.kwargs["PREFETCH"]), c)
+    a = torch.tensor(ALPHAS)
+    out = {}
+    for i, ((split, early, pre), cfg) in enumerate(kinds.items()):
+        for sym, bias in ((i % 2 == 0, i % 2 == 1),):  # symmetric and asymmetric + bias, alternately
+            m = _layer(sym, bias, seed=split + 2 * early + 4 * pre)
+            x = torch.randn(len(ALPHAS), 256, generator=torch.Generator().manual_seed(9)).to(torch.bfloat16)
+            b = m.bias
+            args = (x, m.qweight, m.scales, m.zeros, 64, m.ortho_crow, m.ortho_col, m.ortho_values)
+            y = td.dual_gemv(*args, a, b, True, config=cfg)
+            y0 = td.dual_gemv(*args, m.alpha, b, False, config=cfg)  # base only (HAS_ORTHO off)
+            wrong = td.dual_gemv(*args, torch.tensor(ALPHAS[0]), b, True, config=cfg)  # control
+            refs = [reference.dual_linear(x[r:r + 1].float(), m.qweight, m.scales, m.zeros, 64, m.ortho_crow,
+                                          m.ortho_col, m.ortho_values, ALPHAS[r], b) for r in range(len(ALPHAS))]
+            poisoned = m.ortho_values.clone().fill_(float("nan"))
+            yp = td.dual_gemv(x, m.qweight, m.scales, m.zeros, 64, m.ortho_crow, m.ortho_col, poisoned, a, b, True,
+                              config=cfg)
+            zero = [r for r, v in enumerate(ALPHAS) if v == 0]
+            key = f"split{split}-early{early}-prefetch{pre}-{'sym' if sym else 'asym'}{'-bias' if bias else ''}"
+            out[key] = dict(
+                row_err=[_rel(y[r], refs[r][0]) for r in range(len(ALPHAS))],
+                wrong_err=[_rel(wrong[r], refs[r][0]) for r in range(len(ALPHAS))],
+                zero_rows_equal_base=bool(torch.equal(y[zero], y0[zero])),
+                poisoned_zero_rows_equal_base=bool(torch.equal(yp[zero], y0[zero])),
+                poisoned_other_rows_nan=[bool(torch.isnan(yp[r].float()).any()) for r in range(len(ALPHAS))
+                                         if r not in zero],
+                counters_zero=int(td.split_buffers(x.device, len(ALPHAS), 40)[1].abs().sum()) == 0)
+    # prefill (more rows than the GEMV takes): 2 requests x 6 positions, the base for all, the stream for one
+    m = _layer(True, True, seed=11)
+    x = torch.randn(2, 6, 256, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16)
+    m.set_row_alpha(torch.tensor([0.0, 1.0]))
+    from libortho.kernels import row_alphas
+
+    x2 = x.reshape(-1, 256)
+    y = _prefill_rows(m, x2, row_alphas(m, x2), True, td).reshape(2, 6, 40)
+    refs = [reference.dual_linear(x[r].float(), m.qweight, m.scales, m.zeros, 64, m.ortho_crow, m.ortho_col,
+                                  m.ortho_values, al, m.bias) for r, al in enumerate((0.0, 1.0))]
+    out["prefill"] = dict(row_err=[_rel(y[r], refs[r]) for r in range(2)])
+    return out
+
+
+@pytest.fixture(scope="module")
+def cases() -> dict:
+    """The numbers `_cases` reports, from one interpreter process (about 15 s)."""
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    code = "import json, tests.test_triton_dual as t; print('CASES' + json.dumps(t._cases()))"
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    run = subprocess.run([sys.executable, "-c", code], env=env, cwd=root, capture_output=True, text=True,
+                         timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    line = next(s for s in run.stdout.splitlines() if s.startswith("CASES"))
+    return json.loads(line[5:])
+
+
+def test_every_tile_kind_applies_each_rows_own_alpha(cases):
+    kinds = [k for k in cases if k != "prefill"]
+    assert len(kinds) >= 5  # split 1/2/4, CSR early or late, prefetch: every kind the tuner may pick
+    for k in kinds:
+        assert max(cases[k]["row_err"]) < TOL, (k, cases[k]["row_err"])
+        assert cases[k]["counters_zero"], k
+
+
+def test_rows_at_alpha_zero_are_the_base_kernel_bit_for_bit_and_skip_the_stream(cases):
+    for k, c in cases.items():
+        if k == "prefill":
+            continue
+        assert c["zero_rows_equal_base"], k
+        assert c["poisoned_zero_rows_equal_base"], k  # NaN values in the stream never reached them
+        assert all(c["poisoned_other_rows_nan"]), k  # control: the rows at nonzero alpha did read it
+
+
+def test_control_first_alpha_for_every_row_is_caught(cases):
+    for k, c in cases.items():
+        if k == "prefill":
+            continue
+        wrong = c["wrong_err"]
+        assert wrong[0] < TOL and wrong[3] < TOL, k  # alpha[0] = 0 is right for rows 0 and 3 ...
+        assert min(wrong[1], wrong[2]) > 3 * TOL, (k, wrong)  # ... and caught on the others
+
+
+def test_prefill_rows_apply_each_requests_alpha(cases):
+    assert max(cases["prefill"]["row_err"]) < TOL, cases["prefill"]
