@@ -79,11 +79,21 @@ def token_logprobs(model, ids: torch.Tensor, protocol: Protocol, progress: bool 
     device = input_device(model)
     for begin, end, first in tqdm(windows(ids.numel(), protocol), desc="evaluate", disable=not progress,
                                   leave=False):
-        logits = model(input_ids=ids[begin:end].unsqueeze(0).to(device)).logits[0]  # (T, V), the model's dtype
-        # logits at position p predict token p+1: scored targets are positions first..end-1. The float32 cast is
-        # log_softmax's own (one float32 copy of a 128K-vocabulary window, not two)
-        yield (begin, end, first), F.log_softmax(logits[first - begin - 1: end - begin - 1], dim=-1,
-                                                 dtype=torch.float32)
+        # logits at position p predict token p+1: scored targets are positions first..end-1, so only the last
+        # end - first + 1 positions need logits (the head of a later window runs on the scored half alone)
+        x = ids[begin:end].unsqueeze(0).to(device)
+        keep = end - first + 1
+        try:
+            logits = model(input_ids=x, logits_to_keep=keep).logits[0]  # (keep, V), the model's dtype
+        except TypeError:  # a model without `logits_to_keep`: all positions
+            logits = model(input_ids=x).logits[0]
+        logits = logits[-keep:-1]  # (T_scored, V)
+        # float32 log-probs written block by block: one float32 copy of a 128K-vocabulary window, not two
+        logp = torch.empty(logits.shape, dtype=torch.float32, device=logits.device)
+        for s in range(0, logits.shape[0], KL_ROWS):
+            logp[s:s + KL_ROWS] = F.log_softmax(logits[s:s + KL_ROWS], dim=-1, dtype=torch.float32)
+        del logits
+        yield (begin, end, first), logp
 
 
 def perplexity(model, ids: torch.Tensor, protocol: Protocol = Protocol(), progress: bool = False) -> float:

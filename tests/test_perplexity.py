@@ -90,3 +90,31 @@ def test_protocol_is_recorded_and_checked(tokenizer):
         encode(tokenizer, "a", Protocol())
     ids = encode(tokenizer, "hello world " * 50, Protocol(max_tokens=7))
     assert ids.numel() == 7 and ids[0].item() != tokenizer.bos_token_id  # no BOS: the text is one stream
+
+
+def test_token_logprobs_keeps_only_scored_logits_and_matches_full_logits(tiny_model):
+    """Each window's log-probs, computed from the scored positions' logits alone (logits_to_keep), equal the
+    log-softmax of the full logits at those positions; a model without logits_to_keep takes the fallback.
+    The control: the log-probs of the positions one step off (the unshifted targets) differ."""
+    import torch.nn.functional as F
+    from libortho.perplexity import Protocol, token_logprobs
+
+    ids = torch.randint(0, tiny_model.config.vocab_size, (40,), generator=torch.Generator().manual_seed(0))
+    p = Protocol(max_length=16, stride=8, max_tokens=None)
+
+    class NoKeep(torch.nn.Module):  # a forward that rejects logits_to_keep
+        def __init__(self, m):
+            super().__init__()
+            self.m = m
+
+        def forward(self, input_ids):
+            return self.m(input_ids=input_ids)
+
+    got = list(token_logprobs(tiny_model, ids, p))
+    assert len(got) > 2
+    for ((begin, end, first), lp), (_, lp2) in zip(got, token_logprobs(NoKeep(tiny_model), ids, p)):
+        full = F.log_softmax(tiny_model(input_ids=ids[begin:end][None]).logits[0].float(), -1)
+        torch.testing.assert_close(lp, full[first - begin - 1:end - begin - 1])
+        torch.testing.assert_close(lp2, lp)
+        if end - first > 1:
+            assert not torch.allclose(lp, full[first - begin:end - begin])

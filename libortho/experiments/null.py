@@ -17,6 +17,7 @@ and on the numbers), and alpha 1 must not be worse than alpha 0.
 from __future__ import annotations
 
 import copy
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -355,6 +356,14 @@ def run_null_test_checkpoint(path, tokenizer, text, plan: Plan = CHECKPOINT_QUIC
         log(f"  measured {what} in {r['seconds']:.1f} s")
         return r
 
+    trace: list[dict] = []  # torch's allocated GiB after each phase: where a small card's budget goes
+
+    def mark(what: str) -> None:
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            gib = round(torch.cuda.memory_allocated() / 2**30, 3)
+            trace.append({"after": what, "allocated_gib": gib})
+            print(f"libortho: exp2: {gib:.2f} GiB allocated after {what}", file=sys.stderr)  # survives a later OOM
+
     log(f"null test (streamed): {model_name} on {text.name}, {ids.numel()} tokens, windows {p.max_length}/{p.stride}")
     ref = None
     fp_model = load_offloaded(path, offload_gib, torch.bfloat16, device)
@@ -367,7 +376,7 @@ def run_null_test_checkpoint(path, tokenizer, text, plan: Plan = CHECKPOINT_QUIC
     left = release(fp_model)  # accelerate's hooks would otherwise keep its device share through the conversions
     del fp_model
     arms["fp"]["device_gib_after_release"] = round(left / 2**30, 3)
-    log(f"  fp model released: {left / 2**30:.2f} GiB still allocated on the device")
+    mark("the fp reference was released")
     calib = calibration_batches(tokenizer, plan.calib_batches, plan.calib_length)
     libortho, did_not_fit = {}, {}
     for g in plan.grids:
@@ -379,6 +388,7 @@ def run_null_test_checkpoint(path, tokenizer, text, plan: Plan = CHECKPOINT_QUIC
         LOAD_LOG.append({"source": str(path), "bits": 4, "dtype": "bfloat16", "device": str(device),
                          "how": f"streamed conversion, {g.name} + {plan.density:g} ortho"})
         q_s = round(time.perf_counter() - t0, 1)
+        mark(f"converting {g.name}")
         mods = {n: x for n, x in ortho_modules(m).items() if n != "lm_head"}
         base_bits, o_bits = bits_per_weight({n: x.base() for n, x in mods.items()}), _ortho_bits(m)
         set_alpha(m, 0.0)
@@ -395,6 +405,7 @@ def run_null_test_checkpoint(path, tokenizer, text, plan: Plan = CHECKPOINT_QUIC
         left = release(m)
         del m
         arms[g.name]["device_gib_after_release"] = round(left / 2**30, 3)
+        mark(f"releasing {g.name}")
     if plan.nf4:
         try:
             loaded = load_model(str(path), dtype=torch.bfloat16, device=device, bits=4)
@@ -429,6 +440,7 @@ def run_null_test_checkpoint(path, tokenizer, text, plan: Plan = CHECKPOINT_QUIC
            "arms": arms, "did_not_fit": did_not_fit, "best_int4": best,
            "best_int4_selection": "lowest kl_vs_fp over every INT4 configuration tried (ties: fewer bits)",
            "int4_configurations_tried": int4, "libortho": libortho, "notes": notes, "seed": seed,
+           "device_memory_trace": trace,
            "seconds": round(time.perf_counter() - t_start, 1)}
     if plot_path is not None:
         out["plot"] = str(plot(out, Path(plot_path)))
