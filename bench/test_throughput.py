@@ -6,6 +6,8 @@ bf16 model through libortho's static-cache CUDA-graph decoder (`bf16-static`, to
 kernel); and libortho at alpha 0 and alpha 1 (the fused dual-stream kernels, CUDA-graph decoder).
 Models: a Llama-3-8B-shaped model with random values built in packed form (`shape_only`), a
 SmolLM2-135M-shaped one on the 6 GB profile, and the user's model with `--model`.
+`test_batch_decode_mixed_alpha` (profiles of 16 GiB and more): 8 requests in one CUDA graph, each at its own
+alpha (all 0, all 1, half and half), tokens/s of the batch and per request.
 
 Each test runs with the allocator capped to its profile (conftest.py) and NVML polled from a thread;
 extra_info carries tokens/s, GB/s (weight bytes read per token x tokens/s), the fraction of the copy
@@ -309,3 +311,65 @@ def test_decode_speedup_vs_nf4_hf(gpu_profile, profile):
     print(f"\nalpha1 {a1['tokens_per_s']:.1f} tok/s vs NF4-HF {nf4['tokens_per_s']:.1f} tok/s: {ratio:.2f}x; "
           f"alpha1 at {a1['roofline_fraction']:.0%} of the copy roofline")
     assert ratio >= load_thresholds("speed")["decode_alpha1_over_nf4_hf_min"], f"measured {ratio:.2f}x"
+
+
+# -- issue 17: a batch of requests, each at its own alpha -------------------------------------------------------
+
+BATCH = 8
+BATCH_MIXES = {"all0": [0.0] * BATCH, "all1": [1.0] * BATCH, "half": [0.0] * (BATCH // 2) + [1.0] * (BATCH // 2)}
+
+
+@pytest.mark.parametrize("mix", list(BATCH_MIXES))
+@pytest.mark.parametrize("profile", [pytest.param(p, marks=getattr(pytest.mark, p)) for p in PROFILES
+                                     if PROFILES[p].vram_gib >= 16])
+def test_batch_decode_mixed_alpha(benchmark, gpu_profile, copy_bandwidth, profile, mix):
+    """8 requests decoded together by one CUDA graph, each at its own alpha (all 0, all 1, half and half), on the
+    Llama-3-8B shape at 1% density: tokens/s of the batch (8 per step) and per request."""
+    from libortho.decode import StaticDecoder, weight_bytes_per_token
+
+    alphas = BATCH_MIXES[mix]
+    key = (profile, "llama3-8b", "libortho", 0.01)  # the model test_throughput's alpha cases use
+    if _Slot.key != key:
+        _Slot.get(None, lambda: None)
+    torch.cuda.reset_peak_memory_stats()
+    with NvmlPoller() as poller:
+        built = _Slot.get(key, lambda: _build("llama3-8b", "alpha1", 0.01))
+        m = built["model"]
+        if "batch_decoder" not in built:  # one KV cache of 8 requests, shared by the three mixes
+            built["batch_decoder"] = StaticDecoder(m, MAX_SEQ, batch=BATCH)
+        dec = built["batch_decoder"]
+        gen = torch.Generator("cuda").manual_seed(2)
+        prompt = torch.randint(0, m.config.vocab_size, (BATCH, DECODE_PROMPT), device="cuda", generator=gen)
+        prompt = prompt.to(dec.embed.device)
+
+        def setup():
+            dec.set_alphas(torch.tensor(alphas))
+            dec.prepare()
+            dec.prefill(prompt)
+            torch.cuda.synchronize()
+
+        def run():
+            dec.decode(NEW_TOKENS)
+            torch.cuda.synchronize()
+
+        try:
+            benchmark.pedantic(run, setup=setup, rounds=3, warmup_rounds=1, iterations=1)
+        finally:
+            dec._clear_hints()
+        torch.cuda.synchronize()
+    med = benchmark.stats.stats.median
+    step_s = med / NEW_TOKENS
+    bpt = weight_bytes_per_token(m, any(a != 0 for a in alphas))  # weights are read once per step for the batch
+    info = dict(test="batch_mixed_alpha", model="llama3-8b", weights=built["label"], engine="libortho-graph",
+                batch=BATCH, mix=mix, alphas=alphas, density=0.01, profile=profile,
+                tokens_per_s=BATCH / step_s, tokens_per_s_per_request=1 / step_s, step_ms=step_s * 1e3,
+                weight_bytes_per_step=bpt, gb_s=bpt / step_s / 1e9,
+                roofline_fraction=bpt / step_s / copy_bandwidth, copy_bandwidth_gb_s=copy_bandwidth / 1e9,
+                nvml_peak_gib=poller.peak_bytes / GIB, nvml_source=poller.source,
+                max_reserved_gib=torch.cuda.max_memory_reserved() / GIB, cap=gpu_profile[1],
+                device=torch.cuda.get_device_name(), date=now_utc())
+    benchmark.extra_info.update(info)
+    RESULTS[("batch", profile, mix)] = info
+    _dump()
+    print(f"\nbatch {BATCH} {mix}: {info['tokens_per_s']:.1f} tok/s ({info['tokens_per_s_per_request']:.1f} per "
+          f"request), {info['roofline_fraction']:.0%} of the copy roofline")
