@@ -102,10 +102,9 @@ def breakdown(trace: dict, steps: int, device_type: str, wall_s: float) -> dict:
     by_part = defaultdict(float)
     out = {}
     if device_type == "cuda":
-        starts = defaultdict(list)  # per thread: ranges sorted by start
-        for r in ranges:
-            starts[r["tid"]].append(r)
-        keys = {t: [r["ts"] for r in rs] for t, rs in starts.items()}
+        # ranges of every host thread together: the decoder launches from one thread, and the trace may name a
+        # thread differently in its range and launch events
+        keys = [r["ts"] for r in ranges]
         launch = {e["args"]["correlation"]: e for e in ev if e.get("cat") in LAUNCH_CATS
                   and "correlation" in e.get("args", {})}
         by_kernel, names = defaultdict(float), defaultdict(lambda: [0.0, 0])
@@ -116,10 +115,10 @@ def breakdown(trace: dict, steps: int, device_type: str, wall_s: float) -> dict:
             n_dev += 1
             part = "other"
             call = launch.get(k.get("args", {}).get("correlation"))
-            if call is not None and call["tid"] in starts:
-                rs, i = starts[call["tid"]], bisect.bisect_right(keys[call["tid"]], call["ts"]) - 1
-                if i >= 0 and call["ts"] <= rs[i]["ts"] + rs[i]["dur"]:
-                    part = rs[i]["name"][3:]
+            if call is not None:
+                i = bisect.bisect_right(keys, call["ts"]) - 1
+                if i >= 0 and call["ts"] <= ranges[i]["ts"] + ranges[i]["dur"]:
+                    part = ranges[i]["name"][3:]
             by_part[part] += k["dur"]
             by_kernel[kernel_group(k["name"])] += k["dur"]
             names[k["name"]][0] += k["dur"]

@@ -124,8 +124,8 @@ def _wtile(qw_ptr, s_ptr, rn, nmask, rw, rg, k0, k_hi, K, stride_qn, stride_sn, 
     w = tl.load(qw_ptr + rn[:, None] * stride_qn + kw[None, :], mask=nmask[:, None] & ((kw < K // 8) & live)[None, :],
                 other=0, eviction_policy="evict_first")
     g = k0 // GROUP + rg
-    s = tl.load(s_ptr + rn[:, None] * stride_sn + g[None, :], mask=nmask[:, None] & ((g < K // GROUP) & live_g)[None, :],
-                other=0.0, eviction_policy="evict_first")
+    s = tl.load(s_ptr + rn[:, None] * stride_sn + g[None, :],
+                mask=nmask[:, None] & ((g < K // GROUP) & live_g)[None, :], other=0.0, eviction_policy="evict_first")
     return w, s
 
 
