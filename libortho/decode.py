@@ -272,10 +272,13 @@ class StaticDecoder:
         """Read the alpha pattern; capture the decode graph again if it changed. Call before prefill."""
         sig = self._signature()
         self._set_hints(sig)
-        if self.use_graph and (self.graph is None or sig != self.graph_sig):
+        # the graph also bakes in where each layer reads alpha: its scalar, or which per-row tensor (a new vector
+        # given with set_alpha(model, ...) is a new tensor; the decoder's own is updated in place)
+        key = (sig, tuple(None if m.row_alpha is None else m.row_alpha.data_ptr() for m in self.ortho))
+        if self.use_graph and (self.graph is None or key != self.graph_sig):
             pos0 = int(self.pos.item())
             self._capture()
-            self.graph_sig = sig
+            self.graph_sig = key
             self.pos.fill_(pos0)
 
     @torch.no_grad()

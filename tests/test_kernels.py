@@ -226,7 +226,8 @@ def test_batch_decoder_graph_reads_each_requests_alpha_at_replay():
     set_alpha(model, 1.0)
     assert _rel(alone[0.0][1], alone[1.0][1]) > 0.05  # the two alphas are told apart
     dec = StaticDecoder(model, max_seq=64, batch=4)
-    graphs = []
+    dec.generate(ids, 1)  # first a graph of the scalar alpha (1): the per-row runs below must not replay it
+    graphs = [dec.graph]
     for alphas in ([0.0, 1.0, 1.0, 0.0], [1.0, 0.0, 0.0, 1.0]):
         toks = dec.generate(ids, 1, alphas=torch.tensor(alphas))  # the prefill's token, then one graph step
         graphs.append(dec.graph)
@@ -238,4 +239,4 @@ def test_batch_decoder_graph_reads_each_requests_alpha_at_replay():
             al = alphas[b]
             assert _rel(dec.logits[b], alone[al][1]) < 0.02, (alphas, b, _rel(dec.logits[b], alone[al][1]))
             assert _rel(dec.logits[b], alone[1.0 - al][1]) > 0.05  # control: the other alpha is far
-    assert graphs[0] is graphs[1] is not None  # one capture served both patterns
+    assert graphs[1] is graphs[2] is not graphs[0]  # one capture served both per-row patterns
