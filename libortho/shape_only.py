@@ -53,7 +53,7 @@ def random_ortho_linear(out_f: int, in_f: int, density: float, group_size: int, 
 
 @torch.no_grad()
 def build(config=None, density: float = 0.01, group_size: int | None = None, dtype=torch.bfloat16, device="cuda",
-          embed_device: str | None = None, seed: int = 0, head_bits: int = 4):
+          embed_device: str | None = None, seed: int = 0, head_bits: int = 4, device_map: dict | None = None):
     """A shape-only Llama-family model: OrthoLinear linears and an INT4 head, built without dense weights.
 
     Args:
@@ -63,40 +63,59 @@ def build(config=None, density: float = 0.01, group_size: int | None = None, dty
         embed_device: where the embedding table lives; "cpu" keeps its 1 GB (8B shape) off the GPU (the
             decoder gathers one row per token). Default: "cpu" when the table is over 256 MB.
         head_bits: 4 -> the LM head is an INT4 OrthoLinear with no ortho stream; 16 -> dense in `dtype`.
+        device_map: {module name: GPU index} (`libortho.placement.device_map`): each part is built on the GPU
+            the map gives it (a 70B across two GPUs); `placement.dispatch` then makes the HF forward work.
     Returns:
         a LlamaForCausalLM skeleton (meta tensors replaced) with `.shape_only = True`. Run it with
-        `libortho.decode.StaticDecoder`, not the HF forward (its parts sit on different devices).
+        `libortho.decode.StaticDecoder` (or, placed by a device_map and dispatched, the HF forward).
     """
     from transformers import LlamaForCausalLM
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    from .placement import device_of
 
     cfg = config or llama3_8b_config()
+    where = (lambda name: device_of(device_map, name)) if device_map else (lambda name: torch.device(device))
+    gens: dict = {}
+
+    def gen_on(dev: torch.device) -> torch.Generator:  # one seeded stream per device
+        if dev not in gens:
+            gens[dev] = torch.Generator(device=dev).manual_seed(seed)
+        return gens[dev]
+
     if group_size is None:
         group_size = next(g for g in (128, 64, 32, 16, 2) if cfg.hidden_size % g == 0 and cfg.intermediate_size % g == 0)
-    gen = torch.Generator(device=device).manual_seed(seed)
     with torch.device("meta"):
         model = LlamaForCausalLM(cfg)
     H, V = cfg.hidden_size, cfg.vocab_size
-    if embed_device is None:
+    if device_map:
+        embed_device = embed_device or where("model.embed_tokens")
+    elif embed_device is None:
         embed_device = "cpu" if V * H * torch.finfo(dtype).bits // 8 > 256 * 2**20 else device
     cpu_gen = torch.Generator().manual_seed(seed)
     emb = (torch.randn(V, H, generator=cpu_gen, dtype=torch.float32) * 0.02).to(dtype) if V * H < 2**27 else \
         torch.empty(V, H, dtype=dtype).normal_(0, 0.02, generator=cpu_gen)
     model.model.embed_tokens.weight = nn.Parameter(emb.to(embed_device), requires_grad=False)
-    for layer in model.model.layers:
+    for i, layer in enumerate(model.model.layers):
+        dev = where(f"model.layers.{i}")
         for parent, names in ((layer.self_attn, ("q_proj", "k_proj", "v_proj", "o_proj")),
                               (layer.mlp, ("gate_proj", "up_proj", "down_proj"))):
             for n in names:
                 meta = getattr(parent, n)
                 setattr(parent, n, random_ortho_linear(meta.out_features, meta.in_features, density, group_size,
-                                                       dtype, device, gen))
+                                                       dtype, dev, gen_on(dev)))
         for norm in (layer.input_layernorm, layer.post_attention_layernorm):
-            norm.weight = nn.Parameter(torch.ones(H, dtype=dtype, device=device), requires_grad=False)
-    model.model.norm.weight = nn.Parameter(torch.ones(H, dtype=dtype, device=device), requires_grad=False)
+            norm.weight = nn.Parameter(torch.ones(H, dtype=dtype, device=dev), requires_grad=False)
+    dev = where("model.norm")
+    model.model.norm.weight = nn.Parameter(torch.ones(H, dtype=dtype, device=dev), requires_grad=False)
+    dev = where("lm_head")
     if head_bits == 4:
-        model.lm_head = random_ortho_linear(V, H, 0.0, group_size, dtype, device, gen)
+        model.lm_head = random_ortho_linear(V, H, 0.0, group_size, dtype, dev, gen_on(dev))
     else:
-        model.lm_head = nn.Linear(H, V, bias=False, dtype=dtype, device=device)
+        model.lm_head = nn.Linear(H, V, bias=False, dtype=dtype, device=dev)
         model.lm_head.weight.requires_grad_(False).normal_(0, 0.02)
+    # the rotary table of the HF forward (built on meta above): real, where the first layer runs
+    model.model.rotary_emb = LlamaRotaryEmbedding(config=cfg).to(where("model.layers.0"))
     model.shape_only = True
     model.eval()
     return model

@@ -47,6 +47,10 @@ def dual_linear_forward(m, x: torch.Tensor) -> torch.Tensor | None:
     alpha (`m.row_alpha`, x of shape (B, ..., in)), y[b] = base(x[b]) + row_alpha[b] * ortho(x[b])."""
     if not applies(m, x):
         return None
+    if x.device.index is not None and x.device.index != torch.cuda.current_device():
+        # a layer on another GPU (a model placed across several): Triton launches on the current device
+        with torch.cuda.device(x.device):
+            return dual_linear_forward(m, x)
     from . import triton_dual as td
 
     x2 = x.reshape(-1, m.in_features)
