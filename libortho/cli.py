@@ -79,6 +79,10 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--size", choices=["auto", "quick", "full"], default="auto",
                    help="experiment size: full = the acceptance size (hours on a CPU), quick = the small size; "
                         "auto = full on a GPU, quick on a CPU")
+    r.add_argument("--full-finetune", action="store_true",
+                   help="experiment 1 on a checkpoint too large for the device: also fully fine-tune it (AdamW, ~16 "
+                        "bytes a parameter) where the budget holds that; otherwise every other arm is measured and "
+                        "saved, then the run stops with exit 3 naming the planned memory")
     r.add_argument("--no-progress", action="store_true")
     f = sub.add_parser("finetune", help="ortho-tune a model on your chat records (JSONL); resumable",
                        description="Train only a sparse ortho stream over INT4 of the model's weights on chat records "
@@ -262,6 +266,10 @@ def prepare(a) -> _Run:
     wanted = list(ORDER) if a.experiment == "all" else [EXPERIMENT_NAMES.get(a.experiment, a.experiment)]
     if a.candidate is not None and "kill_switch" not in wanted:
         raise UsageError(f"--candidate {a.candidate}: applies to experiment 1 (--experiment 1 or all)")
+    if getattr(a, "full_finetune", False):
+        if "kill_switch" not in wanted:
+            raise UsageError("--full-finetune: applies to experiment 1 (--experiment 1 or all)")
+        facts["full_finetune"] = True  # experiment 1 reads it from ctx.extra
     key = ALIASES.get(a.model, a.model)
     known = LlamaShape(**KNOWN_CONFIGS[key]) if key in KNOWN_CONFIGS else None
     try:
@@ -426,13 +434,18 @@ def execute(run: _Run) -> int:
     except Exception as e:  # one line here, the traceback in the JSON: nothing computed is lost
         if is_oom(e):
             peak = run.meter.peak_gib()
-            status = f"failed: out of memory in {current} (peak {peak:.2f} GiB)" if peak is not None else \
-                f"failed: out of memory in {current}"
+            # a step refused by its plan (`planned`) says which step and how much it would take
+            where = f"{current}: {_one_line(e)}" if getattr(e, "planned", False) else current
+            status = f"failed: out of memory in {where} (peak {peak:.2f} GiB)" if peak is not None else \
+                f"failed: out of memory in {where}"
             rc = 3
         else:
             status, rc = f"failed: {current}: {e.__class__.__name__}: {_one_line(e)[:300]}", 1
         payload["error"] = {"experiment": current, "type": e.__class__.__name__, "message": str(e),
                             "traceback": traceback.format_exc()}
+        partial = getattr(e, "partial_section", None)  # what the failed experiment measured before it stopped
+        if isinstance(partial, dict):
+            payload[SECTION_KEYS.get(current, current)] = partial
         msg = f"{status[len('failed: '):]}; what finished before it is saved in {path} (traceback in its \"error\")"
     finally:
         if old_term is not None:

@@ -298,12 +298,20 @@ class KillSwitch:
                  text: str = "default", device: str = "cpu", progress: bool = True, bits: int | None = None,
                  measure_cache: bool = True):
         torch.manual_seed(seed)
-        self.source, self.size, self.seed, self.fmt, self.device, self.progress = model, size, seed, fmt, device, progress
-        self.measure_cache = measure_cache
-        loaded, self.public_facts = load_public(model, device=device, bits=bits, progress=progress)
-        self.public, self.tok, self.name = loaded.model, loaded.tokenizer, loaded.name
+        loaded, public_facts = load_public(model, device=device, bits=bits, progress=progress)
+        self.public = loaded.model
         for p in self.public.parameters():
             p.requires_grad_(False)
+        self._prepare(model, loaded.tokenizer, loaded.name, public_facts, size, seed, fmt, text, device, progress,
+                      measure_cache)
+
+    def _prepare(self, source: str, tok, name: str, public_facts: dict, size: Size, seed: int, fmt: str, text: str,
+                 device: str, progress: bool, measure_cache: bool) -> None:
+        """Everything but the public model: canaries, training and evaluation data, bookkeeping (a streamed
+        experiment, `kill_switch_stream`, never holds the public model and starts here)."""
+        self.source, self.size, self.seed, self.fmt, self.device, self.progress = source, size, seed, fmt, device, progress
+        self.measure_cache = measure_cache
+        self.tok, self.name, self.public_facts = tok, name, public_facts
         self.pad_id = self.tok.pad_token_id if self.tok.pad_token_id is not None else self.tok.eos_token_id
         # members and non-members from one draw: the same distribution (distinct users and secrets)
         drawn = make_canaries(self.tok, size.num_canaries + size.num_holdout, seed, fmt, size.groups)
@@ -455,10 +463,12 @@ class KillSwitch:
         """Membership records: the trained canaries' full texts, then the held-out ones'."""
         return [c.ids for c in self.canaries] + [c.ids for c in self.holdout]
 
-    def reference_stats(self):
-        """Token statistics of the membership records under the public model (the loss-ratio reference)."""
+    def reference_stats(self, public=None):
+        """Token statistics of the membership records under the public model (the loss-ratio reference), computed
+        once on `public` (default `self.public`)."""
         if self._reference is None:
-            self._reference = token_stats(self.public, self.records(), events=self.oom_events)
+            self._reference = token_stats(self.public if public is None else public, self.records(),
+                                          events=self.oom_events)
         return self._reference
 
     def evaluate(self, model, n_candidates: int | None = None) -> dict:
@@ -839,16 +849,24 @@ def plot(inner: dict, path: Path) -> Path:
 
 @register("kill_switch")
 def run(ctx: RunContext, size: Size | None = None, arms: tuple[str, ...] | None = None,
-        candidate: str | None = None, thresholds: dict | None = None) -> dict:
+        candidate: str | None = None, thresholds: dict | None = None, streamed: bool | None = None) -> dict:
     """Build and measure the arms of the size (plus what the candidate's claims need); decide the claims of
     `candidate` (default `ctx.extra["candidate"]`, else ortho_tuned) against `thresholds` (a table like
-    `THRESHOLDS`, its default); write the plot; return the JSON section."""
+    `THRESHOLDS`, its default); write the plot; return the JSON section.
+
+    `streamed` (default `ctx.streamed`: a checkpoint directory whose full precision misses the GPU budget) runs
+    `kill_switch_stream.run_checkpoint` instead: every arm built from the checkpoint, one model on the device at a
+    time (`size` then defaults to `kill_switch_stream.CHECKPOINT`)."""
     candidate = candidate or ctx.extra.get("candidate") or "ortho_tuned"
     if candidate not in CANDIDATES:
         raise ValueError(f"--candidate {candidate}: not a candidate arm; choose from {', '.join(CANDIDATES)}")
-    size = size or (FULL if ctx.full_size else SMALL.get(ctx.model, SMALL["smollm2-135m"]))
     if str(ctx.device).startswith("cuda"):  # same seed, same numbers: no atomics-order noise in backward
         torch.use_deterministic_algorithms(True, warn_only=True)
+    if ctx.streamed if streamed is None else streamed:
+        from .kill_switch_stream import run_checkpoint
+
+        return run_checkpoint(ctx, size, candidate, thresholds)
+    size = size or (FULL if ctx.full_size else SMALL.get(ctx.model, SMALL["smollm2-135m"]))
     if ctx.num_canaries:
         n = ctx.num_canaries
         size = replace(size, num_canaries=n, num_holdout=n, relearn=size.relearn if n >= 10 else None)
