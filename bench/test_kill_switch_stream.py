@@ -157,6 +157,29 @@ def test_merge_matches_peft_and_zero_adapter_is_public(ckpt, tmp_path):
                                                            factors["model.layers.0.mlp.up_proj.weight"]})
 
 
+def test_nf4_checkpoint_and_nf4_of_public_is_lora_at_scale_0(ckpt):
+    """The NF4 base built layer by layer: bitsandbytes linears, the table in host memory; the QLoRA model at adapter
+    scale 0 computes it exactly (what nf4_of_public records), at scale 1 not (the control)."""
+    import bitsandbytes as bnb
+
+    from libortho.modules import HostEmbedding
+    from libortho.train import LoraSpec, lora_wrap, set_lora_alpha
+
+    m = kss.nf4_checkpoint(ckpt, "cpu", torch.float32)
+    assert sum(isinstance(x, bnb.nn.Linear4bit) for x in m.modules()) == 14  # fails if a linear stayed dense
+    assert isinstance(m.model.embed_tokens, HostEmbedding) and not any(p.requires_grad for p in m.parameters())
+    ids = torch.tensor([[1, 5, 7, 9, 11, 13]])
+    with torch.no_grad():
+        bare = m(input_ids=ids).logits
+        p = lora_wrap(m, LoraSpec(), 0)
+        for n, w in p.named_parameters():
+            if "lora_B" in n:
+                w.normal_()
+        p.eval()
+        assert torch.equal(set_lora_alpha(p, 0.0)(input_ids=ids).logits, bare)  # fails if the adapter leaked
+        assert not torch.equal(set_lora_alpha(p, 1.0)(input_ids=ids).logits, bare)
+
+
 def test_full_finetune_plan(ckpt):
     from transformers import AutoModelForCausalLM
 
