@@ -166,6 +166,25 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
+def _profiled(dec, prompt, steps: int, acts, device):
+    """(profiler, seconds) of `steps` decode steps of `dec` after a prefill and WARMUP steps."""
+    from torch.profiler import profile
+
+    dec.prepare()
+    try:
+        dec.prefill(prompt)
+        dec.decode(WARMUP)
+        _sync(device)
+        with profile(activities=acts) as prof:
+            t0 = time.perf_counter()
+            dec.decode(steps)
+            _sync(device)
+            seconds = time.perf_counter() - t0
+    finally:
+        dec._clear_hints()
+    return prof, seconds
+
+
 def _timed_decode(dec: StaticDecoder, prompt, steps: int) -> float:
     """Seconds per step of `steps` decode steps after a prefill and a warm-up."""
     dec.prepare()
@@ -195,18 +214,7 @@ def profile_alpha(model, alpha: float, steps: int, batch: int, device: torch.dev
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     labelled = StaticDecoder(model, max_seq, dtype, device, use_graph=False, batch=batch, ranges=True)
     eager_s = _timed_decode(labelled, prompt, steps)  # also compiles and tunes every kernel before profiling
-    labelled.prepare()
-    try:
-        labelled.prefill(prompt)
-        labelled.decode(WARMUP)
-        _sync(device)
-        with profile(activities=acts) as prof:
-            t0 = time.perf_counter()
-            labelled.decode(steps)
-            _sync(device)
-            profiled_s = time.perf_counter() - t0
-    finally:
-        labelled._clear_hints()
+    prof, profiled_s = _profiled(labelled, prompt, steps, acts, device)
     run = dict(alpha=alpha, **breakdown(_trace(prof), steps, device.type, profiled_s))
     wall = dict(eager=eager_s * 1e6, eager_profiled=profiled_s / steps * 1e6, graph=None)
     graph_kernels = None
@@ -214,16 +222,7 @@ def profile_alpha(model, alpha: float, steps: int, batch: int, device: torch.dev
     if device.type == "cuda":
         dec = StaticDecoder(model, max_seq, dtype, device, batch=batch)
         wall["graph"] = _timed_decode(dec, prompt, steps) * 1e6
-        dec.prepare()
-        try:
-            dec.prefill(prompt)
-            dec.decode(WARMUP)
-            _sync(device)
-            with profile(activities=acts) as gprof:
-                dec.decode(steps)
-                _sync(device)
-        finally:
-            dec._clear_hints()
+        gprof, _ = _profiled(dec, prompt, steps, acts, device)
         n = sum(1 for e in _trace(gprof)["traceEvents"] if e.get("ph") == "X" and e.get("cat") in DEVICE_CATS)
         graph_kernels = n / steps if n else None  # None: this profiler does not see kernels inside graphs
         del dec
