@@ -23,6 +23,7 @@ from libortho.llama import LLAMA_LINEARS
 # the checkpoint size at tiny scale: group 32 divides hidden 64; a larger learning rate so 10 steps learn
 SIZE = replace(kss.CHECKPOINT, group_size=32, density=0.02, ortho=replace(kss.CHECKPOINT.ortho, lr=3e-2),
                lora=replace(kss.CHECKPOINT.lora, lr=3e-2))
+ARMS3 = ("never_trained", "int4_of_public", "ortho_tuned")  # what the claims of ortho_tuned need
 PROJ = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
         "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
 
@@ -201,6 +202,28 @@ def test_full_finetune_where_the_budget_holds_it(ckpt, tmp_path):
     assert inner["arms"]["fine_tuned"]["1.0"]["logp_true"] != inner["arms"]["never_trained"]["1.0"]["logp_true"]
 
 
+def _oom(*_):
+    raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+
+def test_an_arm_out_of_memory_is_recorded_and_the_run_goes_on(ckpt, tmp_path, monkeypatch):
+    """QLoRA out of memory: recorded in did_not_fit, the arms needing W1 skipped with the reason, the candidate's
+    claims still decided. The candidate out of memory: the run ends with a step-naming out-of-memory error carrying
+    what was measured (the CLI's exit 3)."""
+    from libortho.oom import is_oom
+
+    monkeypatch.setattr(kss.StreamedKillSwitch, "lora_arms", _oom)
+    size = replace(SIZE, arms=("never_trained", "int4_of_public", "ortho_tuned", "lora", "fine_tuned"))
+    inner = kss.run_checkpoint(_ctx(ckpt, tmp_path), size)
+    assert "out of memory" in inner["did_not_fit"]["lora"] and "lora did not fit" in inner["skipped"]["fine_tuned"]
+    assert set(inner["arms"]) == {"never_trained", "int4_of_public", "ortho_tuned"} and len(inner["claims"]) == 5
+    monkeypatch.setattr(kss.StreamedKillSwitch, "ortho_tuned", _oom)
+    with pytest.raises(kss.StepOutOfMemory, match="ortho_tuned did not fit") as e:
+        kss.run_checkpoint(_ctx(ckpt, tmp_path), replace(size, arms=ARMS3))
+    # fails if the CLI would not map it to exit 3, or the measured arms were lost
+    assert is_oom(e.value) and set(e.value.partial_section["arms"]) == {"never_trained", "int4_of_public"}
+
+
 def test_run_dispatches_on_streamed(monkeypatch, tmp_path):
     """kill_switch.run goes to the streamed experiment when the context (or the caller) says so, not otherwise."""
     from libortho.experiments import kill_switch
@@ -222,7 +245,7 @@ def test_full_finetune_refused_over_the_budget_exit_3(ckpt, tmp_path, monkeypatc
     from libortho import cli
 
     monkeypatch.setattr(RunContext, "streamed", property(lambda self: True))  # on a GPU: 4-bit policy + local dir
-    monkeypatch.setattr(kss, "CHECKPOINT", SIZE)
+    monkeypatch.setattr(kss, "CHECKPOINT", replace(SIZE, arms=ARMS3))  # the arms the claims need: a short run
     monkeypatch.setattr(kss, "ADAMW_BYTES_PER_PARAM", 10**6)  # the tiny model "needs" 300 GiB
     rc = cli.main(["run", "--experiment", "1", "--model", str(ckpt), "--profile", "gtx4050", "--num-canaries", "4",
                    "--output-dir", str(tmp_path), "--no-progress", "--full-finetune"])
@@ -233,7 +256,7 @@ def test_full_finetune_refused_over_the_budget_exit_3(ckpt, tmp_path, monkeypatc
     assert payload["status"].startswith("failed: out of memory in kill_switch: full_finetune planned")
     sec = payload["exp1_kill_switch"]
     # fails if the arms measured before the refusal were lost
-    assert set(sec["arms"]) == set(kss.STREAMED_ARMS) and sec["full_fine_tune"]["fits"] is False
+    assert set(sec["arms"]) == set(ARMS3) and sec["full_fine_tune"]["fits"] is False
     assert [c["name"] for c in sec["claims"]] == list(CLAIMS)
 
 

@@ -434,8 +434,8 @@ def execute(run: _Run) -> int:
     except Exception as e:  # one line here, the traceback in the JSON: nothing computed is lost
         if is_oom(e):
             peak = run.meter.peak_gib()
-            # a step refused by its plan (`planned`) says which step and how much it would take
-            where = f"{current}: {_one_line(e)}" if getattr(e, "planned", False) else current
+            # an error that names its step (e.g. one refused by its planned memory) says which and how much
+            where = f"{current}: {_one_line(e)}" if getattr(e, "names_step", False) else current
             status = f"failed: out of memory in {where} (peak {peak:.2f} GiB)" if peak is not None else \
                 f"failed: out of memory in {where}"
             rc = 3

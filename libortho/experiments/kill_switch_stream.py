@@ -60,10 +60,15 @@ CHECKPOINT = Size(name="small", num_canaries=4, num_holdout=4, n_candidates=32, 
                   alphas={a: (0.0, 1.0) for a in SWITCHED}, arms=STREAMED_ARMS, chunk=32, relearn=None)
 
 
-class PlannedOutOfMemory(torch.cuda.OutOfMemoryError):
-    """A step refused before it starts because its planned memory exceeds the budget: an out-of-memory error (the
-    CLI maps it to exit 3 as a real one) whose `planned` mark makes the CLI print its message (the step and the
-    planned memory); `partial_section` carries the arms measured before it."""
+class StepOutOfMemory(torch.cuda.OutOfMemoryError):
+    """An out-of-memory error whose message names the step (the CLI maps it to exit 3 and, for `names_step`, prints
+    the message); `partial_section` carries the arms measured before it."""
+
+    names_step = True
+
+
+class PlannedOutOfMemory(StepOutOfMemory):
+    """A step refused before it starts: its planned memory exceeds the budget."""
 
     planned = True
 
@@ -224,6 +229,7 @@ class StreamedKillSwitch(KillSwitch):
         self.built: dict[str, dict] = {}
         self.skipped: dict[str, str] = dict(SKIPPED)
         self.full_ft: dict = {}
+        self.did_not_fit: dict[str, str] = {}  # arm -> the out-of-memory error it met (the run went on)
         self.digests: dict[str, str] = {}
         self.log = log
 
@@ -250,6 +256,25 @@ class StreamedKillSwitch(KillSwitch):
         left = release(model)
         gc.collect()
         return round(left / 2**30, 3)
+
+    def _arm(self, arm: str, build, *args):
+        """`build(*args)`, one arm; an out-of-memory error is recorded in `did_not_fit` and the run goes on with the
+        device freed (the failed model is referenced only by the traceback, gone after the except clause).
+        Returns what `build` returns, None when it did not fit."""
+        from ..oom import is_oom
+
+        try:
+            return build(*args)
+        except Exception as e:  # noqa: BLE001 - only out-of-memory is a result; anything else is raised
+            if not is_oom(e):
+                raise
+            msg = " ".join(str(e).split())[:300]
+        gc.collect()
+        if self.cuda:
+            torch.cuda.empty_cache()
+        self.did_not_fit[arm] = msg
+        self.log(f"  {arm}: did not fit ({msg[:120]})")
+        return None
 
     def _want(self, *arms: str) -> bool:
         return any(a in self.size.arms for a in arms)
@@ -436,36 +461,45 @@ class StreamedKillSwitch(KillSwitch):
         self.full_ft = {"asked": full_finetune, **plan}
         self.log(f"exp1 (streamed): {self.path}, {len(self.canaries)} canaries, device {self.device}, "
                  f"offload {self.offload_gib:g} GiB")
-        self.never_trained()  # always: the MIA reference of every arm
+        self.never_trained()  # always: the MIA reference of every arm (nothing is measured without it)
         if self._want("int4_of_public"):
-            self.int4_of_public()
+            self._arm("int4_of_public", self.int4_of_public)
         if self._want("ortho_tuned"):
-            self.ortho_tuned()
+            self._arm("ortho_tuned", self.ortho_tuned)
         w1_arms = [a for a in self.size.arms if a in ("fine_tuned", "int4_of_fine_tuned", "nf4_of_fine_tuned")
                    or a.startswith("posthoc_")]
         full = full_finetune and plan["fits"]
         factors = None
         if self._want("lora", "nf4_of_public") or (w1_arms and not full):  # W1 is the LoRA merge unless full
-            factors = self.lora_arms()
-        if w1_arms:
+            factors = self._arm("lora", self.lora_arms)
+        if w1_arms and (full or factors is not None):
             if full:
-                self.full_finetune_w1(plan)
+                self._arm("full_finetune", self.full_finetune_w1, plan)
             else:
                 self.build_w1(factors)
+        if w1_arms and self.w1 is None:
+            for arm in w1_arms:
+                self.skipped[arm] = f"needs W1, which was not built ({'full_finetune' if full else 'lora'} did not fit)"
+        elif w1_arms:
             if self._want("fine_tuned"):
-                self.fine_tuned()
+                self._arm("fine_tuned", self.fine_tuned)
             for score in ("hessian", "magnitude", "random"):
                 if self._want(f"posthoc_{score}") or (score == "hessian" and self._want("int4_of_fine_tuned")):
-                    self.posthoc_of_w1(score)
+                    self._arm(f"posthoc_{score}", self.posthoc_of_w1, score)
             if self._want("nf4_of_fine_tuned"):
-                self.nf4_of_fine_tuned()
+                self._arm("nf4_of_fine_tuned", self.nf4_of_fine_tuned)
         for arm in ("posthoc_magnitude", "posthoc_random"):
             if arm not in self.size.arms:
                 self.skipped.setdefault(arm, "not in this size (each is one more conversion of W1)")
         self.full_ft["built"] = bool(full)
 
-    def refusal(self) -> PlannedOutOfMemory | None:
-        """The planned out-of-memory error of an asked full fine-tune the budget does not hold (None otherwise)."""
+    def refusal(self, candidate: str) -> StepOutOfMemory | None:
+        """The out-of-memory error that ends the run once every arm that fits is measured: the candidate or its
+        control did not fit, or an asked full fine-tune the budget does not hold (a planned one). None otherwise."""
+        for arm in (candidate, CONTROL_OF[candidate]):
+            if arm in self.did_not_fit:
+                return StepOutOfMemory(f"{arm} did not fit ({self.did_not_fit[arm][:200]}); every other arm is "
+                                       "measured and saved")
         p = self.full_ft
         if not p.get("asked") or p.get("fits"):
             return None
@@ -477,17 +511,17 @@ class StreamedKillSwitch(KillSwitch):
     def report(self, candidate: str = "ortho_tuned", thresholds: dict | None = None) -> dict:
         inner = super().report(candidate, thresholds)
         inner.update(streamed=True, checkpoint=str(self.path), built=self.built, skipped=self.skipped,
-                     full_fine_tune=self.full_ft, budget_gib=self.budget_gib, offload_gib=self.offload_gib,
-                     dtype=str(self.dtype).removeprefix("torch."))
+                     did_not_fit=self.did_not_fit, full_fine_tune=self.full_ft, budget_gib=self.budget_gib,
+                     offload_gib=self.offload_gib, dtype=str(self.dtype).removeprefix("torch."))
         inner["mia"]["reference"] = "the checkpoint in full precision, offloaded (never_trained)"
         return inner
 
     def partial(self) -> dict:
         """What is measured so far, for a run that stopped early (no claims)."""
         return {"streamed": True, "status": "partial", "model": self.name, "arms": self.results, "built": self.built,
-                "skipped": self.skipped, "full_fine_tune": self.full_ft, "training": self.train_info,
-                "arm_seconds": self.seconds, "oom_retries": self.oom_events, "num_canaries": len(self.canaries),
-                "size": self.size.to_dict()}
+                "skipped": self.skipped, "did_not_fit": self.did_not_fit, "full_fine_tune": self.full_ft,
+                "training": self.train_info, "arm_seconds": self.seconds, "oom_retries": self.oom_events,
+                "num_canaries": len(self.canaries), "size": self.size.to_dict()}
 
     def close(self) -> None:
         """Remove W1 (and the temporary directory) when this object made it."""
@@ -521,11 +555,15 @@ def run_checkpoint(ctx: RunContext, size: Size | None = None, candidate: str = "
     t0 = time.perf_counter()
     try:
         exp.run_arms(full_finetune)
+        err = exp.refusal(candidate)
+        if err is not None and not isinstance(err, PlannedOutOfMemory):  # the claims cannot be decided
+            raise err
         inner = exp.report(candidate, thresholds_for(size.name, thresholds))
         inner["seconds"] = round(time.perf_counter() - t0, 1)
         inner["plot"] = str(plot(inner, ctx.artifact("exp1_kill_switch.png")))
         print_table(inner)
-        err = exp.refusal()
+        for arm, msg in exp.did_not_fit.items():
+            print(f"did not fit: {arm}: {msg}")
         if err is not None:
             err.partial_section = inner
             raise err
