@@ -152,6 +152,21 @@ def merge_lora_checkpoint(src, dst, factors: dict[str, tuple[torch.Tensor, torch
             "seconds": round(time.perf_counter() - t0, 1)}
 
 
+def notes(n_canaries: int) -> list[str]:
+    """What a reader of the section must know to judge its claims."""
+    out = ["streamed: one model on the device at a time, built from the checkpoint; the full-precision arms ran "
+           "with accelerate offloading, the INT4 and NF4 arms resident with the embedding table in host memory"]
+    if n_canaries < 6:  # below 6 the small-size thresholds cannot all be met, whatever was measured
+        from scipy.stats import beta
+
+        upper = float(beta.ppf(0.975, 1, n_canaries))  # Clopper-Pearson 97.5% bound of 0 extractions in n
+        out.append(f"{n_canaries} canaries: not every claim can pass at this size (the smallest one-sided Wilcoxon p "
+                   f"of {n_canaries} pairs is {2.0 ** -n_canaries:g}; the upper bound of 0 extractions in "
+                   f"{n_canaries} is {upper:.2f}, above the 0.5 margin): a failed claim says nothing here; decide "
+                   "them with --num-canaries 8 or more")
+    return out
+
+
 def nf4_checkpoint(path, device="cuda", dtype: torch.dtype = torch.bfloat16):
     """The checkpoint with bitsandbytes NF4 linears (`baselines.nf4_`: block 64, double quantization, the quantizer
     of the in-memory NF4 arms), built layer by layer: each decoder layer is read (`stream.load_layer`), quantized on
@@ -514,6 +529,7 @@ class StreamedKillSwitch(KillSwitch):
                      did_not_fit=self.did_not_fit, full_fine_tune=self.full_ft, budget_gib=self.budget_gib,
                      offload_gib=self.offload_gib, dtype=str(self.dtype).removeprefix("torch."))
         inner["mia"]["reference"] = "the checkpoint in full precision, offloaded (never_trained)"
+        inner["notes"] = notes(len(self.canaries))
         return inner
 
     def partial(self) -> dict:
@@ -564,6 +580,8 @@ def run_checkpoint(ctx: RunContext, size: Size | None = None, candidate: str = "
         print_table(inner)
         for arm, msg in exp.did_not_fit.items():
             print(f"did not fit: {arm}: {msg}")
+        for note in inner["notes"]:
+            print(f"note: {note}")
         if err is not None:
             err.partial_section = inner
             raise err
