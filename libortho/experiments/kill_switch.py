@@ -865,7 +865,7 @@ def run(ctx: RunContext, size: Size | None = None, arms: tuple[str, ...] | None 
     if ctx.streamed if streamed is None else streamed:
         from .kill_switch_stream import run_checkpoint
 
-        return run_checkpoint(ctx, size, candidate, thresholds)
+        return run_checkpoint(ctx, size, candidate, thresholds, arms=arms)
     size = size or (FULL if ctx.full_size else SMALL.get(ctx.model, SMALL["smollm2-135m"]))
     if ctx.num_canaries:
         n = ctx.num_canaries

@@ -32,9 +32,10 @@ import torch
 
 from ..config import OrthoConfig
 from ..perplexity import Protocol
-from ..train import LoraSpec, OrthoTuneConfig, TrainConfig
+from ..train import LoraSpec
 from . import RunContext
-from .kill_switch import (CANDIDATES, CONTROL_OF, SWITCHED, KillSwitch, Size, plot, print_table, thresholds_for)
+from .kill_switch import (CANDIDATES, CONTROL_OF, SWITCHED, KillSwitch, Size, _quick, plot, print_table,
+                          thresholds_for)
 
 OFFLOAD_HEADROOM_GIB = 2.5  # as Experiment 2: activations, logits and the CUDA context beside the offloaded weights
 ADAMW_BYTES_PER_PARAM = 16  # full fine-tune: fp32 weight, its gradient and AdamW's two moments (activations extra)
@@ -46,17 +47,12 @@ SKIPPED = {"delta": "needs the public and the fine-tuned model at once (orthogon
                       "checkpoint scale"}
 
 
-def _steps(lr: float, max_steps: int) -> TrainConfig:
-    return TrainConfig(lr=lr, max_steps=max_steps, check_every=max_steps, target=None, general_chunks=1,
-                       general_length=32)
-
-
 # A checkpoint too large for the device: SMALL-like (|R| = 32, alphas 0 and 1), 10 training steps per arm
 # (`--num-canaries` sets the canaries; 4 at the GPU check). Group 128 symmetric at 0.5%: the packed 8B with its
 # stream and AdamW moments must fit 6 GiB while training.
 CHECKPOINT = Size(name="small", num_canaries=4, num_holdout=4, n_candidates=32, n_candidates_decisive=32,
                   groups=(4, 4), ppl=Protocol(256, 256, 256), calib=(4, 128), density=0.005, group_size=128,
-                  symmetric=True, finetune=_steps(1e-4, 10), ortho=_steps(1e-2, 10), lora=_steps(1e-2, 10),
+                  symmetric=True, finetune=_quick(1e-4, 10), ortho=_quick(1e-2, 10), lora=_quick(1e-2, 10),
                   alphas={a: (0.0, 1.0) for a in SWITCHED}, arms=STREAMED_ARMS, chunk=32, relearn=None)
 
 
@@ -511,7 +507,7 @@ class StreamedKillSwitch(KillSwitch):
     def refusal(self, candidate: str) -> StepOutOfMemory | None:
         """The out-of-memory error that ends the run once every arm that fits is measured: the candidate or its
         control did not fit, or an asked full fine-tune the budget does not hold (a planned one). None otherwise."""
-        for arm in (candidate, CONTROL_OF[candidate]):
+        for arm in (candidate, CONTROL_OF[candidate], "full_finetune"):  # what the run was asked to decide / build
             if arm in self.did_not_fit:
                 return StepOutOfMemory(f"{arm} did not fit ({self.did_not_fit[arm][:200]}); every other arm is "
                                        "measured and saved")
@@ -546,7 +542,8 @@ class StreamedKillSwitch(KillSwitch):
 
 
 def run_checkpoint(ctx: RunContext, size: Size | None = None, candidate: str = "ortho_tuned",
-                   thresholds: dict | None = None, full_finetune: bool | None = None, workdir=None) -> dict:
+                   thresholds: dict | None = None, full_finetune: bool | None = None, workdir=None,
+                   arms: tuple[str, ...] | None = None) -> dict:
     """Experiment 1 of the checkpoint directory `ctx.model` (see the module docstring): the JSON section of
     `kill_switch.run`, plus "streamed", "built" (how each arm was built, its seconds), "skipped" and
     "full_fine_tune".
@@ -554,11 +551,14 @@ def run_checkpoint(ctx: RunContext, size: Size | None = None, candidate: str = "
     Args:
         full_finetune: build W1 as a full fine-tune (default `ctx.extra["full_finetune"]`, the `--full-finetune` flag).
         workdir: where W1 is written and kept (default: a temporary directory, removed at the end).
+        arms: the arms to build (default the size's).
     Raises:
         PlannedOutOfMemory: a full fine-tune asked that the budget does not hold, after every other arm; its
             `partial_section` is the section as it would have been returned.
     """
     size = size or CHECKPOINT
+    if arms is not None:
+        size = replace(size, arms=tuple(arms))
     if ctx.num_canaries:
         size = replace(size, num_canaries=ctx.num_canaries, num_holdout=ctx.num_canaries)
     if candidate not in CANDIDATES or candidate not in size.arms or CONTROL_OF[candidate] not in size.arms:
