@@ -15,6 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from libortho.stream import load_nf4
+
 from libortho.experiments import RunContext
 from libortho.experiments import kill_switch_stream as kss
 from libortho.experiments.kill_switch import CLAIMS, SWITCHED
@@ -161,7 +163,7 @@ def test_merge_matches_peft_and_zero_adapter_is_public(ckpt, tmp_path):
                                                            factors["model.layers.0.mlp.up_proj.weight"]})
 
 
-def test_nf4_checkpoint_and_nf4_of_public_is_lora_at_scale_0(ckpt):
+def test_load_nf4_and_nf4_of_public_is_lora_at_scale_0(ckpt):
     """The NF4 base built layer by layer: bitsandbytes linears, the table in host memory; the QLoRA model at adapter
     scale 0 computes it exactly (what nf4_of_public records), at scale 1 not (the control)."""
     import bitsandbytes as bnb
@@ -169,7 +171,7 @@ def test_nf4_checkpoint_and_nf4_of_public_is_lora_at_scale_0(ckpt):
     from libortho.modules import HostEmbedding
     from libortho.train import LoraSpec, lora_wrap, set_lora_alpha
 
-    m = kss.nf4_checkpoint(ckpt, "cpu", torch.float32)
+    m = load_nf4(ckpt, "cpu", torch.float32)
     assert sum(isinstance(x, bnb.nn.Linear4bit) for x in m.modules()) == 14  # fails if a linear stayed dense
     assert isinstance(m.model.embed_tokens, HostEmbedding) and not any(p.requires_grad for p in m.parameters())
     ids = torch.tensor([[1, 5, 7, 9, 11, 13]])

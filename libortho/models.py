@@ -258,31 +258,14 @@ def _quantized_linears(model) -> int:
     return sum(type(m).__name__ in ("Linear4bit", "Linear8bitLt") for m in model.modules())
 
 
-def _host_embedding_map(path, device) -> dict:
-    """A device_map with the input embeddings in host memory and every other module on `device`."""
-    from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    with init_empty_weights():
-        skeleton = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path))
-    emb = next(n for n, m in skeleton.named_modules() if m is skeleton.get_input_embeddings())
-    parent = emb.rpartition(".")[0]
-    out = {f"{parent}.{n}" if parent else n: str(device) for n, _ in skeleton.get_submodule(parent).named_children()}
-    out.update({n: str(device) for n, _ in skeleton.named_children() if n != parent.split(".")[0]})
-    out[emb] = "cpu"
-    return out
-
-
 def load_model(source: str = EMBEDDED, dtype: "torch.dtype | None" = None, device: str = "cpu",
-               bits: int | None = None, host_embeddings: bool = False) -> Loaded:
+               bits: int | None = None) -> Loaded:
     """Load `source`: 'smollm2-135m', 'tiny', a .gguf file, a local directory or a Hugging Face id.
 
     Args:
         bits: 4 or 8 loads the linears through bitsandbytes (NF4 / LLM.int8) so a large model fits a small card
             (`orthogonalize_` dequantizes such layers when it builds the INT4 base); None loads as stored in
             `dtype`. The tiny model takes 4 only, a .gguf neither (ValueError, before anything loads).
-        host_embeddings: with `bits` on a GPU, the input embedding table never reaches the device (an 8B table is
-            1 GiB in bf16): loaded in host memory and wrapped in `HostEmbedding` (one row per token is sent).
     Returns:
         Loaded; the call is also appended to LOAD_LOG.
     """
@@ -315,18 +298,10 @@ def load_model(source: str = EMBEDDED, dtype: "torch.dtype | None" = None, devic
         if bits in (4, 8):
             from transformers import BitsAndBytesConfig
 
-            host = host_embeddings and str(device).startswith("cuda")
-            kw = {"device_map": _host_embedding_map(path, device) if host else device,
-                  "quantization_config": BitsAndBytesConfig(
-                      load_in_4bit=bits == 4, load_in_8bit=bits == 8, bnb_4bit_quant_type="nf4",
-                      bnb_4bit_compute_dtype=dtype,
-                      llm_int8_enable_fp32_cpu_offload=host)}  # bitsandbytes' name for "some modules on the CPU"
+            kw = {"device_map": device, "quantization_config": BitsAndBytesConfig(
+                load_in_4bit=bits == 4, load_in_8bit=bits == 8, bnb_4bit_quant_type="nf4",
+                bnb_4bit_compute_dtype=dtype)}
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kw)
-        if bits in (4, 8) and host_embeddings and str(device).startswith("cuda"):
-            from .modules import HostEmbedding
-
-            emb = model.get_input_embeddings()
-            model.set_input_embeddings(HostEmbedding.from_embedding(emb.to(dtype), device))
         tok = AutoTokenizer.from_pretrained(path)
         name = "SmolLM2-135M-Instruct" if kind == "embedded" else s
     if not (kind not in ("tiny", "gguf") and bits in (4, 8)):  # bitsandbytes loads place themselves

@@ -438,3 +438,31 @@ def release(model: nn.Module) -> int:
         return 0
     torch.cuda.empty_cache()
     return torch.cuda.memory_allocated()
+
+
+def load_nf4(path, device="cuda", dtype: torch.dtype = torch.bfloat16):
+    """The checkpoint with bitsandbytes NF4 linears (`baselines.nf4_`: block 64, double quantization, the quantizer
+    of the in-memory NF4 arms), built layer by layer: each decoder layer is read (`stream.load_layer`), quantized on
+    `device` and kept; the head stays in `dtype` (bitsandbytes leaves it unquantized) and the embedding table in
+    host memory (`HostEmbedding`). The device never holds more than the NF4 model plus one dense layer:
+    `load_model(bits=4)` would place the 8B embedding table (1 GiB) there first, over a 6 GiB budget.
+
+    Returns:
+        a LlamaForCausalLM in eval mode, nothing trainable, `is_loaded_in_4bit` set (PEFT then wraps its linears
+        with its bitsandbytes LoRA layers, as on a `from_pretrained` 4-bit load).
+    """
+    from .baselines import nf4_
+    from .modules import HostEmbedding
+
+    ckpt = Checkpoint(path)
+    model = ckpt.skeleton  # meta: every part is replaced below
+    for i in range(ckpt.num_layers):
+        layer = load_layer(ckpt, i, device, dtype)
+        nf4_(layer, compute_dtype=dtype)
+        model.model.layers[i] = layer
+    model.lm_head = load_head(ckpt, device, dtype)
+    model.model.embed_tokens = HostEmbedding.from_embedding(load_embeddings(ckpt, "cpu", dtype), device)
+    model.model.norm = load_norm(ckpt, device, dtype)
+    model.model.rotary_emb = load_rotary(ckpt, device)
+    model.is_loaded_in_4bit = True
+    return model.requires_grad_(False).eval()

@@ -6,12 +6,12 @@ claims and JSON as `kill_switch`, every arm built from the checkpoint on disk, o
 | never_trained      | the checkpoint in full precision, offloaded (`stream.load_offloaded`); the MIA reference  |
 | int4_of_public     | `convert_checkpoint` posthoc (magnitude) of the checkpoint at alpha 0: the INT4 base alone |
 | ortho_tuned        | `convert_checkpoint` with `OrthoTuneConfig`, `canary_loss`, gradient checkpointing; 0 and 1 |
-| lora               | QLoRA: NF4 base (`nf4_checkpoint`), embeddings in host memory, PEFT r 8 / 32 / 0.1, 7 linears |
+| lora               | QLoRA: NF4 base (`stream.load_nf4`), embeddings in host memory, PEFT r 8 / 32 / 0.1, 7 linears |
 | nf4_of_public      | the lora model with its adapter at scale 0: exactly the NF4 public model                  |
 | fine_tuned         | W1 = the LoRA deltas merged onto the stored weights shard by shard on the CPU, offloaded  |
 | posthoc_hessian    | `convert_checkpoint(W1)` posthoc / hessian, alpha 0 and 1                                 |
 | int4_of_fine_tuned | posthoc_hessian at alpha 0: INT4 of W1 alone                                              |
-| nf4_of_fine_tuned  | `nf4_checkpoint(W1)`: NF4 layer by layer, as the lora arm's base                          |
+| nf4_of_fine_tuned  | `load_nf4(W1)`: NF4 layer by layer, as the lora arm's base                          |
 
 `delta` needs the public and the fine-tuned model at once and the relearning attack a dense trainable copy:
 neither is built here (the JSON's "skipped" says why). A full fine-tune (AdamW, 16 bytes a parameter) is built
@@ -34,10 +34,10 @@ from ..config import OrthoConfig
 from ..perplexity import Protocol
 from ..train import LoraSpec
 from . import RunContext
+from .null import OFFLOAD_HEADROOM_GIB
 from .kill_switch import (CANDIDATES, CONTROL_OF, SWITCHED, KillSwitch, Size, _quick, plot, print_table,
                           thresholds_for)
 
-OFFLOAD_HEADROOM_GIB = 2.5  # as Experiment 2: activations, logits and the CUDA context beside the offloaded weights
 ADAMW_BYTES_PER_PARAM = 16  # full fine-tune: fp32 weight, its gradient and AdamW's two moments (activations extra)
 STREAMED_ARMS = ("never_trained", "int4_of_public", "ortho_tuned", "lora", "nf4_of_public", "fine_tuned",
                  "posthoc_hessian", "int4_of_fine_tuned", "nf4_of_fine_tuned")
@@ -163,35 +163,6 @@ def notes(n_canaries: int) -> list[str]:
     return out
 
 
-def nf4_checkpoint(path, device="cuda", dtype: torch.dtype = torch.bfloat16):
-    """The checkpoint with bitsandbytes NF4 linears (`baselines.nf4_`: block 64, double quantization, the quantizer
-    of the in-memory NF4 arms), built layer by layer: each decoder layer is read (`stream.load_layer`), quantized on
-    `device` and kept; the head stays in `dtype` (bitsandbytes leaves it unquantized) and the embedding table in
-    host memory (`HostEmbedding`). The device never holds more than the NF4 model plus one dense layer:
-    `load_model(bits=4)` would place the 8B embedding table (1 GiB) there first, over a 6 GiB budget.
-
-    Returns:
-        a LlamaForCausalLM in eval mode, nothing trainable, `is_loaded_in_4bit` set (PEFT then wraps its linears
-        with its bitsandbytes LoRA layers, as on a `from_pretrained` 4-bit load).
-    """
-    from ..baselines import nf4_
-    from ..modules import HostEmbedding
-    from ..stream import Checkpoint, load_embeddings, load_head, load_layer, load_norm, load_rotary
-
-    ckpt = Checkpoint(path)
-    model = ckpt.skeleton  # meta: every part is replaced below
-    for i in range(ckpt.num_layers):
-        layer = load_layer(ckpt, i, device, dtype)
-        nf4_(layer, compute_dtype=dtype)
-        model.model.layers[i] = layer
-    model.lm_head = load_head(ckpt, device, dtype)
-    model.model.embed_tokens = HostEmbedding.from_embedding(load_embeddings(ckpt, "cpu", dtype), device)
-    model.model.norm = load_norm(ckpt, device, dtype)
-    model.model.rotary_emb = load_rotary(ckpt, device)
-    model.is_loaded_in_4bit = True
-    return model.requires_grad_(False).eval()
-
-
 def base_digest(model) -> str:
     """sha256 of every OrthoLinear's INT4 base (packed weights, scales, zeros), in name order: equal digests are
     bit-identical bases."""
@@ -312,10 +283,12 @@ class StreamedKillSwitch(KillSwitch):
     def _nf4(self, path: Path):
         from ..models import LOAD_LOG
 
-        m = nf4_checkpoint(path, self.device, self.dtype)
+        from ..stream import load_nf4
+
+        m = load_nf4(path, self.device, self.dtype)
         LOAD_LOG.append({"source": str(path), "bits": 4, "dtype": str(self.dtype).removeprefix("torch."),
                          "device": str(self.device),
-                         "how": "bitsandbytes NF4 layer by layer (nf4_checkpoint), embeddings in host memory",
+                         "how": "bitsandbytes NF4 layer by layer (stream.load_nf4), embeddings in host memory",
                          "quantized_linears": 7 * len(m.model.layers)})
         return m
 
@@ -388,7 +361,7 @@ class StreamedKillSwitch(KillSwitch):
             self.results["nf4_of_public"] = {"1.0": self.results["lora"]["0.0"]}
         factors = lora_factors(m)
         left = self._free(m)
-        self._record("lora", t0, "QLoRA: NF4 base (nf4_checkpoint: bitsandbytes, block 64, double quant, head "
+        self._record("lora", t0, "QLoRA: NF4 base (stream.load_nf4: bitsandbytes, block 64, double quant, head "
                      f"unquantized), embeddings in host memory, PEFT LoRA r {spec.r}, alpha {spec.alpha}, dropout "
                      f"{spec.dropout} on {', '.join(spec.targets)}, gradient checkpointing, {hist['steps']} steps; "
                      "measured at adapter scale 0 and 1",
@@ -459,7 +432,7 @@ class StreamedKillSwitch(KillSwitch):
         m = self._nf4(self.w1)
         self._measure("nf4_of_fine_tuned", m, {1.0: None})
         left = self._free(m)
-        self._record("nf4_of_fine_tuned", t0, "nf4_checkpoint(W1): bitsandbytes NF4 (block 64, double quant) layer "
+        self._record("nf4_of_fine_tuned", t0, "load_nf4(W1): bitsandbytes NF4 (block 64, double quant) layer "
                      "by layer, "
                      "head in the compute dtype, embeddings in host memory",
                      device_gib_after_release=left)

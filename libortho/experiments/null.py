@@ -337,9 +337,9 @@ def run_null_test_checkpoint(path, tokenizer, text, plan: Plan = CHECKPOINT_QUIC
       with the error, not estimated.
     """
     from ..convert import convert_checkpoint
-    from ..models import LOAD_LOG, load_model
+    from ..models import LOAD_LOG
     from ..oom import is_oom
-    from ..stream import load_offloaded, release
+    from ..stream import load_nf4, load_offloaded, release
 
     torch.manual_seed(seed)
     t_start = time.perf_counter()
@@ -407,15 +407,15 @@ def run_null_test_checkpoint(path, tokenizer, text, plan: Plan = CHECKPOINT_QUIC
         mark(f"releasing {g.name}")
     if plan.nf4:
         try:
-            # the table loads into host memory (on the device first it would not fit beside the NF4 model)
-            loaded = load_model(str(path), dtype=torch.bfloat16, device=device, bits=4, host_embeddings=True)
-            nf4 = loaded.model
+            # built layer by layer, the table in host memory: HF's 4-bit load would first place the table (and
+            # its allocator warm-up asks 5.18 GiB at once at 8B) on the device
+            nf4 = load_nf4(path, device, torch.bfloat16)
             _free()
             mark("loading nf4")
             arms["nf4"] = {**measure(nf4, "nf4"), "kind": "nf4", "blocksize": 64, "double_quant": True,
                            "bits_per_weight": nf4_bits_per_weight(), "head": "bf16 (bitsandbytes skips it)"}
             release(nf4)
-            del nf4, loaded
+            del nf4
         except Exception as e:  # noqa: BLE001 - only out-of-memory is a result; anything else is raised
             if not is_oom(e):
                 raise
