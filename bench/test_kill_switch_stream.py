@@ -265,6 +265,27 @@ def test_full_finetune_refused_over_the_budget_exit_3(ckpt, tmp_path, monkeypatc
     assert [c["name"] for c in sec["claims"]] == list(CLAIMS)
 
 
+def test_interrupted_run_keeps_the_arms_measured_so_far(ckpt, tmp_path, monkeypatch, capsys):
+    """Ctrl-C / SIGTERM (a job's time limit) during the QLoRA arm: exit 130, status interrupted, and the arms
+    measured before it are in the JSON (the control: without them the section would be absent)."""
+    from libortho import cli
+
+    def interrupt(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(RunContext, "streamed", property(lambda self: True))
+    monkeypatch.setattr(kss, "CHECKPOINT", replace(SIZE, arms=(*ARMS3, "lora")))
+    monkeypatch.setattr(kss.StreamedKillSwitch, "lora_arms", interrupt)
+    rc = cli.main(["run", "--experiment", "1", "--model", str(ckpt), "--profile", "gtx4050", "--num-canaries", "4",
+                   "--output-dir", str(tmp_path), "--no-progress"])
+    assert rc == 130
+    assert "exp1: ortho_tuned in" in capsys.readouterr().err  # the log says how far it got
+    payload = json.loads(next(tmp_path.glob("*_results_*.json")).read_text())
+    assert payload["status"] == "interrupted"
+    sec = payload["exp1_kill_switch"]
+    assert sec["status"] == "interrupted" and set(sec["arms"]) == set(ARMS3)
+
+
 def test_full_finetune_flag_needs_experiment_1(capsys):
     from libortho import cli
 

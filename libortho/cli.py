@@ -428,9 +428,12 @@ def execute(run: _Run) -> int:
             line = summary_line(key, section)
             if line:
                 print(line)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         status, rc = "interrupted", 130
         msg = f"interrupted during {current}; the experiments finished before it are saved in {path}"
+        partial = getattr(e, "partial_section", None)  # what the interrupted experiment measured so far
+        if isinstance(partial, dict):
+            payload[SECTION_KEYS.get(current, current)] = {**partial, "status": "interrupted"}
     except Exception as e:  # one line here, the traceback in the JSON: nothing computed is lost
         if is_oom(e):
             peak = run.meter.peak_gib()

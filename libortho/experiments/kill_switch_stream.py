@@ -23,6 +23,7 @@ from __future__ import annotations
 import gc
 import hashlib
 import shutil
+import sys
 import tempfile
 import time
 from dataclasses import replace
@@ -230,6 +231,10 @@ class StreamedKillSwitch(KillSwitch):
             self.built[arm]["device_peak_gib_so_far"] = round(torch.cuda.max_memory_allocated(self.device) / 2**30, 3)
         self.seconds[arm] = s
         self.log(f"  {arm}: {s:.1f} s ({built})")
+        if not self.progress:  # a long run without bars still says where it is (a killed run's log shows how far)
+            peak = self.built[arm].get("device_peak_gib_so_far")
+            print(f"exp1: {arm} in {s:.1f} s" + (f", device peak so far {peak:.2f} GiB" if peak else ""),
+                  file=sys.stderr)
 
     def _free(self, model) -> float:
         """Release `model`'s device memory (accelerate hooks included); GiB still allocated afterwards."""
@@ -559,7 +564,7 @@ def run_checkpoint(ctx: RunContext, size: Size | None = None, candidate: str = "
             err.partial_section = inner
             raise err
         return inner
-    except Exception as e:
+    except BaseException as e:  # KeyboardInterrupt / SIGTERM too: the arms measured so far go into the JSON
         if getattr(e, "partial_section", None) is None:
             try:
                 e.partial_section = exp.partial()
