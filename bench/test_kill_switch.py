@@ -240,9 +240,14 @@ SEEDS = (0, 1, 2)
 
 @contextmanager
 def _locked(path: Path):
-    """An exclusive lock beside `path`: one process (xdist worker) computes a seed, the others wait for it."""
+    """An exclusive lock on `path`: one process (xdist worker) computes a seed, the others wait for it. The lock
+    file lives in the cache, not beside the results (nothing to clean up or commit by mistake)."""
+    from libortho.models import cache_dir
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.with_suffix(".lock"), "w") as f:
+    lock = cache_dir() / "locks" / f"{path.name}.lock"
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock, "w") as f:
         fcntl.flock(f, fcntl.LOCK_EX)
         try:
             yield
