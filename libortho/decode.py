@@ -15,25 +15,88 @@ A batch (`StaticDecoder(model, batch=B)`) decodes B prompts of one length togeth
 reads per row while it runs (OrthoLinear.set_row_alpha). The graph bakes in only whether any request reads the
 stream; which ones do is read at every replay, so [1, 0] -> [0, 1] needs no new capture.
 
+`fuse=True` (the default): the decoder builds, once, one OrthoLinear per layer for q|k|v and one for gate|up
+(`libortho.linear.concat_ortho_linears`) and splits their outputs with views, so a token launches one GEMV where
+it launched three and two; rotary runs once over q and k side by side. The model is not changed: the decoder
+owns the fused copies, which cost as much memory again as the q, k, v, gate and up weights (about 3/4 of a
+Llama's linear weights). On CUDA the copies are built only where they fit in free memory (else the decoder runs
+unfused and says so; `fuse=False` on a small card). A fused module reads the alpha of its parts: their scalar
+alpha buffer (the first part's, the very tensor) or their shared per-row tensor; in a `generate` where the parts
+disagree (alpha set layer by layer), that layer runs its parts unfused. A part whose tensors were replaced or
+changed in place (autograd-visible; not through `.data`) is fused again at the next `generate`.
+
 `ranges=True` wraps each part of a step (each linear by kind, attention, norms, rotary, ...) in a profiler
-range named "lo:<part>" (RANGES), for bench/profile_decode.py; off, it costs nothing.
+range named "lo:<part>" (RANGES), for bench/profile_decode.py; off, it costs nothing. Fused linears are labelled
+"qkv" and "gate_up".
 """
 from __future__ import annotations
 
 import contextlib
+import warnings
 
 import torch
 import torch.nn.functional as F
 
 # the parts of a decode step that `ranges=True` labels (profiler ranges "lo:<part>")
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head")
-RANGES = LINEARS + ("attention", "norm", "rotary", "elementwise", "embedding", "kv_copy", "sampling")
+FUSED = {"qkv": ("q_proj", "k_proj", "v_proj"), "gate_up": ("gate_proj", "up_proj")}  # fused part -> its linears
+RANGES = LINEARS + tuple(FUSED) + ("attention", "norm", "rotary", "elementwise", "embedding", "kv_copy", "sampling")
 
 
 def _ortho_modules(model):
     from .modules import ortho_modules
 
     return list(ortho_modules(model).values())
+
+
+def _fusable(mods) -> bool:
+    """Whether these linears can be fused: OrthoLinears that agree on what concatenation needs."""
+    from .linear import OrthoLinear, _check_parts
+
+    if not all(isinstance(m, OrthoLinear) for m in mods):
+        return False
+    try:
+        _check_parts(mods)
+    except ValueError:
+        return False
+    return True
+
+
+def _nbytes(m) -> int:
+    return sum(t.numel() * t.element_size() for t in (m.qweight, m.scales, m.zeros, m.ortho_crow, m.ortho_col,
+                                                       m.ortho_values, m.bias) if t is not None)
+
+
+def _stamp(mods) -> tuple:
+    """What each part's tensors are now: replaced (a new pointer) or changed in place (a new version) shows."""
+    return tuple((t.data_ptr(), t._version) for m in mods for t in (m.qweight, m.scales, m.zeros, m.ortho_crow,
+                                                                      m.ortho_col, m.ortho_values, m.bias)
+                 if t is not None) + tuple(m.has_ortho for m in mods)
+
+
+class _Fused:
+    """One fused copy of some linears of a layer (q|k|v or gate|up), owned by the decoder."""
+
+    def __init__(self, parts):
+        self.parts = parts
+        self.sizes = [m.out_features for m in parts]
+        self.active = True  # whether this generate runs the fused copy (the parts agree on alpha)
+        self.build()
+
+    def build(self):
+        from .linear import cat_parts
+
+        self.module = None  # the old copy goes before the new one is made
+        self.module = cat_parts(self.parts)
+        self.module.alpha = self.parts[0].alpha  # the part's own buffer: its value is read at every replay
+        self.stamp = _stamp(self.parts)
+
+    def refresh(self) -> bool:
+        """Build again if a part changed since the copy was made; returns whether it did."""
+        if _stamp(self.parts) == self.stamp:
+            return False
+        self.build()
+        return True
 
 
 def rotate_half(x):
@@ -55,6 +118,7 @@ class StaticDecoder:
         batch: requests decoded together (prompts of one length); each may have its own alpha.
         use_graph: capture one CUDA graph per token (CUDA only).
         ranges: label each part of a step for the profiler (bench/profile_decode.py).
+        fuse: decode with fused q|k|v and gate|up copies of the OrthoLinear layers (see the module docstring).
 
     Example:
         >>> dec = StaticDecoder(model, max_seq=1024)          # doctest: +SKIP
@@ -64,7 +128,7 @@ class StaticDecoder:
     """
 
     def __init__(self, model, max_seq: int = 1024, dtype: torch.dtype = torch.bfloat16, device="cuda",
-                 use_graph: bool = True, batch: int = 1, ranges: bool = False):
+                 use_graph: bool = True, batch: int = 1, ranges: bool = False, fuse: bool = True):
         from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
         if not (isinstance(batch, int) and batch >= 1):
@@ -106,6 +170,16 @@ class StaticDecoder:
                        for d in {m.alpha.device for m in self.ortho}}
         self.row_mode = False
         self._rows_before = None  # each layer's own row_alpha while the decoder's is installed
+        # fused[i] = {"qkv": _Fused, "gate_up": _Fused} for layer i (empty: unfused); `active` says which run now
+        self.fused: list[dict[str, _Fused]] = [{} for _ in self.layers]
+        self.fuse = fuse and self._fuse_fits()
+        if self.fuse:
+            for i, layer in enumerate(self.layers):
+                for part, names in FUSED.items():
+                    owner = layer.self_attn if part == "qkv" else layer.mlp
+                    mods = [getattr(owner, n) for n in names]
+                    if _fusable(mods):
+                        self.fused[i][part] = _Fused(mods)
 
     def _r(self, part: str):
         """A profiler range around one part of the step, when `ranges` is on."""
@@ -115,16 +189,47 @@ class StaticDecoder:
         with self._r(part):
             return module(x)
 
+    def _fused_list(self):
+        return [f for d in self.fused for f in d.values()]
+
+    def _fuse_fits(self) -> bool:
+        """Whether the fused copies fit in the device's free memory with 512 MiB to spare (always on the CPU)."""
+        if self.device.type != "cuda":
+            return True
+        need = {}
+        for layer in self.layers:
+            for part, names in FUSED.items():
+                owner = layer.self_attn if part == "qkv" else layer.mlp
+                mods = [getattr(owner, n) for n in names]
+                if _fusable(mods):
+                    d = mods[0].qweight.device
+                    need[d] = need.get(d, 0) + sum(_nbytes(m) for m in mods)
+        for d, n in need.items():
+            free = torch.cuda.mem_get_info(d)[0]
+            if n + 2**29 > free:
+                warnings.warn(f"StaticDecoder: the fused q|k|v and gate|up copies need {n / 2**30:.2f} GiB on {d}, "
+                              f"{free / 2**30:.2f} GiB is free: decoding unfused (pass fuse=False to skip this check)")
+                return False
+        return True
+
     # -- the model, written out once ---------------------------------------------------------------
     def _attn(self, i, layer, h, pos, rope, prefill: bool):
         a = layer.self_attn
         B, T = h.shape[:2]
         cos, sin_s = rope  # (1, 1, T, hd)
-        q = self._lin("q_proj", a.q_proj, h).view(B, T, self.nh, self.hd).transpose(1, 2)  # (B, nh, T, hd)
-        k = self._lin("k_proj", a.k_proj, h).view(B, T, self.nkv, self.hd).transpose(1, 2)  # (B, nkv, T, hd)
-        v = self._lin("v_proj", a.v_proj, h).view(B, T, self.nkv, self.hd).transpose(1, 2)
-        with self._r("rotary"):
-            q, k = apply_rope(q, cos, sin_s), apply_rope(k, cos, sin_s)
+        f = self.fused[i].get("qkv")
+        if f is not None and f.active:
+            qkv = self._lin("qkv", f.module, h)  # (B, T, (nh + 2 nkv) * hd)
+            qk = qkv[..., :(self.nh + self.nkv) * self.hd].view(B, T, self.nh + self.nkv, self.hd).transpose(1, 2)
+            with self._r("rotary"):  # q and k heads side by side: one rotary for both, the same math per element
+                q, k = apply_rope(qk, cos, sin_s).split((self.nh, self.nkv), 1)  # (B, nh, T, hd), (B, nkv, T, hd)
+            v = qkv[..., (self.nh + self.nkv) * self.hd:].view(B, T, self.nkv, self.hd).transpose(1, 2)
+        else:
+            q = self._lin("q_proj", a.q_proj, h).view(B, T, self.nh, self.hd).transpose(1, 2)  # (B, nh, T, hd)
+            k = self._lin("k_proj", a.k_proj, h).view(B, T, self.nkv, self.hd).transpose(1, 2)  # (B, nkv, T, hd)
+            v = self._lin("v_proj", a.v_proj, h).view(B, T, self.nkv, self.hd).transpose(1, 2)
+            with self._r("rotary"):
+                q, k = apply_rope(q, cos, sin_s), apply_rope(k, cos, sin_s)
         with self._r("kv_copy"):
             self.k_cache[i].index_copy_(2, pos, k)
             self.v_cache[i].index_copy_(2, pos, v)
@@ -154,7 +259,11 @@ class StaticDecoder:
                 x = x + a
             h = self._norm(x, layer.post_attention_layernorm.weight)
             m = layer.mlp
-            g, u = self._lin("gate_proj", m.gate_proj, h), self._lin("up_proj", m.up_proj, h)
+            f = self.fused[i].get("gate_up")
+            if f is not None and f.active:
+                g, u = self._lin("gate_up", f.module, h).split(f.sizes, -1)  # (B, T, I) each: views of one output
+            else:
+                g, u = self._lin("gate_proj", m.gate_proj, h), self._lin("up_proj", m.up_proj, h)
             with self._r("elementwise"):
                 gu = F.silu(g) * u
             d = self._lin("down_proj", m.down_proj, gu)
@@ -179,16 +288,35 @@ class StaticDecoder:
 
     # -- alpha pattern -------------------------------------------------------------------------------
     def _signature(self):
+        """(whether each layer reads its stream, each layer's scalar alpha (None in row mode))."""
         if not self.ortho:
-            return ()
+            return (), None
         if self.row_mode:  # every layer reads the same per-request alphas: the stream is on where any is nonzero
             dev = next(iter(self.alphas))
             any_on = bool(self.alphas[dev].ne(0).any())
-            return tuple(bool(any_on and m.has_ortho and m.nnz) for m in self.ortho)
+            return tuple(bool(any_on and m.has_ortho and m.nnz) for m in self.ortho), None
         # a layer given per-row alphas on the model (set_alpha(model, vector)) reads the stream if any is nonzero
-        on = torch.stack([(m.alpha if m.row_alpha is None else m.row_alpha).ne(0).any().to(self.device)
-                          for m in self.ortho]).tolist()  # one sync for all layers
-        return tuple(bool(o and m.has_ortho and m.nnz) for o, m in zip(on, self.ortho))
+        on = [(m.alpha if m.row_alpha is None else m.row_alpha).ne(0).any().to(self.device, torch.float32)
+              for m in self.ortho]
+        on, vals = torch.stack([torch.stack(on), torch.stack([m.alpha.to(self.device, torch.float32)
+                                                               for m in self.ortho])]).tolist()  # one sync
+        return tuple(bool(o and m.has_ortho and m.nnz) for o, m in zip(on, self.ortho)), vals
+
+    def _plan_fused(self, sig, vals):
+        """Build stale fused copies again; run a fused copy only where its parts agree on alpha (their scalar, or
+        one per-row tensor); pin each copy's stream as its parts'."""
+        index = {id(m): j for j, m in enumerate(self.ortho)}
+        for f in self._fused_list():
+            f.refresh()
+            js = [index[id(m)] for m in f.parts]
+            rows = [m.row_alpha for m in f.parts]
+            if self.row_mode:
+                f.active = True
+            elif rows[0] is not None:
+                f.active = all(r is rows[0] for r in rows)
+            else:
+                f.active = all(r is None for r in rows) and len({vals[j] for j in js}) == 1
+            f.pin = any(sig[j] for j in js)
 
     def _set_hints(self, sig):
         if self._rows_before is None:  # prepare may run twice before the hints are cleared: keep the first
@@ -197,12 +325,17 @@ class StaticDecoder:
             m.pinned_ortho = s  # what each layer's ortho_on says while the graph replays: no per-call sync
             if self.row_mode:
                 m.row_alpha = self.alphas[m.alpha.device]  # the decoder's tensor: updated in place, never replaced
+        for f in self._fused_list():  # after the parts: a fused copy reads the row alphas its parts read now
+            f.module.pinned_ortho = f.pin
+            f.module.row_alpha = f.parts[0].row_alpha
 
     def _clear_hints(self):
         before = self._rows_before or [m.row_alpha for m in self.ortho]
         for m, r in zip(self.ortho, before):
             m.pinned_ortho = None
             m.row_alpha = r  # the model's own per-row alphas (or None), as they were before `prepare`
+        for f in self._fused_list():
+            f.module.pinned_ortho, f.module.row_alpha = None, None
         self._rows_before = None
 
     def set_alphas(self, alphas) -> None:
@@ -270,11 +403,14 @@ class StaticDecoder:
 
     def prepare(self):
         """Read the alpha pattern; capture the decode graph again if it changed. Call before prefill."""
-        sig = self._signature()
+        sig, vals = self._signature()
+        self._plan_fused(sig, vals)
         self._set_hints(sig)
         # the graph also bakes in where each layer reads alpha: its scalar, or which per-row tensor (a new vector
-        # given with set_alpha(model, ...) is a new tensor; the decoder's own is updated in place)
-        key = (sig, tuple(None if m.row_alpha is None else m.row_alpha.data_ptr() for m in self.ortho))
+        # given with set_alpha(model, ...) is a new tensor; the decoder's own is updated in place), and which
+        # fused copies run (and which tensors they are)
+        key = (sig, tuple(None if m.row_alpha is None else m.row_alpha.data_ptr() for m in self.ortho),
+               tuple((f.active, f.module.qweight.data_ptr(), f.stamp) for f in self._fused_list()))
         if self.use_graph and (self.graph is None or key != self.graph_sig):
             pos0 = int(self.pos.item())
             self._capture()

@@ -365,3 +365,83 @@ def _forward_auto(m: OrthoLinear, x: torch.Tensor) -> torch.Tensor:
 
 
 _IMPLS = {Backend.AUTO: _forward_auto, Backend.TORCH: _forward_torch, Backend.TRITON: _forward_triton}
+
+
+def concat_ortho_linears(mods) -> OrthoLinear:
+    """One OrthoLinear whose outputs are the parts' outputs side by side: y = cat([m(x) for m in mods], -1).
+
+    The packed base (qweight, scales, zeros), the bias and the CSR stream are concatenated along the output
+    dimension (each part's row pointers shifted by the entries before it), so one GEMV reads what the parts
+    read (the decoder's fused q|k|v and gate|up). The result is a new module holding copies; the parts are
+    left as they are. Its alpha is the parts' shared alpha: the scalar, or the per-row tensor they share.
+
+    Args:
+        mods: OrthoLinears with the same in_features, group_size, symmetric, dtype, device, alpha, has_ortho
+            and bias or not.
+    Returns:
+        an OrthoLinear of out_features = sum of the parts', with the first part's backend.
+    Raises:
+        ValueError: fewer than one part, a part that is not an OrthoLinear, or parts that differ in any of the above.
+    """
+    mods = _check_parts(mods)
+    rows = [m.row_alpha for m in mods]
+    if any(r is not None for r in rows):
+        if any(r is None for r in rows) or any(r.shape != rows[0].shape or not torch.equal(r, rows[0]) for r in rows):
+            raise ValueError("parts to concatenate have different per-row alphas; give them one alpha first "
+                             "(set_alpha(model, ...))")
+    else:
+        alphas = [m.alpha.item() for m in mods]
+        if len(set(alphas)) > 1:
+            raise ValueError(f"parts to concatenate have different alphas {alphas}; give them one alpha first")
+    return cat_parts(mods)
+
+
+def _check_parts(mods) -> list:
+    """The parts as a list, checked for what concatenation needs (alpha aside)."""
+    mods = list(mods)
+    if not mods or not all(isinstance(m, OrthoLinear) for m in mods):
+        raise ValueError(f"concat_ortho_linears needs one or more OrthoLinear, got {[type(m).__name__ for m in mods]}")
+    first = mods[0]
+    for attr in ("in_features", "group_size", "symmetric", "has_ortho"):
+        vals = [getattr(m, attr) for m in mods]
+        if len(set(vals)) > 1:
+            raise ValueError(f"parts to concatenate differ in {attr}: {vals}; only layers that share it can be fused")
+    for what, vals in (("dtype", [m.scales.dtype for m in mods]), ("device", [m.qweight.device for m in mods]),
+                       ("bias", [m.bias is not None for m in mods])):
+        if len(set(vals)) > 1:
+            raise ValueError(f"parts to concatenate differ in {what}: {vals}; only layers that share it can be fused")
+    if sum(m.nnz for m in mods) > torch.iinfo(torch.int32).max:
+        raise ValueError(f"{sum(m.nnz for m in mods)} ortho entries in all exceed the int32 row pointers; fuse "
+                         f"fewer layers")
+    return mods
+
+
+def cat_parts(mods) -> OrthoLinear:
+    """`concat_ortho_linears` without the alpha check: the alpha (scalar and per-row) is the first part's. For a
+    caller that ties the result's alpha to its parts itself (libortho.decode)."""
+    mods = _check_parts(mods)
+    first = mods[0]
+    nnz = [m.nnz for m in mods]
+
+    # each part's crow counts from 0: shift it by the entries of the parts before it, drop its final entry but
+    # for the last part (it is the next part's first)
+    starts = [0]
+    for n in nnz:
+        starts.append(starts[-1] + n)
+    crow = torch.cat([m.ortho_crow[:-1] + s for m, s in zip(mods, starts)] +
+                     [torch.tensor([starts[-1]], dtype=torch.int32, device=first.ortho_crow.device)])
+    out_f = sum(m.out_features for m in mods)
+    shape = (out_f, first.in_features)
+    base = QuantizedTensor(torch.cat([m.qweight for m in mods]), torch.cat([m.scales for m in mods]),
+                           None if first.symmetric else torch.cat([m.zeros for m in mods]), first.group_size, shape)
+    ortho = CSR(crow.to(torch.int32), torch.cat([m.ortho_col for m in mods]),
+                torch.cat([m.ortho_values.detach() for m in mods]), shape)
+    bias = None if first.bias is None else torch.cat([m.bias.detach() for m in mods])
+    fused = OrthoLinear.from_parts(base, ortho, bias)
+    fused.has_ortho = first.has_ortho
+    fused.alpha.copy_(first.alpha)
+    fused.row_alpha = first.row_alpha
+    fused.set_backend(first.backend)
+    if all(m._base_cache is not None for m in mods):
+        fused.cache_base_()
+    return fused

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from libortho import OrthoConfig, orthogonalize_, set_alpha
-from libortho.decode import RANGES, StaticDecoder, weight_bytes_per_token
+from libortho.decode import FUSED, RANGES, StaticDecoder, weight_bytes_per_token
 from libortho.models import tiny_llama
 from libortho.modules import ortho_modules
 
@@ -20,8 +20,8 @@ def model():
                           progress=False)
 
 
-def decoder(model, batch):
-    return StaticDecoder(model, max_seq=32, dtype=torch.float32, device="cpu", batch=batch)
+def decoder(model, batch, fuse=True):
+    return StaticDecoder(model, max_seq=32, dtype=torch.float32, device="cpu", batch=batch, fuse=fuse)
 
 
 def alone(model):
@@ -73,18 +73,117 @@ def test_alphas_from_the_model_and_errors(model):
         decoder(model, 0)
 
 
-def test_ranges_label_every_part_of_a_step(model):
-    """With ranges on, the profiler sees every part the breakdown needs (bench/profile_decode.py)."""
+def profiled_step(model, fuse: bool):
+    """(the parts labelled, top-level aten ops per step) of 2 decode steps with ranges on."""
     from torch.profiler import ProfilerActivity, profile
 
-    dec = StaticDecoder(model, max_seq=32, dtype=torch.float32, device="cpu", ranges=True)
+    dec = StaticDecoder(model, max_seq=32, dtype=torch.float32, device="cpu", ranges=True, fuse=fuse)
     dec.prepare()
     dec.prefill(IDS[:1])
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         dec.decode(2)
     dec._clear_hints()
-    seen = {e.name[3:] for e in prof.events() if e.name.startswith("lo:")}
-    assert seen == set(RANGES) - {"embedding"} | ({"embedding"} if dec.embed_on_device else set())
+    ev = prof.events()
+    return {e.name[3:] for e in ev if e.name.startswith("lo:")}, dec
+
+
+@pytest.mark.parametrize("fuse", [True, False])
+def test_ranges_label_every_part_of_a_step(model, fuse):
+    """With ranges on, the profiler sees every part the breakdown needs (bench/profile_decode.py): the fused
+    linears in place of their parts, or the parts."""
+    seen, dec = profiled_step(model, fuse)
+    not_run = {p for p, names in FUSED.items() for p in names} if fuse else set(FUSED)
+    assert seen == set(RANGES) - not_run - {"embedding"} | ({"embedding"} if dec.embed_on_device else set())
+
+
+# -- fused q|k|v and gate|up ---------------------------------------------------------------------------------
+
+def generate(model, fuse, batch=1, alphas=None, dec=None):
+    dec = dec or decoder(model, batch, fuse)
+    ids = IDS[:batch]
+    toks = dec.generate(ids, NEW, alphas=None if alphas is None else torch.tensor(alphas))
+    return toks, dec.logits.clone(), dec
+
+
+def rel(a, b) -> float:
+    return ((a - b).norm() / b.norm()).item()
+
+
+@pytest.mark.parametrize("alpha", [0.0, 1.0])
+def test_fused_decoder_generates_as_the_unfused_one(model, alpha):
+    set_alpha(model, alpha)
+    try:
+        toks, logits, dec = generate(model, True)
+        ref_toks, ref_logits, _ = generate(model, False)
+    finally:
+        set_alpha(model, 1.0)
+    assert all(set(f) == set(FUSED) for f in dec.fused) and all(f.active for f in dec._fused_list())
+    assert toks.tolist() == ref_toks.tolist()
+    assert rel(logits, ref_logits) < 1e-5
+
+
+def test_fused_decoder_with_per_request_alphas_generates_as_the_unfused_one(model):
+    toks, logits, _ = generate(model, True, len(ALPHAS), ALPHAS)
+    ref_toks, ref_logits, _ = generate(model, False, len(ALPHAS), ALPHAS)
+    assert toks.tolist() == ref_toks.tolist()
+    assert rel(logits, ref_logits) < 1e-5
+    _, other, _ = generate(model, True, len(ALPHAS), [1.0 - a for a in ALPHAS])  # control: alphas matter here
+    assert rel(other, ref_logits) > 1e-3
+
+
+def test_fused_copy_follows_alpha_and_falls_back_where_parts_disagree(model):
+    toks, logits, dec = generate(model, True)
+    mods = ortho_modules(model)
+    try:
+        set_alpha(model, 0.0)  # the same decoder: the fused copies read their parts' alpha
+        _, l0, _ = generate(model, True, dec=dec)
+        _, r0, _ = generate(model, False)
+        assert rel(l0, r0) < 1e-5 and rel(l0, logits) > 1e-3
+        mods["model.layers.0.self_attn.k_proj"].set_alpha(1.0)  # one part of layer 0's q|k|v differs
+        _, l1, _ = generate(model, True, dec=dec)
+        _, r1, _ = generate(model, False)
+        assert not dec.fused[0]["qkv"].active and dec.fused[0]["gate_up"].active and dec.fused[1]["qkv"].active
+        assert rel(l1, r1) < 1e-5 and rel(l1, l0) > 1e-4
+    finally:
+        set_alpha(model, 1.0)
+
+
+def test_fused_copy_is_built_again_when_a_part_changes(model, monkeypatch):
+    from libortho.decode import _Fused
+
+    _, before, dec = generate(model, True)
+    v = ortho_modules(model)["model.layers.1.mlp.up_proj"].ortho_values
+    with torch.no_grad():
+        v.mul_(30)  # in place: the fused copy is now stale
+    try:
+        _, ref, _ = generate(model, False)
+        assert rel(ref, before) > 1e-3
+        with monkeypatch.context() as mp:  # control: a decoder that never rebuilds its copies is caught
+            mp.setattr(_Fused, "refresh", lambda self: False)
+            _, stale, _ = generate(model, True, dec=dec)
+        assert rel(stale, ref) > 1e-3
+        _, after, _ = generate(model, True, dec=dec)
+        assert rel(after, ref) < 1e-5
+    finally:
+        with torch.no_grad():
+            v.div_(30)
+
+
+def test_fuse_launches_fewer_ops_per_token(model):
+    from torch.profiler import ProfilerActivity, profile
+
+    n = {}
+    for fuse in (True, False):
+        dec = decoder(model, 1, fuse)
+        dec.prepare()
+        dec.prefill(IDS[:1])
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            dec.decode(1)
+        dec._clear_hints()
+        n[fuse] = sum(1 for e in prof.events() if e.name in ("aten::linear", "aten::mul", "aten::addcmul"))
+    layers = len(dec.layers)
+    # per layer: 5 linears -> 2; rotary's 2 x (mul, addcmul) -> 1 x; the linears' own ops may add more
+    assert n[False] - n[True] >= layers * (3 + 2), n
 
 
 def test_weight_bytes_count_the_stream_only_when_read(model):
