@@ -240,3 +240,71 @@ def test_batch_decoder_graph_reads_each_requests_alpha_at_replay():
             assert _rel(dec.logits[b], alone[al][1]) < 0.02, (alphas, b, _rel(dec.logits[b], alone[al][1]))
             assert _rel(dec.logits[b], alone[1.0 - al][1]) > 0.05  # control: the other alpha is far
     assert graphs[1] is graphs[2] is not graphs[0]  # one capture served both per-row patterns
+
+
+# -- fused projections (libortho.linear.concat_ortho_linears, StaticDecoder(fuse=True)) -----------------------
+
+@pytest.mark.parametrize("outs", [(4096, 1024, 1024), (14336, 14336)], ids=["qkv-8b", "gate_up-8b"])
+def test_fused_layer_equals_its_parts_at_8b_shapes(outs):
+    """Llama-3-8B's q|k|v (6144 x 4096) and gate|up (28672 x 4096): the fused module's GEMV (decode rows) and
+    prefill (17 rows) against the concatenation of its parts', at alpha 0, 1 and per row; control: the parts'
+    crow not shifted is caught."""
+    from libortho.linear import OrthoLinear, concat_ortho_linears
+    from libortho.sparse import CSR
+
+    mods = [_layer(o, 4096, 0.01, 128, True, torch.bfloat16, seed=20 + i) for i, o in enumerate(outs)]
+    for m in mods:
+        m.ortho_values.data.mul_(20)  # a stream as large as the weights: an entry in the wrong row shows
+    fused = concat_ortho_linears(mods)
+    crow = torch.cat([m.ortho_crow[:-1] for m in mods] + [mods[-1].ortho_crow[-1:]])
+    unshifted = OrthoLinear.from_parts(fused.base(), CSR(crow, fused.ortho_col, fused.ortho_values.detach(),
+                                                         (fused.out_features, 4096)))
+    g = torch.Generator(device="cuda").manual_seed(21)
+    for rows in (1, 4, 17):
+        x = torch.randn(rows, 4096, device="cuda", dtype=torch.bfloat16, generator=g)
+        for alpha in (0.0, 1.0, "rows"):
+            for m in (*mods, fused, unshifted):
+                if alpha == "rows":
+                    m.set_row_alpha(torch.tensor([0.0, 1.0, 0.37, 1.0] * 5, device="cuda")[:rows])
+                else:
+                    m.set_row_alpha(None)
+                    m.set_alpha(alpha)
+            ref = torch.cat([m(x) for m in mods], -1)
+            y = fused(x)
+            # the tuner may pick other tiles for the fused N than for the parts: bf16 sums in another order
+            assert y.shape == ref.shape and _rel(y, ref) < BF16_TOL, (rows, alpha, _rel(y, ref))
+            if alpha != 0.0:
+                assert _rel(unshifted(x), ref) > 3 * BF16_TOL, (rows, alpha)  # the control is caught
+
+
+def test_static_decoder_fused_matches_unfused_in_cuda_graphs():
+    """StaticDecoder(fuse=True) against fuse=False, both in CUDA graphs (tiny random Llama, bf16), at alpha 1 and
+    0, and a batch of 4 with its own alphas."""
+    from libortho import OrthoConfig, orthogonalize_, set_alpha
+    from libortho.decode import StaticDecoder
+    from libortho.models import tiny_llama
+
+    model = tiny_llama(seed=0, vocab_size=512, hidden_size=256, layers=2).to("cuda", torch.bfloat16)
+    orthogonalize_(model, OrthoConfig(density=0.05, group_size=64, score="magnitude"), progress=False)
+    for lin in model.modules():
+        if hasattr(lin, "ortho_values"):
+            lin.ortho_values.data.mul_(20)  # alpha moves the logits well past bf16 noise
+    ids = torch.randint(0, 512, (4, 12), device="cuda", generator=torch.Generator(device="cuda").manual_seed(5))
+    runs = {}
+    for fuse in (True, False):
+        d1 = StaticDecoder(model, max_seq=64, fuse=fuse)
+        d4 = StaticDecoder(model, max_seq=64, batch=4, fuse=fuse)
+        assert all(len(f) == 2 for f in d1.fused) == fuse
+        for al in (1.0, 0.0):
+            set_alpha(model, al)
+            runs[fuse, al] = (d1.generate(ids[:1], 8).tolist(), d1.logits.float().clone())
+        set_alpha(model, 1.0)
+        runs[fuse, "rows"] = (d4.generate(ids, 8, alphas=torch.tensor([0.0, 1.0, 1.0, 0.0])).tolist(),
+                              d4.logits.float().clone())
+        del d1, d4
+    for k in (1.0, 0.0, "rows"):
+        (t, lg), (rt, rlg) = runs[True, k], runs[False, k]
+        assert t == rt or _rel(lg, rlg) < 0.02, (k, t, rt)  # bf16 near-ties may flip a late token
+        if t == rt:
+            assert _rel(lg, rlg) < 0.02, (k, _rel(lg, rlg))
+    assert _rel(runs[True, 0.0][1], runs[True, 1.0][1]) > 0.05  # control: alpha is told apart in the fused graph

@@ -324,3 +324,81 @@ def test_concat_refuses_parts_that_differ():
         concat_ortho_linears([a, torch.nn.Linear(64, 16)])
     with pytest.raises(ValueError, match="one or more OrthoLinear"):
         concat_ortho_linears([])
+
+
+# -- the fused layers through the Triton GEMV, on the CPU under Triton's interpreter ---------------------------
+
+def _fused_kernel_cases() -> dict:
+    """Runs under TRITON_INTERPRET=1: q|k|v (32 + 16 + 16 outputs, GQA's structure at a small width) and gate|up
+    (2 x 32) of bf16 layers, the fused module through `dual_gemv` against the parts through it and against the
+    float reference, at alpha 0, 1 and per row; the control: the fused layer with its parts' crow not shifted."""
+    from libortho.kernels import reference
+    from libortho.kernels import triton_dual as td
+    from libortho.linear import concat_ortho_linears
+    from libortho.shape_only import random_ortho_linear
+
+    g = torch.Generator().manual_seed(0)
+    kinds = {}
+    for c in td.GEMV_CONFIGS:  # a tile of SPLIT 1 and of SPLIT 2 (the interpreter runs ~20 ms per program)
+        if c.kwargs["SPLIT"] <= 2 and c.kwargs["BLOCK_N"] == 16:
+            kinds.setdefault(c.kwargs["SPLIT"], c)
+    out = {}
+    for name, outs in (("qkv", (32, 16, 16)), ("gate_up", (32, 32))):
+        mods = [random_ortho_linear(o, 256, 0.05, 64, torch.bfloat16, "cpu", g, std=0.4) for o in outs]
+        for m in mods:  # a stream nearly as large as the base: an entry read in the wrong row shows
+            m.ortho_values.data.mul_(4)
+        fused = concat_ortho_linears(mods)
+        crow = torch.cat([m.ortho_crow[:-1] for m in mods] + [mods[-1].ortho_crow[-1:]])  # the control: not shifted
+        x = torch.randn(4, 256, generator=g).to(torch.bfloat16)
+        for alpha in (0.0, 1.0, (0.0, 1.0, 0.37, 0.0)):
+            a = torch.tensor(alpha)
+            on = bool(a.ne(0).any())
+            for split, cfg in kinds.items():
+                if not on and split > 1:  # alpha 0 never reads the stream: one tile is enough
+                    continue
+
+                def gemv(m, crow=None):
+                    return td.dual_gemv(x, m.qweight, m.scales, m.zeros, 64, m.ortho_crow if crow is None else crow,
+                                        m.ortho_col, m.ortho_values, a, None, on, config=cfg).float()
+
+                y = gemv(fused)
+                parts_y = torch.cat([gemv(m) for m in mods], -1)
+                al = a if a.dim() == 0 else a[:, None]
+                ref = reference.dual_linear(x.float(), fused.qweight, fused.scales, None, 64, fused.ortho_crow,
+                                            fused.ortho_col, fused.ortho_values, 1.0).float()
+                base = reference.dual_linear(x.float(), fused.qweight, fused.scales, None, 64, fused.ortho_crow,
+                                             fused.ortho_col, fused.ortho_values, 0.0).float()
+                ref = base + al * (ref - base)
+                out[f"{name}-alpha{alpha}-split{split}"] = dict(
+                    vs_parts=((y - parts_y).norm() / parts_y.norm()).item(),
+                    vs_reference=((y - ref).norm() / ref.norm()).item(),
+                    unshifted=((gemv(fused, crow) - ref).norm() / ref.norm()).item() if on else None)
+    return out
+
+
+@pytest.fixture(scope="module")
+def fused_kernel_cases() -> dict:
+    """The numbers `_fused_kernel_cases` reports, from one interpreter process (about 15 s)."""
+    import importlib.util
+    import json
+    import os
+    import subprocess
+    import sys
+
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip("Triton is not installed (pip install triton runs its interpreter on CPU)")
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    code = "import json, tests.test_linear as t; print('CASES' + json.dumps(t._fused_kernel_cases()))"
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    run = subprocess.run([sys.executable, "-c", code], env=env, cwd=root, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    return json.loads(next(s for s in run.stdout.splitlines() if s.startswith("CASES"))[5:])
+
+
+def test_fused_layers_through_the_triton_gemv_are_their_parts(fused_kernel_cases):
+    assert len(fused_kernel_cases) == 2 * (1 + 2 * 2)  # qkv and gate_up; alpha 0; alpha 1 and per row x SPLIT 1, 2
+    for k, c in fused_kernel_cases.items():
+        assert c["vs_parts"] < 1e-6, (k, c)  # every row is computed by its own program, as in its part
+        assert c["vs_reference"] < 1e-2, (k, c)  # bf16 outputs
+        if c["unshifted"] is not None:
+            assert c["unshifted"] > 0.1, (k, c)  # control: the kernel reads the wrong entries without a word
