@@ -63,7 +63,9 @@ def token_stats(model, records, batch_size: int = 8, events: list | None = None)
     real tokens blind to it). An out-of-memory batch is halved and retried (recorded in `events`).
     """
     recs = _check_records(records)
-    dev = next(model.parameters()).device
+    from .modules import input_device
+
+    dev = input_device(model)  # where input ids go (a table in host memory is not it)
     was_training = model.training
     model.eval()
 

@@ -165,7 +165,9 @@ def prepare_candidates(tokenizer, canaries: list[Canary], n_candidates: int, see
 
 
 def _device(model) -> torch.device:
-    return next(model.parameters()).device
+    from .modules import input_device
+
+    return input_device(model)  # where input ids go (a table in host memory is not it)
 
 
 # rows of the (B, T, V) logits turned into float32 at once: bounds the temporaries to ~256 MiB

@@ -66,7 +66,9 @@ def _calibrate(model, batches, targets, progress, full: bool) -> dict[str, torch
         return fn
 
     handles = [m.register_forward_pre_hook(hook(n)) for n, m in linears.items()]
-    device = next(model.parameters()).device
+    from .modules import input_device
+
+    device = input_device(model)  # where input ids go (a table in host memory is not it)
     try:
         for ids in tqdm(list(batches), desc="calibrate", disable=not progress, leave=False):
             if ids.numel() == 0:
