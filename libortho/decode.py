@@ -18,8 +18,8 @@ stream; which ones do is read at every replay, so [1, 0] -> [0, 1] needs no new 
 `fuse=True` (the default): the decoder builds, once, one OrthoLinear per layer for q|k|v and one for gate|up
 (`libortho.linear.concat_ortho_linears`) and splits their outputs with views, so a token launches one GEMV where
 it launched three and two; rotary runs once over q and k side by side. The model is not changed: the decoder
-owns the fused copies, which cost as much memory again as the q, k, v, gate and up weights (about 3/4 of a
-Llama's linear weights). On CUDA the copies are built only where they fit in free memory (else the decoder runs
+owns the fused copies, which cost as much memory again as the q, k, v, gate and up weights (2/3 of a Llama
+layer's linear weights; at the Llama-3-8B shape with a 1% stream about 2.5 GB, from the shapes). On CUDA the copies are built only where they fit in free memory (else the decoder runs
 unfused and says so; `fuse=False` on a small card). A fused module reads the alpha of its parts: their scalar
 alpha buffer (the first part's, the very tensor) or their shared per-row tensor; in a `generate` where the parts
 disagree (alpha set layer by layer), that layer runs its parts unfused. A part whose tensors were replaced or
@@ -65,6 +65,15 @@ def _fusable(mods) -> bool:
 def _nbytes(m) -> int:
     return sum(t.numel() * t.element_size() for t in (m.qweight, m.scales, m.zeros, m.ortho_crow, m.ortho_col,
                                                        m.ortho_values, m.bias) if t is not None)
+
+
+def _free_bytes(device) -> int:
+    """Bytes this process can still allocate on a CUDA device: the device's free memory plus what the allocator
+    holds unused, within a cap set with `torch.cuda.set_per_process_memory_fraction` (libortho.gpu.apply_cap)."""
+    free, total = torch.cuda.mem_get_info(device)
+    allocated = torch.cuda.memory_allocated(device)
+    frac = getattr(torch.cuda, "get_per_process_memory_fraction", lambda d: 1.0)(device)
+    return min(free + torch.cuda.memory_reserved(device) - allocated, int(frac * total) - allocated)
 
 
 def _stamp(mods) -> tuple:
@@ -193,7 +202,8 @@ class StaticDecoder:
         return [f for d in self.fused for f in d.values()]
 
     def _fuse_fits(self) -> bool:
-        """Whether the fused copies fit in the device's free memory with 512 MiB to spare (always on the CPU)."""
+        """Whether the fused copies fit in what this process may still allocate with 512 MiB to spare (always on the
+        CPU). An 8B model capped to a 6 GiB card does not: it decodes unfused."""
         if self.device.type != "cuda":
             return True
         need = {}
@@ -205,7 +215,7 @@ class StaticDecoder:
                     d = mods[0].qweight.device
                     need[d] = need.get(d, 0) + sum(_nbytes(m) for m in mods)
         for d, n in need.items():
-            free = torch.cuda.mem_get_info(d)[0]
+            free = _free_bytes(d)
             if n + 2**29 > free:
                 warnings.warn(f"StaticDecoder: the fused q|k|v and gate|up copies need {n / 2**30:.2f} GiB on {d}, "
                               f"{free / 2**30:.2f} GiB is free: decoding unfused (pass fuse=False to skip this check)")

@@ -308,3 +308,25 @@ def test_static_decoder_fused_matches_unfused_in_cuda_graphs():
         if t == rt:
             assert _rel(lg, rlg) < 0.02, (k, _rel(lg, rlg))
     assert _rel(runs[True, 0.0][1], runs[True, 1.0][1]) > 0.05  # control: alpha is told apart in the fused graph
+
+
+def test_static_decoder_runs_unfused_where_the_copies_do_not_fit():
+    """Under a memory cap (libortho.gpu.apply_cap's mechanism) too small for the fused copies, the decoder warns
+    and decodes unfused; without the cap it fuses (the control)."""
+    from libortho import OrthoConfig, orthogonalize_
+    from libortho.decode import StaticDecoder
+    from libortho.models import tiny_llama
+
+    model = tiny_llama(seed=0, vocab_size=512, hidden_size=256, layers=2).to("cuda", torch.bfloat16)
+    orthogonalize_(model, OrthoConfig(density=0.05, group_size=64, score="magnitude"), progress=False)
+    assert StaticDecoder(model, max_seq=64, use_graph=False).fuse  # the control: room enough
+    torch.cuda.empty_cache()
+    total = torch.cuda.get_device_properties(0).total_memory
+    torch.cuda.set_per_process_memory_fraction((torch.cuda.memory_allocated() + 2**28) / total)  # 256 MiB spare
+    try:
+        with pytest.warns(UserWarning, match="decoding unfused"):
+            dec = StaticDecoder(model, max_seq=64, use_graph=False)
+        assert not dec.fuse and all(not f for f in dec.fused)
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0)
+        torch.cuda.empty_cache()
