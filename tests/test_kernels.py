@@ -265,7 +265,7 @@ def test_fused_layer_equals_its_parts_at_8b_shapes(outs):
         for alpha in (0.0, 1.0, "rows"):
             for m in (*mods, fused, unshifted):
                 if alpha == "rows":
-                    m.set_row_alpha(torch.tensor([0.0, 1.0, 0.37, 1.0] * 5, device="cuda")[:rows])
+                    m.set_row_alpha(torch.tensor([1.0, 0.0, 0.37, 1.0] * 5, device="cuda")[:rows])
                 else:
                     m.set_row_alpha(None)
                     m.set_alpha(alpha)
@@ -304,9 +304,12 @@ def test_static_decoder_fused_matches_unfused_in_cuda_graphs():
         del d1, d4
     for k in (1.0, 0.0, "rows"):
         (t, lg), (rt, rlg) = runs[True, k], runs[False, k]
-        assert t == rt or _rel(lg, rlg) < 0.02, (k, t, rt)  # bf16 near-ties may flip a late token
-        if t == rt:
-            assert _rel(lg, rlg) < 0.02, (k, _rel(lg, rlg))
+        t, rt = (t, rt) if k == "rows" else ([t], [rt])
+        for b in range(len(t)):  # the fused GEMV may sum in another order (other tiles): a bf16 near-tie may flip
+            lead = next((j for j, (p, q) in enumerate(zip(t[b], rt[b])) if p != q), len(t[b]))  # a late token
+            assert lead >= 6, (k, b, t[b], rt[b])
+            if lead == len(t[b]):
+                assert _rel(lg[b], rlg[b]) < 0.02, (k, b, _rel(lg[b], rlg[b]))
     assert _rel(runs[True, 0.0][1], runs[True, 1.0][1]) > 0.05  # control: alpha is told apart in the fused graph
 
 
