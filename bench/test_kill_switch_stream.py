@@ -230,15 +230,17 @@ def test_an_arm_out_of_memory_is_recorded_and_the_run_goes_on(ckpt, tmp_path, mo
 
 
 def test_run_dispatches_on_streamed(monkeypatch, tmp_path):
-    """kill_switch.run goes to the streamed experiment when the context (or the caller) says so, not otherwise."""
+    """Experiment 1 (kss.run) goes to the streamed experiment when the context (or the caller) says so, not otherwise."""
     from libortho.experiments import kill_switch
 
     seen = []
     monkeypatch.setattr(kss, "run_checkpoint", lambda ctx, size, cand, th, arms: seen.append(cand) or {"ok": 1})
     ctx = RunContext(model=str(tmp_path), device="cpu", extra={"memory_policy": {"precision": "int4"}})
-    assert kill_switch.run(ctx, streamed=True) == {"ok": 1} and seen == ["ortho_tuned"]
+    assert kss.run(ctx, streamed=True) == {"ok": 1} and seen == ["ortho_tuned"]
     monkeypatch.setattr(RunContext, "streamed", property(lambda self: True))
-    assert kill_switch.run(ctx) == {"ok": 1} and len(seen) == 2
+    assert kss.run(ctx) == {"ok": 1} and len(seen) == 2
+    monkeypatch.setattr(kill_switch, "run", lambda ctx, *a: seen.append("in memory") or {"ok": 2})
+    assert kss.run(ctx, streamed=False) == {"ok": 2} and seen[-1] == "in memory"  # the other path
     monkeypatch.undo()
     with pytest.raises(ValueError, match="not built at checkpoint scale"):  # delta needs two models at once
         kss.run_checkpoint(ctx, SIZE, candidate="delta")

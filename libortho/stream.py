@@ -377,6 +377,14 @@ def stream_calibrate(ckpt: Checkpoint | str, batches: Iterable[torch.Tensor], de
     return kept if keep else None
 
 
+OFFLOAD_HEADROOM_GIB = 2.5  # beside offloaded weights: activations, the logits of a 512-token window, the context
+
+
+def offload_budget_gib(budget_gib: float | None, default: float = 6.0) -> float:
+    """GiB an offloaded full-precision model's weights may take on the device under a profile's `budget_gib`."""
+    return max(0.5, (budget_gib or default) - OFFLOAD_HEADROOM_GIB)
+
+
 def load_offloaded(path, budget_gib: float, dtype: torch.dtype = torch.bfloat16, device="cuda",
                    cpu_gib: float | None = None, offload_folder=None) -> nn.Module:
     """The full-precision model for evaluation inside a GPU budget: accelerate places what fits

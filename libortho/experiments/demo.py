@@ -32,12 +32,11 @@ def _streamed(ctx: RunContext, text, cfg: OrthoConfig, offset: int):
 
     from ..convert import convert_checkpoint
     from ..models import LOAD_LOG
-    from ..stream import load_offloaded, release
-    from .null import OFFLOAD_HEADROOM_GIB
+    from ..stream import load_offloaded, offload_budget_gib, release
 
     tok = AutoTokenizer.from_pretrained(ctx.model)
     ids = encode(tok, text.text, DEMO_PROTOCOL)
-    offload_gib = max(0.5, (ctx.budget_gib or 6.0) - OFFLOAD_HEADROOM_GIB)
+    offload_gib = offload_budget_gib(ctx.budget_gib)
     fp = load_offloaded(ctx.model, offload_gib, torch.bfloat16, ctx.device)
     LOAD_LOG.append({"source": str(ctx.model), "bits": None, "dtype": "bfloat16", "device": str(ctx.device),
                      "how": f"accelerate offload, {offload_gib:g} GiB on the device", "reference": True})

@@ -71,7 +71,7 @@ from ..results import save_figure
 from ..stats import no_higher_claim, paired_claim, power_report, proportion_claim, summarize
 from ..train import (LoraSpec, OrthoTuneConfig, TrainConfig, cache_path, cached, canary_loss, full_finetune_,
                      general_ids, lora_finetune_, lora_wrap, set_lora_alpha)
-from . import RunContext, register
+from . import RunContext
 
 ARMS = ("never_trained", "int4_of_public", "nf4_of_public", "fine_tuned", "int4_of_fine_tuned", "nf4_of_fine_tuned",
         "posthoc_hessian", "posthoc_magnitude", "posthoc_random", "delta", "ortho_tuned", "lora")
@@ -847,25 +847,17 @@ def plot(inner: dict, path: Path) -> Path:
     return save_figure(fig, path, dpi=110)
 
 
-@register("kill_switch")
 def run(ctx: RunContext, size: Size | None = None, arms: tuple[str, ...] | None = None,
-        candidate: str | None = None, thresholds: dict | None = None, streamed: bool | None = None) -> dict:
+        candidate: str | None = None, thresholds: dict | None = None) -> dict:
     """Build and measure the arms of the size (plus what the candidate's claims need); decide the claims of
     `candidate` (default `ctx.extra["candidate"]`, else ortho_tuned) against `thresholds` (a table like
-    `THRESHOLDS`, its default); write the plot; return the JSON section.
-
-    `streamed` (default `ctx.streamed`: a checkpoint directory whose full precision misses the GPU budget) runs
-    `kill_switch_stream.run_checkpoint` instead: every arm built from the checkpoint, one model on the device at a
-    time (`size` then defaults to `kill_switch_stream.CHECKPOINT`)."""
+    `THRESHOLDS`, its default); write the plot; return the JSON section. `run --experiment 1` goes through
+    `kill_switch_stream.run`, which sends a checkpoint that only fits streamed to `run_checkpoint` instead."""
     candidate = candidate or ctx.extra.get("candidate") or "ortho_tuned"
     if candidate not in CANDIDATES:
         raise ValueError(f"--candidate {candidate}: not a candidate arm; choose from {', '.join(CANDIDATES)}")
     if str(ctx.device).startswith("cuda"):  # same seed, same numbers: no atomics-order noise in backward
         torch.use_deterministic_algorithms(True, warn_only=True)
-    if ctx.streamed if streamed is None else streamed:
-        from .kill_switch_stream import run_checkpoint
-
-        return run_checkpoint(ctx, size, candidate, thresholds, arms=arms)
     size = size or (FULL if ctx.full_size else SMALL.get(ctx.model, SMALL["smollm2-135m"]))
     if ctx.num_canaries:
         n = ctx.num_canaries

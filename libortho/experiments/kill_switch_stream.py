@@ -33,9 +33,10 @@ import torch
 
 from ..config import OrthoConfig
 from ..perplexity import Protocol
+from ..stream import offload_budget_gib
 from ..train import LoraSpec
-from . import RunContext
-from .null import OFFLOAD_HEADROOM_GIB
+from . import RunContext, register
+from . import kill_switch
 from .kill_switch import (CANDIDATES, CONTROL_OF, SWITCHED, KillSwitch, Size, _quick, plot, print_table,
                           thresholds_for)
 
@@ -205,7 +206,7 @@ class StreamedKillSwitch(KillSwitch):
         self.cuda = str(device).startswith("cuda")
         self.dtype = torch.bfloat16 if self.cuda else torch.float32
         self.budget_gib = budget_gib
-        self.offload_gib = max(0.5, (budget_gib or 6.0) - OFFLOAD_HEADROOM_GIB)
+        self.offload_gib = offload_budget_gib(budget_gib)
         self._own_workdir = workdir is None
         self.workdir = Path(tempfile.mkdtemp(prefix="libortho_exp1_")) if workdir is None else Path(workdir)
         self.w1: Path | None = None
@@ -573,3 +574,16 @@ def run_checkpoint(ctx: RunContext, size: Size | None = None, candidate: str = "
         raise
     finally:
         exp.close()
+
+
+@register("kill_switch")
+def run(ctx: RunContext, size: Size | None = None, arms: tuple[str, ...] | None = None, candidate: str | None = None,
+        thresholds: dict | None = None, streamed: bool | None = None) -> dict:
+    """`run --experiment 1`: `run_checkpoint` when `streamed` (default `ctx.streamed`: a checkpoint directory whose
+    full precision misses the GPU budget), else the in-memory experiment (`kill_switch.run`)."""
+    if not (ctx.streamed if streamed is None else streamed):
+        return kill_switch.run(ctx, size, arms, candidate, thresholds)
+    candidate = candidate or ctx.extra.get("candidate") or "ortho_tuned"
+    if str(ctx.device).startswith("cuda"):  # same seed, same numbers: no atomics-order noise in backward
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    return run_checkpoint(ctx, size, candidate, thresholds, arms=arms)

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from ..baselines import nf4_, nf4_bits_per_weight
+from ..baselines import NF4_BLOCKSIZE, nf4_, nf4_bits_per_weight
 from ..config import OrthoConfig
 from ..convert import orthogonalize_
 from ..data import calibration_batches, load_text
@@ -56,6 +56,38 @@ ALL_GRIDS = tuple(Grid(q, g, s) for q in ("rtn", "gptq") for g in (32, 64, 128) 
 
 
 @dataclass(frozen=True)
+class Peer:
+    """One row of the peers-at-equal-bits table (`peer_table`).
+
+    method: "rtn" | "gptq" (libortho's INT4 grids), "nf4" (bitsandbytes, block `group_size`), "hqq" (the
+    `hqq` package, `group_size` inputs per scale/zero), or "identity": a control that keeps the weights
+    unchanged (it stores them as they are, so its bits are the model's dtype's).
+    """
+
+    method: str
+    group_size: int = 64
+    symmetric: bool = False
+
+    def __post_init__(self):
+        if self.method not in PEER_METHODS:
+            raise ValueError(f"method must be one of {PEER_METHODS}, got {self.method!r}")
+
+    @property
+    def name(self) -> str:
+        if self.method in ("rtn", "gptq"):
+            return Grid(self.method, self.group_size, self.symmetric).name
+        return "identity" if self.method == "identity" else f"{self.method}_g{self.group_size}"
+
+
+PEER_METHODS = ("rtn", "gptq", "nf4", "hqq", "identity")
+# the issue's peers at about 4.5 bits/weight (GPTQ g128 with the short last group on SmolLM2's 576)
+PEERS = (Peer("rtn", 128, True), Peer("rtn", 128, False), Peer("rtn", 64, True), Peer("rtn", 64, False),
+         Peer("gptq", 128, True), Peer("nf4", 64), Peer("hqq", 64))
+PEER_BUDGET = 4.6  # bits per weight an arm may store to compete "at equal bits"
+PEER_SCALE_DTYPE = torch.bfloat16  # libortho's INT4 scales/zeros in the table: 16 bits, as every peer stores
+
+
+@dataclass(frozen=True)
 class Plan:
     """What one run of the null test measures."""
 
@@ -68,9 +100,10 @@ class Plan:
     calib_length: int = 256
     alphas: tuple[float, ...] = field(default=(0.0, 1.0))
     ortho_tuned: bool = True  # the ortho-tuned model of experiment 1, when its cache holds one (no training here)
+    peers: tuple[Peer, ...] = ()  # the peers-at-equal-bits table (`peer_table`), on the same windows
 
 
-FULL = Plan(Protocol(max_length=512, stride=256, max_tokens=2048))
+FULL = Plan(Protocol(max_length=512, stride=256, max_tokens=2048), peers=PEERS)
 # `make test`: a short slice and the arms the acceptance checks need
 # (GPTQ is left to the full run: with the few calibration tokens a short run affords it overfits; its
 # make-test check is tests/test_gptq.py on real SmolLM2 layers, scored on held-out text.)
@@ -81,7 +114,8 @@ SMOKE = Plan(Protocol(max_length=256, stride=256, max_tokens=766),  # 1 + 3 x 25
 # `run` on a CPU unless `--size full`: every RTN grid, NF4 and libortho on a 1024-token slice (no GPTQ,
 # whose quantization alone takes minutes per grid on 2 cores).
 QUICK = Plan(Protocol(max_length=512, stride=256, max_tokens=1024),
-             grids=tuple(g for g in ALL_GRIDS if g.quantizer == "rtn"), calib_batches=8)
+             grids=tuple(g for g in ALL_GRIDS if g.quantizer == "rtn"), calib_batches=8,
+             peers=tuple(x for x in PEERS if x.method != "gptq"))
 
 Q4_1_NOTE = ("The embedded SmolLM2-135M-Instruct is loaded from a Q4_1 GGUF (group-32 asymmetric 4-bit, "
              "min/max grid) and dequantized to fp32, so its 'full-precision' weights already lie on the "
@@ -163,6 +197,126 @@ def ortho_tuned_from_exp1(source: str, seed: int = 0, device: str = "cpu", progr
                **ks.train_info.get("ortho_tuned", {})}
 
 
+def _quantize_peer_(model, peer: Peer, hessian, scale_dtype: torch.dtype) -> float:
+    """Quantize `model`'s target linears in place as `peer` says; returns bits per weight counted from the
+    tensors each method stores (codes, scales, zeros, block statistics)."""
+    from ..baselines import hqq_, nf4_stored_bits_per_weight, stored_bits
+    from ..gptq import gptq_quantize
+
+    if peer.method == "nf4":
+        if peer.group_size != NF4_BLOCKSIZE:
+            raise ValueError(f"nf4 runs with bitsandbytes' block {NF4_BLOCKSIZE}, got group_size {peer.group_size}")
+        nf4_(model)
+        return nf4_stored_bits_per_weight(model)
+    if peer.method == "hqq":
+        return hqq_(model, 4, peer.group_size)
+    bits = numel = 0
+    with torch.no_grad():
+        for name, lin in target_linears(model, LLAMA_LINEARS).items():
+            w = lin.weight
+            if peer.method == "identity":  # the control: nothing rounded, the weight stored as it is
+                bits += stored_bits(w)
+            else:
+                qt = (gptq_quantize(w, hessian[name], peer.group_size, peer.symmetric, scale_dtype, pad=True)
+                      if peer.method == "gptq" else quantize(w, peer.group_size, peer.symmetric, scale_dtype, pad=True))
+                w.copy_(qt.dequantize(w.dtype))
+                bits += stored_bits(qt.qweight, qt.scales, qt.zeros)
+            numel += w.numel()
+    return bits / numel
+
+
+def best_within_budget(arms: dict, budget: float = PEER_BUDGET) -> str | None:
+    """The arm of lowest kl_vs_fp (ties: fewer bits, then name) among the quantized arms storing at most
+    `budget` bits per weight; None when none does. The fp arm never competes."""
+    fits = [n for n, r in arms.items() if r["method"] != "fp" and r["bits_per_weight"] <= budget]
+    return min(fits, key=lambda n: (arms[n]["kl_vs_fp"], arms[n]["bits_per_weight"], n), default=None)
+
+
+def default_base_peer() -> Peer:
+    """libortho's default INT4 base (`OrthoConfig()`'s quantizer, group size and grid) as a table row."""
+    cfg = OrthoConfig()
+    return Peer(cfg.quantizer.value, cfg.group_size, cfg.symmetric)
+
+
+def peer_table(model, tokenizer, text, protocol: Protocol = FULL.protocol, peers: tuple[Peer, ...] = PEERS,
+               budget: float = PEER_BUDGET, scale_dtype: torch.dtype = PEER_SCALE_DTYPE, hessian=None,
+               calib_batches: int = 16, calib_length: int = 256, progress: bool = False, log=print,
+               model_name: str = "model", reference=None) -> dict:
+    """libortho's INT4 base against its peers at equal bits per weight: PPL and KL vs fp on the same windows.
+
+    Args:
+        model: the full-precision model (left unchanged: every arm works on a copy).
+        text: a `libortho.data.Text`, scored by `protocol`.
+        peers: the rows; libortho's default base (`default_base_peer`) is added when missing.
+        budget: the most bits per weight an arm may store and still be "at equal bits".
+        scale_dtype: dtype of libortho's INT4 scales/zeros (HQQ keeps fp16, NF4 its 8-bit absmaxes).
+        hessian: {linear: E[x x^T]} for GPTQ rows; collected from `calib_batches` x `calib_length` fortunes
+            tokens when a GPTQ row needs it and none is given.
+        reference: (ids, fp log-probs, fp arm) from a run on the same protocol, to reuse.
+    Returns:
+        The `peers` section: arms, best_within_budget, default_base and default_base_is_best.
+    """
+    if not budget > 0:
+        raise ValueError(f"budget must be a positive number of bits per weight, got {budget!r}")
+    t_start = time.perf_counter()
+    rows = tuple(peers) + (() if default_base_peer() in peers else (default_base_peer(),))
+    if reference is None:
+        ids = encode(tokenizer, text.text, protocol)
+        ref = reference_logprobs(model, ids, protocol, progress)
+        fp = evaluate(model, ids, protocol, reference=ref, progress=progress)
+    else:
+        ids, ref, fp = reference
+    if hessian is None and any(x.method == "gptq" for x in rows):
+        hessian = collect_hessian(model, calibration_batches(tokenizer, calib_batches, calib_length),
+                                  LLAMA_LINEARS, progress)
+    dtype = next(model.parameters()).dtype
+    arms = {"fp": {**{k: fp[k] for k in ("ppl", "kl_vs_fp", "tokens")}, "method": "fp",
+                   "bits_per_weight": float(torch.finfo(dtype).bits)}}
+    widths = sorted({m.in_features for m in target_linears(model, LLAMA_LINEARS).values()})
+    for x in rows:
+        m = copy.deepcopy(model)
+        t0 = time.perf_counter()
+        bits = _quantize_peer_(m, x, hessian, scale_dtype)
+        q_s = time.perf_counter() - t0
+        r = evaluate(m, ids, protocol, reference=ref, progress=progress)
+        del m
+        stores = {"rtn": str(scale_dtype), "gptq": str(scale_dtype), "hqq": "torch.float16 (HQQ's compute dtype)",
+                  "nf4": "uint8 absmax per block, fp32 per 256 blocks", "identity": f"the weights, {dtype}"}[x.method]
+        arms[x.name] = {"ppl": r["ppl"], "kl_vs_fp": r["kl_vs_fp"], "tokens": r["tokens"], "method": x.method,
+                        "group_size": None if x.method == "identity" else x.group_size, "symmetric": x.symmetric if x.method in ("rtn", "gptq") else None,
+                        "short_last_group": x.method in ("rtn", "gptq") and any(w % x.group_size for w in widths),
+                        "scales_stored_as": stores.replace("torch.", ""), "bits_per_weight": bits,
+                        "within_budget": bits <= budget, "quantize_seconds": round(q_s, 1)}
+        log(f"  peer {x.name}: {bits:.3f} bits/w, ppl {r['ppl']:.3f}, kl {r['kl_vs_fp']:.5f} ({q_s:.1f} s to build)")
+    for r in arms.values():
+        r["ppl_ratio_vs_fp"] = r["ppl"] / arms["fp"]["ppl"]
+        # flags a row that is no quantizer at all (it cannot win: its stored bits put it over any 4-bit budget)
+        r["flags"] = [f for f, bad in (("kl 0: the weights are unchanged", r["method"] != "fp" and r["kl_vs_fp"] == 0),
+                                       (f"over the {budget:g}-bit budget", r["bits_per_weight"] > budget)) if bad]
+    arms = {k: _round(v) for k, v in arms.items()}
+    best, default = best_within_budget(arms, budget), default_base_peer().name
+    d, b = arms[default], arms.get(best) if best else None
+    return {
+        "model": model_name, "dataset": text.name,
+        "protocol": {**protocol.to_dict(), "tokens_scored": fp["tokens"], "windows": len(ref)},
+        "same_windows_as_fp": all(r["tokens"] == fp["tokens"] for r in arms.values()),
+        "budget_bits_per_weight": budget,
+        "bits_per_weight_counted": "from the tensors each method stores, over the converted linears: 4-bit codes, "
+                                   "scales and zeros (libortho: " + str(scale_dtype).replace("torch.", "")
+                                   + "; HQQ: fp16), NF4's 8-bit absmaxes with their fp32 second level",
+        "arms": arms,
+        "best_within_budget": best,
+        "best_selection": f"lowest kl_vs_fp among the quantized arms at <= {budget:g} bits/weight (ties: fewer bits)",
+        "default_base": default, "default_base_config": asdict(default_base_peer()),
+        "default_base_within_budget": d["bits_per_weight"] <= budget,
+        "default_base_is_best": best == default,
+        "default_vs_best": None if b is None else {
+            "kl_ratio": round(d["kl_vs_fp"] / b["kl_vs_fp"], 4) if b["kl_vs_fp"] else None,
+            "ppl_ratio": round(d["ppl"] / b["ppl"], 4), "bits": [d["bits_per_weight"], b["bits_per_weight"]]},
+        "seconds": round(time.perf_counter() - t_start, 1),
+    }
+
+
 def run_null_test(model, tokenizer, text, plan: Plan = FULL, seed: int = 0, progress: bool = True,
                   model_name: str = "model", plot_path: Path | None = None, log=print,
                   ortho_tuned=None, random_weights: bool = False) -> dict:
@@ -221,6 +375,11 @@ def run_null_test(model, tokenizer, text, plan: Plan = FULL, seed: int = 0, prog
         arms["nf4"] = {**measure(m, "nf4"), "kind": "nf4", "blocksize": 64, "double_quant": True,
                        "bits_per_weight": bits}
         del m
+
+    peers = None
+    if plan.peers:
+        peers = peer_table(model, tokenizer, text, p, plan.peers, hessian=hessian, progress=progress, log=log,
+                           model_name=model_name, reference=(ids, ref, fp))
 
     int4 = [g for g in plan.grids]
     best = min(int4, key=lambda g: (arms[g.name]["kl_vs_fp"], arms[g.name]["bits_per_weight"], g.name))
@@ -297,6 +456,7 @@ def run_null_test(model, tokenizer, text, plan: Plan = FULL, seed: int = 0, prog
         "int4_configurations_tried": [g.name for g in plan.grids],
         "libortho": libortho,
         "gptq_vs_rtn": gptq_vs_rtn(arms),
+        **({"peers": peers} if peers is not None else {}),
         "notes": notes,
         "seed": seed,
         "seconds": round(time.perf_counter() - t_start, 1),
@@ -310,8 +470,6 @@ def run_null_test(model, tokenizer, text, plan: Plan = FULL, seed: int = 0, prog
 CHECKPOINT_QUICK = Plan(Protocol(max_length=512, stride=256, max_tokens=1024),
                         grids=(Grid("rtn", 128, True), Grid("rtn", 64, False)), density=0.01, control=None,
                         calib_batches=8, calib_length=256, ortho_tuned=False)
-# the fp reference's weights may take the budget less this (activations, logits of a 512-token window, context)
-OFFLOAD_HEADROOM_GIB = 2.5
 
 
 def _free() -> None:
@@ -339,14 +497,14 @@ def run_null_test_checkpoint(path, tokenizer, text, plan: Plan = CHECKPOINT_QUIC
     from ..convert import convert_checkpoint
     from ..models import LOAD_LOG
     from ..oom import is_oom
-    from ..stream import load_nf4, load_offloaded, release
+    from ..stream import load_nf4, load_offloaded, offload_budget_gib, release
 
     torch.manual_seed(seed)
     t_start = time.perf_counter()
     p = plan.protocol
     ids = encode(tokenizer, text.text, p)
     budget = budget_gib if budget_gib is not None else 6.0
-    offload_gib = max(0.5, budget - OFFLOAD_HEADROOM_GIB)
+    offload_gib = offload_budget_gib(budget)
 
     def measure(arm_model, what: str) -> dict:
         t0 = time.perf_counter()
@@ -546,8 +704,14 @@ def run(ctx: RunContext, plan: Plan | None = None) -> dict:
 
 def _print_table(out: dict) -> None:
     print(f"\n== exp2 null test: {out['model']} on {out['dataset']} ==")
-    print(f"{'arm':36s} {'ppl':>9s} {'x fp':>6s} {'kl_vs_fp':>9s} {'bits/w':>7s}")
-    for k, r in out["arms"].items():
-        print(f"{k:36s} {r['ppl']:9.3f} {r['ppl_ratio_vs_fp']:6.3f} {r['kl_vs_fp']:9.5f} {r['bits_per_weight']:7.3f}")
+    sections = [("arms", out["arms"])] + ([("peers at equal bits", out["peers"]["arms"])] if "peers" in out else [])
+    for title, arms in sections:
+        print(f"{title:36s} {'ppl':>9s} {'x fp':>6s} {'kl_vs_fp':>9s} {'bits/w':>7s}")
+        for k, r in arms.items():
+            print(f"{k:36s} {r['ppl']:9.3f} {r['ppl_ratio_vs_fp']:6.3f} {r['kl_vs_fp']:9.5f} {r['bits_per_weight']:7.3f}")
+    if "peers" in out:
+        pe = out["peers"]
+        print(f"best at <= {pe['budget_bits_per_weight']:g} bits/w: {pe['best_within_budget']}; libortho's default "
+              f"base {pe['default_base']} is {'' if pe['default_base_is_best'] else 'not '}the best")
     for n in out["notes"]:
         print(f"note: {n}")
