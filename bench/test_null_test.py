@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from libortho.baselines import nf4_bits_per_weight
+from libortho.config import OrthoConfig
 from libortho.experiments import load_all
 from libortho.experiments.null import FULL, SMOKE, load_eval_text, ortho_tuned_from_exp1, run_null_test
 from libortho.results import environment, results_dir, write_json
@@ -168,3 +169,113 @@ def test_streamed_convert_demo(tmp_path, tokenizer, monkeypatch):
     out = load_all()["convert"](ctx)
     assert out["streamed"] and set(out["alphas"]) == {"0.0", "1.0"}
     assert out["alphas"]["0.0"]["ppl"] != out["alphas"]["1.0"]["ppl"]  # the stream changes the model
+
+
+# -- the base against its peers at equal bits (issue 15) ------------------------------------------------------
+
+PEER_PROTOCOL = FULL.protocol  # 2048 tokens of the evaluation text, windows 512 / 256
+
+
+@pytest.fixture(scope="module")
+def tiny_peers(tokenizer, eval_text):
+    """The peer table on a tiny random bf16 Llama (every peer, GPTQ included, plus the identity control)."""
+    import torch
+
+    from libortho.experiments.null import PEERS, Peer, peer_table
+    from libortho.models import tiny_llama
+    from libortho.perplexity import Protocol
+
+    m = tiny_llama(vocab_size=len(tokenizer)).to(torch.bfloat16)
+    return peer_table(m, tokenizer, eval_text, Protocol(128, 128, 256), PEERS + (Peer("identity"),),
+                      calib_batches=2, calib_length=64, progress=False, log=lambda *_: None, model_name="tiny")
+
+
+@pytest.fixture(scope="module")
+def offgrid_peers(eval_text):
+    """The peer table on the off-grid public model (FULL protocol); writes results/exp2_peer_table.json."""
+    from libortho.experiments.null import PEERS, Peer, peer_table
+    from libortho.public_model import load_public
+
+    loaded, facts = load_public("smollm2-135m")
+    out = peer_table(loaded.model, loaded.tokenizer, eval_text, PEER_PROTOCOL, PEERS + (Peer("identity"),),
+                     progress=False, model_name=loaded.name)
+    out["public_model"] = {"key": facts["key"], "recipe": facts["recipe"]}
+    write_json(RESULTS / "exp2_peer_table.json", {"environment": environment("cpu"), "exp2_peer_table": out})
+    return out
+
+
+PEER_RUNS = ["tiny_peers", pytest.param("offgrid_peers", marks=pytest.mark.real)]
+
+
+@pytest.fixture(params=PEER_RUNS)
+def peers(request):
+    return request.getfixturevalue(request.param)
+
+
+def test_peer_arms_share_the_fp_windows(peers):
+    """Every row is scored on fp's tokens and windows: the same count of scored tokens, KL 0 only where
+    nothing was rounded."""
+    fp = peers["arms"]["fp"]
+    assert peers["same_windows_as_fp"] and fp["kl_vs_fp"] == 0.0
+    assert all(r["tokens"] == fp["tokens"] == peers["protocol"]["tokens_scored"] for r in peers["arms"].values())
+    assert set(peers["arms"]) >= {"rtn_g128_sym", "rtn_g64_asym", "gptq_g128_sym", "nf4_g64", "hqq_g64",
+                                  peers["default_base"]}
+    for n, r in peers["arms"].items():
+        if r["method"] not in ("fp", "identity"):
+            assert r["kl_vs_fp"] > 0, n
+
+
+def test_peer_bits_counted_from_stored_tensors(peers):
+    """16-bit scales (and zeros) per group on widths the group divides: 4 + 16/64, 4 + 32/64, 4 + 32/32."""
+    arms = peers["arms"]
+    assert arms["rtn_g64_sym"]["bits_per_weight"] == 4.25 and arms["rtn_g64_asym"]["bits_per_weight"] == 4.5
+    assert arms["hqq_g64"]["bits_per_weight"] == 4.5
+    assert arms[peers["default_base"]]["bits_per_weight"] == 4 + 32 / OrthoConfig().group_size
+    assert 4.125 < arms["nf4_g64"]["bits_per_weight"] < 4.15  # 8-bit absmax per 64, fp32 per 256 absmaxes
+
+
+def test_identity_control_is_flagged_and_never_the_winner(peers):
+    """The control: a "quantizer" returning the weights unchanged has KL 0 but stores 16+ bits a weight, so it
+    is flagged and cannot be the best at <= 4.6 bits."""
+    idn = peers["arms"]["identity"]
+    assert idn["kl_vs_fp"] == 0.0 and idn["bits_per_weight"] >= 16 and not idn["within_budget"]
+    assert len(idn["flags"]) == 2
+    best = peers["best_within_budget"]
+    assert best not in (None, "identity", "fp") and peers["arms"][best]["bits_per_weight"] <= 4.6
+    assert peers["default_base_is_best"] == (best == peers["default_base"])
+    assert all(peers["arms"][best]["kl_vs_fp"] <= r["kl_vs_fp"] for r in peers["arms"].values()
+               if r["method"] != "fp" and r["within_budget"])
+
+
+def test_best_within_budget_depends_on_counted_bits():
+    """The selection rejects the unchanged weights only through their counted bits: claimed at 4 bits (as a
+    hard-coded figure could), the same row would win -- which is why bits come from the stored tensors."""
+    from libortho.experiments.null import best_within_budget
+
+    arms = {"fp": {"method": "fp", "kl_vs_fp": 0.0, "bits_per_weight": 16.0},
+            "rtn_g64_asym": {"method": "rtn", "kl_vs_fp": 0.02, "bits_per_weight": 4.5},
+            "hqq_g64": {"method": "hqq", "kl_vs_fp": 0.01, "bits_per_weight": 4.5},
+            "identity": {"method": "identity", "kl_vs_fp": 0.0, "bits_per_weight": 16.0}}
+    assert best_within_budget(arms) == "hqq_g64"
+    arms["identity"]["bits_per_weight"] = 4.0
+    assert best_within_budget(arms) == "identity"
+    assert best_within_budget(arms, budget=3.0) is None
+
+
+def test_null_test_with_peers_reuses_its_windows(tokenizer, eval_text):
+    """Plan.peers wires the table into run_null_test (tiny model): its fp row is the run's fp arm."""
+    from libortho.experiments.null import Grid, Peer, Plan
+    from libortho.models import tiny_llama
+    from libortho.perplexity import Protocol
+
+    plan = Plan(Protocol(128, 128, 256), grids=(Grid("rtn", 32, False), Grid("rtn", 64, True)), nf4=False,
+                control=Grid("rtn", 64, True), calib_batches=2, calib_length=64, ortho_tuned=False,
+                peers=(Peer("rtn", 64, False), Peer("hqq", 64)))
+    out = run_null_test(tiny_llama(vocab_size=len(tokenizer)), tokenizer, eval_text, plan, progress=False,
+                        model_name="tiny", log=lambda *_: None, random_weights=True)
+    pe = out["peers"]
+    assert pe["arms"]["fp"]["ppl"] == out["arms"]["fp"]["ppl"]
+    assert pe["protocol"]["windows"] == out["protocol"]["windows"]
+    assert pe["arms"]["rtn_g32_asym"]["kl_vs_fp"] > 0  # the default base row, added by the table
+    assert pe["arms"]["rtn_g64_asym"]["bits_per_weight"] == 4.5  # bf16 scales, not the fp32 model's
+    json.dumps(out)

@@ -1,4 +1,4 @@
-"""Control arms every claim is measured against: plain INT4 round-to-nearest and bitsandbytes NF4."""
+"""Control arms every claim is measured against: plain INT4 round-to-nearest, bitsandbytes NF4 and HQQ."""
 from __future__ import annotations
 
 import torch
@@ -11,15 +11,16 @@ from .quant import quantize
 
 @torch.no_grad()
 def int4_rtn_(model: nn.Module, group_size: int = 64, symmetric: bool = True, clip_search: bool = False,
-              pad: bool = False, targets=LLAMA_LINEARS) -> float:
+              pad: bool = False, targets=LLAMA_LINEARS, scale_dtype: torch.dtype | None = None) -> float:
     """Replace each target weight by its INT4 round-to-nearest dequantization (dense storage, INT4 values).
 
-    Returns the storage cost in bits per weight of the quantized linears.
+    `scale_dtype`: dtype the scales/zeros are stored in (default: the weight's). Returns the storage cost in
+    bits per weight of the quantized linears.
     """
     bits, count = 0.0, 0
     for name, lin in target_linears(model, targets).items():
         try:
-            qt = quantize(lin.weight, group_size, symmetric, clip_search=clip_search, pad=pad)
+            qt = quantize(lin.weight, group_size, symmetric, scale_dtype, clip_search=clip_search, pad=pad)
         except ValueError as e:
             raise ValueError(f"{name}: {e}") from None
         lin.weight.copy_(qt.dequantize(lin.weight.dtype))
@@ -56,3 +57,80 @@ def nf4_(model: nn.Module, targets=LLAMA_LINEARS, compute_dtype: torch.dtype | N
         q = q.to(device)  # Params4bit quantizes on the move
         set_module(model, name, q)
     return nf4_bits_per_weight()
+
+
+def stored_bits(*tensors: torch.Tensor | None) -> int:
+    """Bits the tensors occupy as stored: numel x element size, whatever their dtype (None counts 0)."""
+    return sum(t.numel() * t.element_size() * 8 for t in tensors if t is not None)
+
+
+def nf4_stored_bits_per_weight(model: nn.Module) -> float:
+    """Bits per weight of every bitsandbytes `Linear4bit` in `model`, from its tensors: packed codes, 8-bit
+    block absmaxes, their fp32 second-level absmaxes and offset. The two code tables (16 + 256 fp32 values per
+    layer, a constant per layer rather than per weight) are not counted, as `nf4_bits_per_weight` does not."""
+    import bitsandbytes as bnb
+
+    bits = numel = 0
+    for mod in model.modules():
+        if isinstance(mod, bnb.nn.Linear4bit):
+            w, qs = mod.weight, mod.weight.quant_state
+            bits += stored_bits(w.data, qs.absmax)
+            if qs.nested:
+                bits += stored_bits(qs.state2.absmax, qs.offset)
+            numel += qs.shape.numel()
+    if not numel:
+        raise ValueError("the model holds no bitsandbytes Linear4bit; run nf4_ on it first")
+    return bits / numel
+
+
+HQQ_SCALE_DTYPE = torch.float16  # HQQ's default compute dtype: its scales and zeros are stored in it
+
+
+@torch.no_grad()
+def hqq_quantize(w: torch.Tensor, bits: int = 4, group_size: int = 64, scale_dtype: torch.dtype = HQQ_SCALE_DTYPE
+                 ) -> tuple[torch.Tensor, dict]:
+    """HQQ (half-quadratic optimisation of each group's zero, Badri & Shaji 2023) of one 2-D weight, on its device.
+
+    Args:
+        w: (out_features, in_features) weight.
+        bits: code width (HQQ's supported widths; 4 for the INT4 comparison).
+        group_size: inputs sharing one (scale, zero); must divide in_features.
+        scale_dtype: dtype HQQ stores its scales and zeros in (its compute dtype).
+    Returns:
+        (dequantized weight (out, in) in w's dtype, HQQ's stored tensors {"W_q", "scale", "zero"}).
+    """
+    from hqq.core.quantize import Quantizer, hqq_base_quant_config
+
+    if w.dim() != 2:
+        raise ValueError(f"expected a 2-D weight, got shape {tuple(w.shape)}")
+    if bits not in Quantizer.SUPPORTED_BITS:
+        raise ValueError(f"bits must be one of HQQ's {Quantizer.SUPPORTED_BITS}, got {bits!r}")
+    if not isinstance(group_size, int) or group_size <= 0 or w.shape[1] % group_size:
+        raise ValueError(f"group_size must be a positive divisor of in_features {w.shape[1]}, got {group_size!r}")
+    params = hqq_base_quant_config(nbits=bits, group_size=group_size)["weight_quant_params"]  # axis 1: input groups
+    w_q, meta = Quantizer.quantize(w.detach(), device=w.device.type, compute_dtype=scale_dtype, **params)
+    scale, zero = meta["scale"].to(scale_dtype), meta["zero"].to(scale_dtype)  # what HQQLinear keeps
+    # HQQ's own dequantization, (W_q - zero) * scale, in fp32 arithmetic from the stored fp16 scale and zero
+    deq = Quantizer.dequantize(w_q, {**meta, "scale": scale.float(), "zero": zero.float(),
+                                     "compute_dtype": torch.float32})  # (O, I)
+    return deq.to(w.dtype), {"W_q": w_q, "scale": scale, "zero": zero}
+
+
+@torch.no_grad()
+def hqq_(model: nn.Module, bits: int = 4, group_size: int = 64, scale_dtype: torch.dtype = HQQ_SCALE_DTYPE,
+         targets=LLAMA_LINEARS) -> float:
+    """Replace each target weight by its HQQ dequantization (`hqq_quantize`), in place; the modules stay
+    `nn.Linear` and run wherever the model does (CPU included).
+
+    Returns the storage cost in bits per weight, from the tensors HQQ stores (packed codes, scales, zeros).
+    """
+    total, count = 0, 0
+    for name, lin in target_linears(model, targets).items():
+        try:
+            deq, stored = hqq_quantize(lin.weight, bits, group_size, scale_dtype)
+        except ValueError as e:
+            raise ValueError(f"{name}: {e}") from None
+        lin.weight.copy_(deq)
+        total += stored_bits(*stored.values())
+        count += lin.weight.numel()
+    return total / count
