@@ -262,7 +262,7 @@ def test_best_within_budget_depends_on_counted_bits():
     assert best_within_budget(arms, budget=3.0) is None
 
 
-def test_null_test_with_peers_reuses_its_windows(tokenizer, eval_text):
+def test_null_test_with_peers_reuses_its_windows(tokenizer, eval_text, capsys):
     """Plan.peers wires the table into run_null_test (tiny model): its fp row is the run's fp arm."""
     from libortho.experiments.null import Grid, Peer, Plan
     from libortho.models import tiny_llama
@@ -279,3 +279,7 @@ def test_null_test_with_peers_reuses_its_windows(tokenizer, eval_text):
     assert pe["arms"]["rtn_g32_asym"]["kl_vs_fp"] > 0  # the default base row, added by the table
     assert pe["arms"]["rtn_g64_asym"]["bits_per_weight"] == 4.5  # bf16 scales, not the fp32 model's
     json.dumps(out)
+    from libortho.experiments.null import _print_table
+
+    _print_table(out)  # what `run --experiment 2` prints
+    assert f"best at <= 4.6 bits/w: {pe['best_within_budget']}" in capsys.readouterr().out

@@ -283,7 +283,8 @@ def peer_table(model, tokenizer, text, protocol: Protocol = FULL.protocol, peers
         stores = {"rtn": str(scale_dtype), "gptq": str(scale_dtype), "hqq": "torch.float16 (HQQ's compute dtype)",
                   "nf4": "uint8 absmax per block, fp32 per 256 blocks", "identity": f"the weights, {dtype}"}[x.method]
         arms[x.name] = {"ppl": r["ppl"], "kl_vs_fp": r["kl_vs_fp"], "tokens": r["tokens"], "method": x.method,
-                        "group_size": None if x.method == "identity" else x.group_size, "symmetric": x.symmetric if x.method in ("rtn", "gptq") else None,
+                        "group_size": None if x.method == "identity" else x.group_size,
+                        "symmetric": x.symmetric if x.method in ("rtn", "gptq") else None,
                         "short_last_group": x.method in ("rtn", "gptq") and any(w % x.group_size for w in widths),
                         "scales_stored_as": stores.replace("torch.", ""), "bits_per_weight": bits,
                         "within_budget": bits <= budget, "quantize_seconds": round(q_s, 1)}
@@ -291,8 +292,9 @@ def peer_table(model, tokenizer, text, protocol: Protocol = FULL.protocol, peers
     for r in arms.values():
         r["ppl_ratio_vs_fp"] = r["ppl"] / arms["fp"]["ppl"]
         # flags a row that is no quantizer at all (it cannot win: its stored bits put it over any 4-bit budget)
-        r["flags"] = [f for f, bad in (("kl 0: the weights are unchanged", r["method"] != "fp" and r["kl_vs_fp"] == 0),
-                                       (f"over the {budget:g}-bit budget", r["bits_per_weight"] > budget)) if bad]
+        r["flags"] = [f for f, bad in (
+            ("kl 0: the arm reproduces the fp weights", r["method"] != "fp" and r["kl_vs_fp"] == 0),
+            (f"over the {budget:g}-bit budget", r["bits_per_weight"] > budget)) if bad]
     arms = {k: _round(v) for k, v in arms.items()}
     best, default = best_within_budget(arms, budget), default_base_peer().name
     d, b = arms[default], arms.get(best) if best else None
@@ -708,7 +710,8 @@ def _print_table(out: dict) -> None:
     for title, arms in sections:
         print(f"{title:36s} {'ppl':>9s} {'x fp':>6s} {'kl_vs_fp':>9s} {'bits/w':>7s}")
         for k, r in arms.items():
-            print(f"{k:36s} {r['ppl']:9.3f} {r['ppl_ratio_vs_fp']:6.3f} {r['kl_vs_fp']:9.5f} {r['bits_per_weight']:7.3f}")
+            print(f"{k:36s} {r['ppl']:9.3f} {r['ppl_ratio_vs_fp']:6.3f} {r['kl_vs_fp']:9.5f} "
+                  f"{r['bits_per_weight']:7.3f}")
     if "peers" in out:
         pe = out["peers"]
         print(f"best at <= {pe['budget_bits_per_weight']:g} bits/w: {pe['best_within_budget']}; libortho's default "
