@@ -241,6 +241,10 @@ def test_run_dispatches_on_streamed(monkeypatch, tmp_path):
     assert kss.run(ctx) == {"ok": 1} and len(seen) == 2
     monkeypatch.setattr(kill_switch, "run", lambda ctx, *a: seen.append("in memory") or {"ok": 2})
     assert kss.run(ctx, streamed=False) == {"ok": 2} and seen[-1] == "in memory"  # the other path
+    ctx.extra["full_finetune"] = True  # the in-memory experiment always fine-tunes in full: the flag is refused
+    with pytest.raises(ValueError, match="--full-finetune applies to a checkpoint too large"):
+        kss.run(ctx, streamed=False)
+    del ctx.extra["full_finetune"]
     monkeypatch.undo()
     with pytest.raises(ValueError, match="not built at checkpoint scale"):  # delta needs two models at once
         kss.run_checkpoint(ctx, SIZE, candidate="delta")

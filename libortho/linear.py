@@ -386,8 +386,10 @@ def concat_ortho_linears(mods) -> OrthoLinear:
     mods = _check_parts(mods)
     rows = [m.row_alpha for m in mods]
     if any(r is not None for r in rows):
-        if any(r is None for r in rows) or any(r.shape != rows[0].shape or not torch.equal(r, rows[0]) for r in rows):
-            raise ValueError("parts to concatenate have different per-row alphas; give them one alpha first "
+        # the same tensor, not equal values: the fused copy follows the first part's, so a later in-place change
+        # to another part's own tensor would go unseen
+        if any(r is not rows[0] for r in rows):
+            raise ValueError("parts to concatenate do not share one per-row alpha tensor; give them one first "
                              "(set_alpha(model, ...))")
     else:
         alphas = [m.alpha.item() for m in mods]

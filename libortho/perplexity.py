@@ -71,22 +71,33 @@ def windows(n_tokens: int, protocol: Protocol) -> list[tuple[int, int, int]]:
     return out
 
 
+def _takes_logits_to_keep(model) -> bool:
+    """Does `model.forward` accept `logits_to_keep` (by name, or through **kwargs)? Decided from its signature, so
+    a TypeError raised inside a model is never mistaken for a missing argument."""
+    import inspect
+
+    try:
+        params = inspect.signature(model.forward).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    return any(p.name == "logits_to_keep" or p.kind is p.VAR_KEYWORD for p in params)
+
+
 @torch.no_grad()
 def token_logprobs(model, ids: torch.Tensor, protocol: Protocol, progress: bool = False):
     """Yields (window, log-probs (T_scored, V)) for each window: the raw material of PPL and KL."""
     from .modules import input_device
 
     device = input_device(model)
+    keeps = _takes_logits_to_keep(model)
     for begin, end, first in tqdm(windows(ids.numel(), protocol), desc="evaluate", disable=not progress,
                                   leave=False):
         # logits at position p predict token p+1: scored targets are positions first..end-1, so only the last
         # end - first + 1 positions need logits (the head of a later window runs on the scored half alone)
         x = ids[begin:end].unsqueeze(0).to(device)
         keep = end - first + 1
-        try:
-            logits = model(input_ids=x, logits_to_keep=keep).logits[0]  # (keep, V), the model's dtype
-        except TypeError:  # a model without `logits_to_keep`: all positions
-            logits = model(input_ids=x).logits[0]
+        # (keep, V) in the model's dtype; a model without `logits_to_keep` gives every position
+        logits = (model(input_ids=x, logits_to_keep=keep) if keeps else model(input_ids=x)).logits[0]
         logits = logits[-keep:-1]  # (T_scored, V)
         # float32 log-probs written block by block: one float32 copy of a 128K-vocabulary window, not two
         logp = torch.empty(logits.shape, dtype=torch.float32, device=logits.device)

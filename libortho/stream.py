@@ -441,6 +441,12 @@ def release(model: nn.Module) -> int:
     with torch.no_grad():
         for t in list(model.parameters()) + list(model.buffers()):
             t.data = torch.empty(0, dtype=t.dtype)
+            if getattr(t, "quant_state", None) is not None:  # bitsandbytes 4-bit: absmax and its second level
+                t.quant_state = None
+        for m in model.modules():  # tensors held as plain attributes: OrthoLinear's dense caches
+            for name in ("_base_cache", "_merged", "_rows_cache"):
+                if getattr(m, name, None) is not None:
+                    setattr(m, name, None)
     gc.collect()
     if not torch.cuda.is_available():
         return 0

@@ -155,8 +155,10 @@ def canary_batch(canaries: list[Canary], pad_id: int) -> tuple[torch.Tensor, tor
 
 
 def compute_device(model: nn.Module) -> torch.device:
-    """Where `model` computes: its first parameter off the CPU (an embedding table in host memory is not it)."""
-    return next((p.device for p in model.parameters() if p.device.type != "cpu"), torch.device("cpu"))
+    """Where `model` takes its inputs (`modules.input_device`: a table in host memory or offloaded weights are not it)."""
+    from .modules import input_device
+
+    return input_device(model)
 
 
 LOGIT_BYTES = 128 * 2**20  # float32 logits computed at once by token_nll (an 8B vocabulary: 261 positions)
@@ -179,7 +181,8 @@ def token_nll(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, labels: t
     step = max(1, LOGIT_BYTES // (4 * head.out_features))
 
     def chunk_nll(h: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return nn.functional.cross_entropy(head(h).float(), t, ignore_index=-100, reduction="none")
+        logits = head(h).float()  # on the head's device (another GPU when the model is placed across several)
+        return nn.functional.cross_entropy(logits, t.to(logits.device), ignore_index=-100, reduction="none")
 
     grad = torch.is_grad_enabled()
     out = [checkpoint(chunk_nll, flat_h[s:s + step], flat_t[s:s + step], use_reentrant=False) if grad
@@ -250,9 +253,30 @@ def fit(model: nn.Module, params: list[nn.Parameter], loss_fn: LossFn, cfg: Trai
         history = resume.get("history", history)
         start = int(resume["step"])
     model.train()
-    checkpointed = gradient_checkpointing and hasattr(model, "gradient_checkpointing_enable")
+    # switched on for this run only (and off again on any error), unless the caller had it on already
+    checkpointed = (gradient_checkpointing and hasattr(model, "gradient_checkpointing_enable")
+                    and not getattr(model, "is_gradient_checkpointing", False))
     if checkpointed:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    try:
+        history, step, tokens, t0 = _fit_loop(model, opt, history, start, loss_fn, cfg, progress, desc, measure,
+                                              checkpoint, checkpoint_every)
+    finally:
+        if checkpointed:
+            model.gradient_checkpointing_disable()
+    model.eval()
+    history["steps"] = step
+    if tokens:
+        history["tokens_per_second"] = round(tokens / (time.perf_counter() - t0), 1)
+    if checkpoint is not None:
+        checkpoint(step, opt, history, model)
+    return history
+
+
+def _fit_loop(model, opt, history, start, loss_fn, cfg, progress, desc, measure, checkpoint, checkpoint_every):
+    """The optimizer steps of `fit`; returns (history, last step, tokens seen, start time)."""
+    import time
+
     bar = tqdm(range(start + 1, cfg.max_steps + 1), desc=desc, disable=not progress, leave=False,
                initial=start, total=cfg.max_steps)
     step, tokens, t0 = start, 0, time.perf_counter()
@@ -278,15 +302,7 @@ def fit(model: nn.Module, params: list[nn.Parameter], loss_fn: LossFn, cfg: Trai
                     break
             if checkpoint is not None and checkpoint_every and step % checkpoint_every == 0:
                 checkpoint(step, opt, history, model)
-    if checkpointed:
-        model.gradient_checkpointing_disable()
-    model.eval()
-    history["steps"] = step
-    if tokens:
-        history["tokens_per_second"] = round(tokens / (time.perf_counter() - t0), 1)
-    if checkpoint is not None:
-        checkpoint(step, opt, history, model)
-    return history
+    return history, step, tokens, t0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -462,7 +478,8 @@ def tune_stream_(model: nn.Module, config: OrthoTuneConfig, *, loss_fn: LossFn |
             if (names is None and is_target(n, config.targets)) or (names is not None and n in names)}
     if not mods:
         raise ValueError("no OrthoLinear to tune: build the INT4 bases first (orthogonalize_ / convert_checkpoint)")
-    peaks = {"before": _device_peak_gib()}  # the conversion that built the bases
+    dev = next(iter(mods.values())).qweight.device
+    peaks = {"before": _device_peak_gib(dev)}  # cumulative: the conversion that built the bases
     if resume is not None and "streams" in resume:  # the masks (and values) of the run being resumed
         streams = resume["streams"]
     elif config.score is Score.RANDOM:
@@ -474,7 +491,7 @@ def tune_stream_(model: nn.Module, config: OrthoTuneConfig, *, loss_fn: LossFn |
         if config.score is Score.SALIENCY_HESSIAN and hessian_diag is None:
             raise ValueError("score='saliency_hessian' needs hessian_diag (calibration statistics)")
         streams = _saliency_masks(model, mods, loss_fn, config, hessian_diag)
-    peaks["masks"] = _device_peak_gib()
+    peaks["masks"] = _device_peak_gib(dev)
     nnz = total = 0
     for n, m in mods.items():
         st = streams[n]
@@ -499,19 +516,18 @@ def tune_stream_(model: nn.Module, config: OrthoTuneConfig, *, loss_fn: LossFn |
     finally:
         for v in values:
             v.requires_grad_(False)
-    peaks["training"] = _device_peak_gib()
+    peaks["training"] = _device_peak_gib(dev)
     if any(v is not None for v in peaks.values()):
-        stats["device_peak_gib"] = peaks  # torch's allocated peak of each phase: where a small card's budget goes
+        stats["device_peak_gib"] = peaks  # torch's peak so far after each phase: where a small card's budget goes
     return stats
 
 
-def _device_peak_gib() -> float | None:
-    """torch's peak allocated GiB on the current CUDA device since the last call (None without CUDA)."""
-    if not torch.cuda.is_available() or not torch.cuda.is_initialized():
+def _device_peak_gib(device: torch.device) -> float | None:
+    """torch's peak allocated GiB on `device` so far (None off CUDA). Never reset here: a run's meter and the
+    experiments read the same counter for the whole step."""
+    if device.type != "cuda" or not torch.cuda.is_initialized():
         return None
-    peak = torch.cuda.max_memory_allocated() / 2**30
-    torch.cuda.reset_peak_memory_stats()
-    return round(peak, 3)
+    return round(torch.cuda.max_memory_allocated(device) / 2**30, 3)
 
 
 # ---------------------------------------------------------------------------------------------

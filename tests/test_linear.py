@@ -318,8 +318,12 @@ def test_concat_refuses_parts_that_differ():
         concat_ortho_linears([a, b])
     b.set_alpha(1.0)
     b.set_row_alpha(torch.tensor([1.0, 0.0]))
-    with pytest.raises(ValueError, match="different per-row alphas"):
+    with pytest.raises(ValueError, match="do not share one per-row alpha"):
         concat_ortho_linears([a, b])
+    a.set_row_alpha(torch.tensor([1.0, 0.0]))  # equal values, two tensors: the fused copy could follow only one
+    with pytest.raises(ValueError, match="do not share one per-row alpha"):
+        concat_ortho_linears([a, b])
+    a.set_row_alpha(None)
     with pytest.raises(ValueError, match="one or more OrthoLinear"):
         concat_ortho_linears([a, torch.nn.Linear(64, 16)])
     with pytest.raises(ValueError, match="one or more OrthoLinear"):

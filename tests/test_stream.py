@@ -381,12 +381,23 @@ def test_on_layer_may_move_the_layer_off_the_gpu(tiny_ckpt, ids):
 
 def test_release_empties_the_model_even_while_referenced(tiny_model):
     """release() frees a module's tensors in place although something still refers to the module (as
-    accelerate's hooks do); the control: a plain `del` of one name leaves the weights alive."""
+    accelerate's hooks do), the OrthoLinear dense caches included; the control: without release(), a collected
+    garbage pass leaves every weight alive while the reference is held."""
+    import gc
+
+    from libortho import orthogonalize_
+    from libortho.config import OrthoConfig
+    from libortho.modules import cache_base_, ortho_modules
     from libortho.stream import release
 
+    orthogonalize_(tiny_model, OrthoConfig(density=0.05, group_size=32, score="magnitude"), progress=False)
+    cache_base_(tiny_model)
     keeper = {"model": tiny_model}  # a reference release() cannot see
-    w = tiny_model.model.layers[0].mlp.up_proj.weight
+    lin = next(iter(ortho_modules(tiny_model).values()))
+    q, cached = lin.qweight, lin._base_cache
     del tiny_model
-    assert w.numel() > 0  # `del` alone: still there
+    gc.collect()
+    assert q.numel() > 0 and cached is not None  # the control: still alive
     release(keeper["model"])
-    assert all(p.numel() == 0 for p in keeper["model"].parameters()) and w.numel() == 0
+    assert all(t.numel() == 0 for t in keeper["model"].parameters()) and q.numel() == 0
+    assert lin._base_cache is None and lin._merged is None and lin._rows_cache is None

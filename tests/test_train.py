@@ -205,8 +205,12 @@ def test_token_nll_in_chunks_is_the_models_loss_and_gradient(tiny_model, monkeyp
     w.requires_grad_(False)
     torch.testing.assert_close(loss, ref)
     torch.testing.assert_close(g_chunk, g_ref)
-    broken = torch.cat([nll.reshape(-1)[:5] * 0, nll.reshape(-1)[5:]]).sum() / (labels[:, 1:] != -100).sum()
-    assert not torch.allclose(broken, ref)
+    # the control: a reassembly in the wrong order (chunks reversed) is caught per position
+    real_cat = torch.cat
+    monkeypatch.setattr(torch, "cat", lambda ts, *a, **k: real_cat(list(ts)[::-1], *a, **k))
+    wrong = tr.token_nll(tiny_model, ids, mask, labels)
+    monkeypatch.setattr(torch, "cat", real_cat)
+    assert not torch.allclose(wrong, nll)
 
 
 def test_gradient_checkpointing_trains_the_same_stream(tiny_model, data):

@@ -582,8 +582,16 @@ def run(ctx: RunContext, size: Size | None = None, arms: tuple[str, ...] | None 
     """`run --experiment 1`: `run_checkpoint` when `streamed` (default `ctx.streamed`: a checkpoint directory whose
     full precision misses the GPU budget), else the in-memory experiment (`kill_switch.run`)."""
     if not (ctx.streamed if streamed is None else streamed):
+        if ctx.extra.get("full_finetune"):
+            raise ValueError("--full-finetune applies to a checkpoint too large for the device (the streamed "
+                             "experiment); the in-memory experiment always fine-tunes in full: drop the flag")
         return kill_switch.run(ctx, size, arms, candidate, thresholds)
     candidate = candidate or ctx.extra.get("candidate") or "ortho_tuned"
-    if str(ctx.device).startswith("cuda"):  # same seed, same numbers: no atomics-order noise in backward
+    # same seed, same numbers: no atomics-order noise in backward; restored after (later experiments, other tests)
+    before = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
+    if str(ctx.device).startswith("cuda"):
         torch.use_deterministic_algorithms(True, warn_only=True)
-    return run_checkpoint(ctx, size, candidate, thresholds, arms=arms)
+    try:
+        return run_checkpoint(ctx, size, candidate, thresholds, arms=arms)
+    finally:
+        torch.use_deterministic_algorithms(before[0], warn_only=before[1])
