@@ -260,6 +260,8 @@ class StreamedKillSwitch(KillSwitch):
         gc.collect()
         if self.cuda:
             torch.cuda.empty_cache()
+        if self.results.pop(arm, None) is not None:  # a half-measured arm is no result (its alpha 0 without its 1)
+            msg += " (its partial measurements dropped)"
         self.did_not_fit[arm] = msg
         self.log(f"  {arm}: did not fit ({msg[:120]})")
         return None
