@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from ..baselines import NF4_BLOCKSIZE, nf4_, nf4_bits_per_weight
+from ..baselines import NF4_BLOCKSIZE, nf4_, nf4_stored_bits_per_weight
 from ..config import OrthoConfig
 from ..convert import orthogonalize_
 from ..data import calibration_batches, load_text
@@ -199,7 +199,7 @@ def ortho_tuned_from_exp1(source: str, seed: int = 0, device: str = "cpu", progr
 def _quantize_peer_(model, peer: Peer, hessian, scale_dtype: torch.dtype) -> float:
     """Quantize `model`'s target linears in place as `peer` says; returns bits per weight counted from the
     tensors each method stores (codes, scales, zeros, block statistics)."""
-    from ..baselines import hqq_, nf4_stored_bits_per_weight, stored_bits
+    from ..baselines import hqq_, stored_bits
     from ..gptq import gptq_quantize
 
     if peer.method == "nf4":
@@ -565,21 +565,25 @@ def run_null_test_checkpoint(path, tokenizer, text, plan: Plan = CHECKPOINT_QUIC
         arms[g.name]["device_gib_after_release"] = round(left / 2**30, 3)
         mark(f"releasing {g.name}")
     if plan.nf4:
+        holder: list = []  # the NF4 model, so that it is released on every path (an OOM included)
         try:
             # built layer by layer, the table in host memory: HF's 4-bit load would first place the table (and
             # its allocator warm-up asks 5.18 GiB at once at 8B) on the device
-            nf4 = load_nf4(path, device, torch.bfloat16)
+            holder.append(load_nf4(path, device, torch.bfloat16))
             _free()
             mark("loading nf4")
-            arms["nf4"] = {**measure(nf4, "nf4"), "kind": "nf4", "blocksize": 64, "double_quant": True,
-                           "bits_per_weight": nf4_bits_per_weight(), "head": "bf16 (bitsandbytes skips it)"}
-            release(nf4)
-            del nf4
+            arms["nf4"] = {**measure(holder[0], "nf4"), "kind": "nf4", "blocksize": 64, "double_quant": True,
+                           "bits_per_weight": nf4_stored_bits_per_weight(holder[0]),
+                           "head": "bf16 (bitsandbytes skips it)"}
         except Exception as e:  # noqa: BLE001 - only out-of-memory is a result; anything else is raised
             if not is_oom(e):
                 raise
             did_not_fit["nf4"] = f"out of memory under the cap: {str(e).splitlines()[0][:200]}"
             log(f"  nf4: {did_not_fit['nf4']}")
+        finally:
+            for m in holder:
+                release(m)
+            holder.clear()
         _free()
     for r in arms.values():
         r["ppl_ratio_vs_fp"] = r["ppl"] / arms["fp"]["ppl"]
