@@ -63,8 +63,10 @@ def _fusable(mods) -> bool:
 
 
 def _nbytes(m) -> int:
+    """Bytes a fused copy of `m` takes: its packed tensors, plus the dense base when `m` caches one (the copy
+    caches it too)."""
     return sum(t.numel() * t.element_size() for t in (m.qweight, m.scales, m.zeros, m.ortho_crow, m.ortho_col,
-                                                       m.ortho_values, m.bias) if t is not None)
+                                                       m.ortho_values, m.bias, m._base_cache) if t is not None)
 
 
 def _free_bytes(device) -> int:
