@@ -119,7 +119,8 @@ def load_records(path, tokenizer, max_length: int = 512) -> tuple[list[Record], 
 def records_loss(records: list[Record], batch_size: int, seed: int, pad_id: int):
     """`loss_fn(model, step)`: mean token loss of the supervised turns of one batch; each epoch visits every
     record once in a seeded order. Sets `loss_fn.last_tokens` (tokens in the batch) for the tokens/s display."""
-    from .train import compute_device, token_nll
+    from .modules import input_device
+    from .train import token_nll
 
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -138,7 +139,7 @@ def records_loss(records: list[Record], batch_size: int, seed: int, pad_id: int)
         for i, r in enumerate(batch):
             ids[i, :len(r.ids)], labels[i, :len(r.ids)], mask[i, :len(r.ids)] = (
                 torch.tensor(r.ids), torch.tensor(r.labels), 1)
-        dev = compute_device(model)
+        dev = input_device(model)
         loss_fn.last_tokens = int(mask.sum())
         labels = labels.to(dev)
         nll = token_nll(model, ids.to(dev), mask.to(dev), labels)  # (B, T-1), logits never whole

@@ -113,6 +113,17 @@ def context_bytes(device: int = 0) -> int | None:
 
 # -- NVML --------------------------------------------------------------------------------------------------
 
+def allocated_peak_gib(device) -> float | None:
+    """torch's peak allocated GiB on `device` so far (None off CUDA). Never reset here: a run's meter and the
+    experiments read the same counter for the whole step."""
+    import torch
+
+    device = torch.device(device)
+    if device.type != "cuda" or not torch.cuda.is_initialized():
+        return None
+    return round(torch.cuda.max_memory_allocated(device) / 2**30, 3)
+
+
 def _nvml():
     import pynvml  # from nvidia-ml-py
 

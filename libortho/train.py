@@ -39,8 +39,9 @@ from tqdm.auto import tqdm
 from .config import Mode, OrthoConfig, Score, TUNE_SCORES
 from .convert import quantize_base, register_handler, register_streamed
 from .linear import OrthoLinear
+from .gpu import allocated_peak_gib
 from .llama import LLAMA_LINEARS
-from .modules import ortho_modules
+from .modules import input_device, ortho_modules
 from .privacy import Canary, extraction_rate
 from .select import collect_hessian_diag, top_mask
 from .sparse import CSR, csr_from_mask
@@ -154,13 +155,6 @@ def canary_batch(canaries: list[Canary], pad_id: int) -> tuple[torch.Tensor, tor
     return ids, mask, ids.masked_fill(mask == 0, -100)
 
 
-def compute_device(model: nn.Module) -> torch.device:
-    """Where `model` takes its inputs (`modules.input_device`: a table in host memory or offloaded weights are not it)."""
-    from .modules import input_device
-
-    return input_device(model)
-
-
 LOGIT_BYTES = 128 * 2**20  # float32 logits computed at once by token_nll (an 8B vocabulary: 261 positions)
 
 
@@ -198,7 +192,7 @@ def canary_loss(canaries: list[Canary], general: torch.Tensor, cfg: TrainConfig,
     n = ids.shape[0]
 
     def loss_fn(model: nn.Module, step: int) -> torch.Tensor:
-        dev = compute_device(model)
+        dev = input_device(model)  # a table in host memory or offloaded weights are not where inputs go
         rows, masks, labs = [ids], [mask], [labels]
         if cfg.general_chunks:
             g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
@@ -479,7 +473,7 @@ def tune_stream_(model: nn.Module, config: OrthoTuneConfig, *, loss_fn: LossFn |
     if not mods:
         raise ValueError("no OrthoLinear to tune: build the INT4 bases first (orthogonalize_ / convert_checkpoint)")
     dev = next(iter(mods.values())).qweight.device
-    peaks = {"before": _device_peak_gib(dev)}  # cumulative: the conversion that built the bases
+    peaks = {"before": allocated_peak_gib(dev)}  # cumulative: the conversion that built the bases
     if resume is not None and "streams" in resume:  # the masks (and values) of the run being resumed
         streams = resume["streams"]
     elif config.score is Score.RANDOM:
@@ -491,7 +485,7 @@ def tune_stream_(model: nn.Module, config: OrthoTuneConfig, *, loss_fn: LossFn |
         if config.score is Score.SALIENCY_HESSIAN and hessian_diag is None:
             raise ValueError("score='saliency_hessian' needs hessian_diag (calibration statistics)")
         streams = _saliency_masks(model, mods, loss_fn, config, hessian_diag)
-    peaks["masks"] = _device_peak_gib(dev)
+    peaks["masks"] = allocated_peak_gib(dev)
     nnz = total = 0
     for n, m in mods.items():
         st = streams[n]
@@ -516,18 +510,12 @@ def tune_stream_(model: nn.Module, config: OrthoTuneConfig, *, loss_fn: LossFn |
     finally:
         for v in values:
             v.requires_grad_(False)
-    peaks["training"] = _device_peak_gib(dev)
+    peaks["training"] = allocated_peak_gib(dev)
     if any(v is not None for v in peaks.values()):
         stats["device_peak_gib"] = peaks  # torch's peak so far after each phase: where a small card's budget goes
     return stats
 
 
-def _device_peak_gib(device: torch.device) -> float | None:
-    """torch's peak allocated GiB on `device` so far (None off CUDA). Never reset here: a run's meter and the
-    experiments read the same counter for the whole step."""
-    if device.type != "cuda" or not torch.cuda.is_initialized():
-        return None
-    return round(torch.cuda.max_memory_allocated(device) / 2**30, 3)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 
 from ..config import OrthoConfig
+from ..gpu import allocated_peak_gib
 from ..perplexity import Protocol
 from ..stream import offload_budget_gib
 from ..train import LoraSpec
@@ -229,7 +230,7 @@ class StreamedKillSwitch(KillSwitch):
         s = round(time.perf_counter() - t0, 1)
         self.built[arm] = {"built": built, "seconds": s, **facts}
         if self.cuda:  # the run's peak so far (not reset: the CLI's meter reads the step's peak at its end)
-            self.built[arm]["device_peak_gib_so_far"] = round(torch.cuda.max_memory_allocated(self.device) / 2**30, 3)
+            self.built[arm]["device_peak_gib_so_far"] = allocated_peak_gib(self.device)
         self.seconds[arm] = s
         self.log(f"  {arm}: {s:.1f} s ({built})")
         if not self.progress:  # a long run without bars still says where it is (a killed run's log shows how far)
@@ -241,9 +242,7 @@ class StreamedKillSwitch(KillSwitch):
         """Release `model`'s device memory (accelerate hooks included); GiB still allocated afterwards."""
         from ..stream import release
 
-        left = release(model)
-        gc.collect()
-        return round(left / 2**30, 3)
+        return round(release(model) / 2**30, 3)  # release() collects garbage and empties the cache itself
 
     def _arm(self, arm: str, build, *args):
         """`build(*args)`, one arm; an out-of-memory error is recorded in `did_not_fit` and the run goes on with the
