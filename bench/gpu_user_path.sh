@@ -4,7 +4,8 @@
 #
 #   bash bench/gpu_user_path.sh A    plan, run --experiment convert, run --experiment 2 (quick)
 #   bash bench/gpu_user_path.sh B    finetune on 200 chat records for 50 steps, generate at alpha 0 and 1
-#   bash bench/gpu_user_path.sh exp2 finetune ...   any of: plan convert exp2 exp1 finetune (in that order)
+#   bash bench/gpu_user_path.sh exp2 finetune ...   any of: plan convert exp2 exp1 refuse finetune (in that order)
+#   (refuse: Experiment 1 with --full-finetune, which the profile cannot hold: exit 3 after the other arms)
 #
 # Each part fits one 10-minute device call. Run from the checkout root with the project importable; carry
 # .gpu/c (bench/stage_user_path.sh makes it: the Debian texts and a trimmed bitsandbytes). Logs, the results
@@ -34,8 +35,10 @@ has convert && step convert 240 python3 -m libortho run --experiment convert --m
   --output-dir "$OUT" --no-progress
 has exp2 && step exp2 ${EXP2_S:-280} python3 -m libortho run --experiment 2 --model $CKPT --profile gtx4050 --output-dir "$OUT" \
   --no-progress
-has exp1 && step exp1 400 python3 -m libortho run --experiment 1 --num-canaries 4 --model $CKPT --profile gtx4050 \
+has exp1 && step exp1 ${EXP1_S:-540} python3 -m libortho run --experiment 1 --num-canaries 4 --model $CKPT --profile gtx4050 \
   --output-dir "$OUT" --no-progress
+has refuse && step refuse ${REFUSE_S:-400} python3 -m libortho run --experiment 1 --full-finetune --num-canaries 2 \
+  --model $CKPT --profile gtx4050 --output-dir "$OUT/refuse" --no-progress
 if has finetune; then
   python3 - <<'PY'
 import json
