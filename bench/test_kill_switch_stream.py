@@ -217,10 +217,11 @@ def test_an_arm_out_of_memory_is_recorded_and_the_run_goes_on(ckpt, tmp_path, mo
     what was measured (the CLI's exit 3)."""
     from libortho.oom import is_oom
 
-    monkeypatch.setattr(kss.StreamedKillSwitch, "lora_arms", _oom)
+    monkeypatch.setattr(kss.StreamedKillSwitch, "_nf4", _oom)  # QLoRA's NF4 base
     size = replace(SIZE, arms=("never_trained", "int4_of_public", "ortho_tuned", "lora", "fine_tuned"))
     inner = kss.run_checkpoint(_ctx(ckpt, tmp_path), size)
     assert "out of memory" in inner["did_not_fit"]["lora"] and "lora did not fit" in inner["skipped"]["fine_tuned"]
+    assert inner["did_not_fit"]["lora"].startswith("in lora_arms (kill_switch_stream.py:")  # where, for the user
     assert set(inner["arms"]) == {"never_trained", "int4_of_public", "ortho_tuned"} and len(inner["claims"]) == 5
     monkeypatch.setattr(kss.StreamedKillSwitch, "ortho_tuned", _oom)
     with pytest.raises(kss.StepOutOfMemory, match="ortho_tuned did not fit") as e:
@@ -251,24 +252,25 @@ def test_run_dispatches_on_streamed(monkeypatch, tmp_path):
 
 
 def test_full_finetune_refused_over_the_budget_exit_3(ckpt, tmp_path, monkeypatch, capsys):
-    """`run --full-finetune` under gtx4050 where the plan misses the budget: every other arm measured and saved,
-    then one line naming the step and its planned memory, exit 3."""
+    """`run --full-finetune` under gtx4050 where the plan misses the budget: one line naming the step and its planned
+    memory, exit 3, before any arm is built; the steps before it (convert, with `--experiment all`) saved."""
     from libortho import cli
 
     monkeypatch.setattr(RunContext, "streamed", property(lambda self: True))  # on a GPU: 4-bit policy + local dir
     monkeypatch.setattr(kss, "CHECKPOINT", replace(SIZE, arms=ARMS3))  # the arms the claims need: a short run
     monkeypatch.setattr(kss, "ADAMW_BYTES_PER_PARAM", 10**6)  # the tiny model "needs" 300 GiB
-    rc = cli.main(["run", "--experiment", "1", "--model", str(ckpt), "--profile", "gtx4050", "--num-canaries", "4",
+    built = []
+    monkeypatch.setattr(kss.StreamedKillSwitch, "run_arms", lambda *a: built.append(1))
+    rc = cli.main(["run", "--experiment", "all", "--model", str(ckpt), "--profile", "gtx4050", "--num-canaries", "4",
                    "--output-dir", str(tmp_path), "--no-progress", "--full-finetune"])
-    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("libortho:")]
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("libortho: error")]
     assert rc == 3  # fails if the refusal were not an out-of-memory exit
     assert len(err) == 1 and "full_finetune planned" in err[0] and "GiB" in err[0] and "6 GiB budget" in err[0]
+    assert built == []  # refused before any arm: fails if the other arms ran first
     payload = json.loads(next(tmp_path.glob("*_results_*.json")).read_text())
     assert payload["status"].startswith("failed: out of memory in kill_switch: full_finetune planned")
-    sec = payload["exp1_kill_switch"]
-    # fails if the arms measured before the refusal were lost
-    assert set(sec["arms"]) == set(ARMS3) and sec["full_fine_tune"]["fits"] is False
-    assert [c["name"] for c in sec["claims"]] == list(CLAIMS)
+    assert payload["exp1_kill_switch"]["full_fine_tune"]["fits"] is False
+    assert "convert" in payload  # fails if the step before it were lost
 
 
 def test_interrupted_run_keeps_the_arms_measured_so_far(ckpt, tmp_path, monkeypatch, capsys):

@@ -81,8 +81,8 @@ def _parser() -> argparse.ArgumentParser:
                         "auto = full on a GPU, quick on a CPU")
     r.add_argument("--full-finetune", action="store_true",
                    help="experiment 1 on a checkpoint too large for the device: also fully fine-tune it (AdamW, ~16 "
-                        "bytes a parameter) where the budget holds that; otherwise every other arm is measured and "
-                        "saved, then the run stops with exit 3 naming the planned memory")
+                        "bytes a parameter) where the budget holds that; otherwise the run stops with exit 3 naming the "
+                        "planned memory before experiment 1 builds anything (earlier steps stay saved)")
     r.add_argument("--no-progress", action="store_true")
     f = sub.add_parser("finetune", help="ortho-tune a model on your chat records (JSONL); resumable",
                        description="Train only a sparse ortho stream over INT4 of the model's weights on chat records "

@@ -16,7 +16,7 @@ claims and JSON as `kill_switch`, every arm built from the checkpoint on disk, o
 `delta` needs the public and the fine-tuned model at once and the relearning attack a dense trainable copy:
 neither is built here (the JSON's "skipped" says why). A full fine-tune (AdamW, 16 bytes a parameter) is built
 only when asked (`--full-finetune`) and the budget holds it: it then replaces the LoRA merge as W1. When it does not
-fit, every other arm is measured first and the run ends with `PlannedOutOfMemory` (exit 3), the section attached.
+fit, the run ends with `PlannedOutOfMemory` (exit 3) before any arm is built: checked first, not found out later.
 """
 from __future__ import annotations
 
@@ -26,6 +26,7 @@ import shutil
 import sys
 import tempfile
 import time
+import traceback
 from dataclasses import replace
 from pathlib import Path
 
@@ -255,7 +256,11 @@ class StreamedKillSwitch(KillSwitch):
         except Exception as e:  # noqa: BLE001 - only out-of-memory is a result; anything else is raised
             if not is_oom(e):
                 raise
-            msg = " ".join(str(e).split())[:300]
+            pkg = str(Path(__file__).resolve().parents[1])
+            where = [f for f in traceback.extract_tb(e.__traceback__) if f.filename.startswith(pkg)]
+            # where in the arm (conversion, masks, training, scoring): the innermost libortho frame
+            at = f"in {where[-1].name} ({Path(where[-1].filename).name}:{where[-1].lineno}): " if where else ""
+            msg = at + " ".join(str(e).split())[:300]
         gc.collect()
         if self.cuda:
             torch.cuda.empty_cache()
@@ -447,7 +452,7 @@ class StreamedKillSwitch(KillSwitch):
     # -- the run ------------------------------------------------------------------------------------
     def run_arms(self, full_finetune: bool = False) -> None:
         """Build and measure every arm of the size, one model on the device at a time; with `full_finetune`, W1 is
-        a full fine-tune where the budget holds it, else `PlannedOutOfMemory` after every other arm."""
+        a full fine-tune (`run_checkpoint` refuses one the budget does not hold before any arm)."""
         plan = full_finetune_plan(self.path, self.budget_gib)
         self.full_ft = {"asked": full_finetune, **plan}
         self.log(f"exp1 (streamed): {self.path}, {len(self.canaries)} canaries, device {self.device}, "
@@ -485,19 +490,13 @@ class StreamedKillSwitch(KillSwitch):
         self.full_ft["built"] = bool(full)
 
     def refusal(self, candidate: str) -> StepOutOfMemory | None:
-        """The out-of-memory error that ends the run once every arm that fits is measured: the candidate or its
-        control did not fit, or an asked full fine-tune the budget does not hold (a planned one). None otherwise."""
+        """The out-of-memory error that ends the run once every arm that fits is measured: the candidate, its
+        control or an asked full fine-tune did not fit. None otherwise."""
         for arm in (candidate, CONTROL_OF[candidate], "full_finetune"):  # what the run was asked to decide / build
             if arm in self.did_not_fit:
                 return StepOutOfMemory(f"{arm} did not fit ({self.did_not_fit[arm][:200]}); every other arm is "
                                        "measured and saved")
-        p = self.full_ft
-        if not p.get("asked") or p.get("fits"):
-            return None
-        return PlannedOutOfMemory(
-            f"full_finetune planned {p['planned_gib']:g} GiB ({p['parameters'] / 1e9:.2f}B parameters x "
-            f"{p['bytes_per_parameter']} bytes for AdamW, activations not counted) over the {p['budget_gib']:g} GiB "
-            "budget, not started; every other arm is measured and saved")
+        return None
 
     def report(self, candidate: str = "ortho_tuned", thresholds: dict | None = None) -> dict:
         inner = super().report(candidate, thresholds)
@@ -533,8 +532,7 @@ def run_checkpoint(ctx: RunContext, size: Size | None = None, candidate: str = "
         workdir: where W1 is written and kept (default: a temporary directory, removed at the end).
         arms: the arms to build (default the size's).
     Raises:
-        PlannedOutOfMemory: a full fine-tune asked that the budget does not hold, after every other arm; its
-            `partial_section` is the section as it would have been returned.
+        PlannedOutOfMemory: a full fine-tune asked that the budget does not hold, before any arm is built.
     """
     size = size or CHECKPOINT
     if arms is not None:
@@ -545,6 +543,15 @@ def run_checkpoint(ctx: RunContext, size: Size | None = None, candidate: str = "
         raise ValueError(f"--candidate {candidate}: not built at checkpoint scale; choose from "
                          f"{', '.join(a for a in CANDIDATES if a in size.arms and CONTROL_OF[a] in size.arms)}")
     full_finetune = bool(ctx.extra.get("full_finetune")) if full_finetune is None else full_finetune
+    if full_finetune:  # checked before any computation: minutes of other arms are no use to who asked for this one
+        p = full_finetune_plan(ctx.model, ctx.budget_gib)
+        if not p["fits"]:
+            err = PlannedOutOfMemory(
+                f"full_finetune planned {p['planned_gib']:g} GiB ({p['parameters'] / 1e9:.2f}B parameters x "
+                f"{p['bytes_per_parameter']} bytes for AdamW, activations not counted) over the {p['budget_gib']:g} "
+                "GiB budget: refused before any arm (drop --full-finetune: W1 is then the QLoRA merge)")
+            err.partial_section = {"streamed": True, "status": "refused", "full_fine_tune": {"asked": True, **p}}
+            raise err
     log = print if ctx.progress else (lambda *_: None)
     exp = StreamedKillSwitch(ctx.model, size, ctx.seed, ctx.canary_format, ctx.text, ctx.device, ctx.progress,
                              ctx.budget_gib, workdir, log)
@@ -552,8 +559,8 @@ def run_checkpoint(ctx: RunContext, size: Size | None = None, candidate: str = "
     try:
         exp.run_arms(full_finetune)
         err = exp.refusal(candidate)
-        if err is not None and not isinstance(err, PlannedOutOfMemory):  # the claims cannot be decided
-            raise err
+        if err is not None and {candidate, CONTROL_OF[candidate]} & exp.did_not_fit.keys():
+            raise err  # the claims cannot be decided (a full fine-tune that ran out of memory leaves them decidable)
         inner = exp.report(candidate, thresholds_for(size.name, thresholds))
         inner["seconds"] = round(time.perf_counter() - t0, 1)
         inner["plot"] = str(plot(inner, ctx.artifact("exp1_kill_switch.png")))
