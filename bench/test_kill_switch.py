@@ -182,10 +182,18 @@ def test_claim_rule_passes_a_clean_switch_and_fails_a_leak():
     on = _fake_entry([v + 10 for v in base], [True] * n, [v + 5 for v in mem], non)
     t = thresholds_for("small", TABLE)
     clean = decide_claims({"ortho_tuned": {"0.0": ctrl, "1.0": on}, "int4_of_public": {"1.0": ctrl}}, "ortho_tuned", t)
-    assert summarize_claims(clean) == {"passed": True, "failed": []}
+    summary = summarize_claims(clean)
+    assert summary["passed"] and summary["failed"] == []
+    # ortho_tuned's alpha-0 claims are documentation (its alpha 0 is the control), and the data agree
+    assert summary["by_construction"] == list(CLAIMS[:3]) and summary["decided_by_data"] == list(CLAIMS[3:])
+    assert all(c["identical_to_control"] for c in clean if c["by_construction"])
     leak = decide_claims({"ortho_tuned": {"0.0": _fake_entry([v + 1 for v in base], [False] * n, mem, non),
                                           "1.0": on}, "int4_of_public": {"1.0": ctrl}}, "ortho_tuned", t)
     assert summarize_claims(leak)["failed"] == ["alpha0_exposure_no_higher"]
+    # a leaky switch is not identical to its control: fails if the identity check read the wrong values
+    assert [c["identical_to_control"] for c in leak[:3]] == [False, True, True]
+    delta = decide_claims({"delta": {"0.0": ctrl, "1.0": on}, "int4_of_public": {"1.0": ctrl}}, "delta", t)
+    assert summarize_claims(delta)["by_construction"] == []  # delta's alpha 0 is decided by its data
     none = decide_claims({"int4_of_fine_tuned": {"1.0": ctrl}, "int4_of_public": {"1.0": ctrl}},
                          "int4_of_fine_tuned", t)
     assert summarize_claims(none)["failed"] == ["alpha1_exposure_gain", "alpha1_extraction_above_control"]

@@ -89,6 +89,14 @@ ALPHAS = (0.0, 0.05, 0.1, 0.25, 0.5, 1.0)
 CLAIMS = ("alpha0_exposure_no_higher", "alpha0_extraction_no_higher", "alpha0_mia_auc_no_higher",
           "alpha1_exposure_gain", "alpha1_extraction_above_control")
 RELEARN_CLAIM = "relearn_exposure_no_higher"  # decided where the size runs the relearning attack
+ALPHA0_CLAIMS = (*CLAIMS[:3], RELEARN_CLAIM)
+# Candidates whose alpha-0 model IS their control: their alpha-0 claims document the design and check the
+# implementation (measured identical to the control, or the switch leaks); they cannot fail for a correct switch.
+# A leaky switch (delta, posthoc_*, the quantized fine-tuned models) is what fails them.
+ALPHA0_IS_CONTROL = {
+    "ortho_tuned": "alpha 0 is int4_of_public itself: the same INT4 base bytes (base_sha256), the stream not read",
+    "lora": "alpha 0 is never_trained itself: the adapter scaled to 0 adds nothing",
+}
 MIA_ATTACKS = ("ref_ratio", "min_k_pp", "loss")  # kept per record in the JSON; the claim uses the first
 MIA_FPR = 0.01
 
@@ -750,7 +758,22 @@ def decide_claims(arms: dict, candidate: str, t: dict, seed: int = 0, relearn: d
                             statistic="median_diff", seed=seed),
             "extrapolated exposure of the odd canaries after fine-tuning on the even ones (bits)", n_candidates=r,
             dropped=dropped, power=power_report(a, b))
+    for d in out:  # a claim true by construction is documentation: said so, with whether the data agree
+        alpha0 = d["name"] in ALPHA0_CLAIMS
+        d["by_construction"] = ALPHA0_IS_CONTROL.get(candidate) if alpha0 else None
+        d["identical_to_control"] = _identical(d["name"], x0, c, rx, rc) if alpha0 else None
     return out
+
+
+def _identical(name: str, x0: dict, c: dict, rx: dict | None, rc: dict | None) -> bool:
+    """Whether an alpha-0 claim's per-canary (per-record) values of the candidate equal the control's exactly."""
+    if name == CLAIMS[1]:
+        return list(x0["extracted"]) == list(c["extracted"])
+    if name == CLAIMS[2]:
+        return x0["mia_scores"] == c["mia_scores"]
+    a, b = (rx, rc) if name == RELEARN_CLAIM else (x0, c)
+    va, vb, _ = _views(a, b)
+    return list(va["exposure_ext"]) == list(vb["exposure_ext"])
 
 
 def merge_seeds(inners: list[dict]) -> dict:
@@ -805,9 +828,12 @@ def merge_relearn(inners: list[dict]) -> dict:
 
 
 def summarize_claims(claims: list[dict]) -> dict:
-    """{"passed": every claim passed, "failed": names of those that did not}."""
+    """{"passed": every claim passed, "failed": names of those that did not, "by_construction": names of those
+    that document the design (`ALPHA0_IS_CONTROL`), "decided_by_data": the others}."""
     failed = [c["name"] for c in claims if not c["passed"]]
-    return {"passed": not failed, "failed": failed}
+    doc = [c["name"] for c in claims if c.get("by_construction")]
+    return {"passed": not failed, "failed": failed, "by_construction": doc,
+            "decided_by_data": [c["name"] for c in claims if c["name"] not in doc]}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -885,8 +911,10 @@ def print_table(inner: dict) -> None:
     print(f"claims of {inner['candidate']} (control {inner['control']}):")
     f = lambda x, spec: "nan" if x is None else format(x, spec)  # noqa: E731
     for c in inner["claims"]:
+        doc = (" (by construction; measured identical to the control)" if c.get("identical_to_control") else
+               " (by construction, yet NOT identical to the control: the switch leaks)") if c.get("by_construction") else ""
         print(f"  {'PASS' if c['passed'] else 'FAIL'} {c['name']:34s} {c['statistic']} {f(c['value'], '+.3f')} "
               f"CI [{f(c['ci95'][0], '+.3f')}, {f(c['ci95'][1], '+.3f')}] threshold {c['threshold']:+g} "
-              f"p {f(c['p'], '.3g')}")
+              f"p {f(c['p'], '.3g')}{doc}")
     for arm, s in inner["negative_controls"].items():
         print(f"negative control {arm}: {'passes every claim (!)' if s['passed'] else 'fails ' + ', '.join(s['failed'])}")
