@@ -38,15 +38,18 @@ def nf4_bits_per_weight(blocksize: int = NF4_BLOCKSIZE) -> float:
 
 
 @torch.no_grad()
-def nf4_(model: nn.Module, targets=LLAMA_LINEARS, compute_dtype: torch.dtype | None = None) -> float:
+def nf4_(model: nn.Module, targets=LLAMA_LINEARS, compute_dtype: torch.dtype | None = None,
+         device: torch.device | str | None = None) -> float:
     """Swap each target linear for bitsandbytes `Linear4bit` (NF4, double quant), in place.
 
-    Runs on CPU (bitsandbytes >= 0.45) and CUDA. Returns bits per weight.
+    Runs on CPU (bitsandbytes >= 0.45) and CUDA. `device`: where the NF4 linears go and are quantized (default:
+    each linear's own device); a layer read into host memory then never has its dense weights on the GPU.
+    Returns bits per weight.
     """
     import bitsandbytes as bnb
 
     for name, lin in target_linears(model, targets).items():
-        device = lin.weight.device
+        device_ = lin.weight.device if device is None else torch.device(device)
         q = bnb.nn.Linear4bit(lin.in_features, lin.out_features, bias=lin.bias is not None,
                               compute_dtype=compute_dtype or lin.weight.dtype, quant_type="nf4",
                               compress_statistics=True, device="cpu")
@@ -54,7 +57,7 @@ def nf4_(model: nn.Module, targets=LLAMA_LINEARS, compute_dtype: torch.dtype | N
                                      blocksize=NF4_BLOCKSIZE, compress_statistics=True)
         if lin.bias is not None:
             q.bias = nn.Parameter(lin.bias.detach().cpu(), requires_grad=False)
-        q = q.to(device)  # Params4bit quantizes on the move
+        q = q.to(device_)  # Params4bit quantizes on the move
         set_module(model, name, q)
     return nf4_bits_per_weight()
 

@@ -456,10 +456,11 @@ def release(model: nn.Module) -> int:
 
 def load_nf4(path, device="cuda", dtype: torch.dtype = torch.bfloat16):
     """The checkpoint with bitsandbytes NF4 linears (`baselines.nf4_`: block 64, double quantization, the quantizer
-    of the in-memory NF4 arms), built layer by layer: each decoder layer is read (`stream.load_layer`), quantized on
-    `device` and kept; the head stays in `dtype` (bitsandbytes leaves it unquantized) and the embedding table in
-    host memory (`HostEmbedding`). The device never holds more than the NF4 model plus one dense layer:
-    `load_model(bits=4)` would place the 8B embedding table (1 GiB) there first, over a 6 GiB budget.
+    of the in-memory NF4 arms), built layer by layer: each decoder layer is read into host memory
+    (`stream.load_layer`), its linears moved to `device` and quantized there, its norms after them; the head stays
+    in `dtype` (bitsandbytes leaves it unquantized) and the embedding table in host memory (`HostEmbedding`). The
+    device holds the NF4 model and one layer's weights in transit, never a dense layer: `load_model(bits=4)` would
+    place the 8B embedding table (1 GiB) there first, over a 6 GiB budget.
 
     Returns:
         a LlamaForCausalLM in eval mode, nothing trainable, `is_loaded_in_4bit` set (PEFT then wraps its linears
@@ -471,9 +472,9 @@ def load_nf4(path, device="cuda", dtype: torch.dtype = torch.bfloat16):
     ckpt = Checkpoint(path)
     model = ckpt.skeleton  # meta: every part is replaced below
     for i in range(ckpt.num_layers):
-        layer = load_layer(ckpt, i, device, dtype)
-        nf4_(layer, compute_dtype=dtype)
-        model.model.layers[i] = layer
+        layer = load_layer(ckpt, i, "cpu", dtype)  # bitsandbytes quantizes on the move: one copy to the device
+        nf4_(layer, compute_dtype=dtype, device=device)
+        model.model.layers[i] = layer.to(device)
     model.lm_head = load_head(ckpt, device, dtype)
     model.model.embed_tokens = HostEmbedding.from_embedding(load_embeddings(ckpt, "cpu", dtype), device)
     model.model.norm = load_norm(ckpt, device, dtype)
