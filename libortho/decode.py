@@ -28,6 +28,11 @@ changed in place (autograd-visible; not through `.data`) is fused again at the n
 `ranges=True` wraps each part of a step (each linear by kind, attention, norms, rotary, ...) in a profiler
 range named "lo:<part>" (RANGES), for bench/profile_decode.py; off, it costs nothing. Fused linears are labelled
 "qkv" and "gate_up".
+
+`fuse_elementwise=True` (off by default until measured on a GPU): the small ops between the linears run as fused
+kernels (libortho/kernels/triton_decode.py; their plain-torch twins off CUDA): each residual add with the RMSNorm
+after it (labelled "norm"), silu(gate) * up (labelled "elementwise"), and, in a decode step, rotary on q and k with
+the KV-cache write (labelled "rotary"; "kv_copy" is then empty).
 """
 from __future__ import annotations
 
@@ -36,6 +41,8 @@ import warnings
 
 import torch
 import torch.nn.functional as F
+
+from .kernels import triton_decode as td
 
 # the parts of a decode step that `ranges=True` labels (profiler ranges "lo:<part>")
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head")
@@ -130,6 +137,7 @@ class StaticDecoder:
         use_graph: capture one CUDA graph per token (CUDA only).
         ranges: label each part of a step for the profiler (bench/profile_decode.py).
         fuse: decode with fused q|k|v and gate|up copies of the OrthoLinear layers (see the module docstring).
+        fuse_elementwise: residual add + RMSNorm, SiLU * up, rotary + KV write as one kernel each.
 
     Example:
         >>> dec = StaticDecoder(model, max_seq=1024)          # doctest: +SKIP
@@ -139,7 +147,8 @@ class StaticDecoder:
     """
 
     def __init__(self, model, max_seq: int = 1024, dtype: torch.dtype = torch.bfloat16, device="cuda",
-                 use_graph: bool = True, batch: int = 1, ranges: bool = False, fuse: bool = True):
+                 use_graph: bool = True, batch: int = 1, ranges: bool = False, fuse: bool = True,
+                 fuse_elementwise: bool = False):
         from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
         if not (isinstance(batch, int) and batch >= 1):
@@ -148,6 +157,7 @@ class StaticDecoder:
         self.model, self.cfg, self.max_seq, self.dtype, self.device = model, cfg, max_seq, dtype, torch.device(device)
         self.B = batch
         self.ranges = ranges
+        self.fuse_elementwise = fuse_elementwise
         self.use_graph = use_graph and self.device.type == "cuda"
         inner = model.model
         self.layers = list(inner.layers)
@@ -228,9 +238,16 @@ class StaticDecoder:
     def _attn(self, i, layer, h, pos, rope, prefill: bool):
         a = layer.self_attn
         B, T = h.shape[:2]
-        cos, sin_s = rope  # (1, 1, T, hd)
+        cos, sin_s = rope or (None, None)  # (1, 1, T, hd); None: read inside the fused rotary kernel
         f = self.fused[i].get("qkv")
-        if f is not None and f.active:
+        nq, nk = self.nh * self.hd, self.nkv * self.hd
+        one = self.fuse_elementwise and not prefill  # rotary and the KV write as one kernel (a decode step)
+        if one and f is not None and f.active:
+            qkv = self._lin("qkv", f.module, h)[:, 0]  # (B, nq + 2 nk): q, k, v are column views of it
+            q, k, v = qkv[:, :nq], qkv[:, nq:nq + nk], qkv[:, nq + nk:]
+        elif one:
+            q, k, v = (self._lin(n, getattr(a, n), h)[:, 0] for n in ("q_proj", "k_proj", "v_proj"))  # (B, n*hd)
+        elif f is not None and f.active:
             qkv = self._lin("qkv", f.module, h)  # (B, T, (nh + 2 nkv) * hd)
             qk = qkv[..., :(self.nh + self.nkv) * self.hd].view(B, T, self.nh + self.nkv, self.hd).transpose(1, 2)
             with self._r("rotary"):  # q and k heads side by side: one rotary for both, the same math per element
@@ -242,9 +259,13 @@ class StaticDecoder:
             v = self._lin("v_proj", a.v_proj, h).view(B, T, self.nkv, self.hd).transpose(1, 2)
             with self._r("rotary"):
                 q, k = apply_rope(q, cos, sin_s), apply_rope(k, cos, sin_s)
-        with self._r("kv_copy"):
-            self.k_cache[i].index_copy_(2, pos, k)
-            self.v_cache[i].index_copy_(2, pos, v)
+        if one:
+            with self._r("rotary"):  # q (B, nh, 1, hd); k and v go to the cache at pos
+                q = td.rope_kv_(q, k, v, self.cos, self.sin_signed, pos, self.k_cache[i], self.v_cache[i])
+        else:
+            with self._r("kv_copy"):
+                self.k_cache[i].index_copy_(2, pos, k)
+                self.v_cache[i].index_copy_(2, pos, v)
         with self._r("attention"):
             if prefill:  # the prompt starts at position 0
                 o = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
@@ -261,15 +282,27 @@ class StaticDecoder:
         with self._r("norm"):
             return F.rms_norm(x, (self.H,), weight, self.eps)
 
+    def _add_norm(self, x, a, weight):
+        """(x + a, rms_norm(x + a) * weight): one kernel with `fuse_elementwise`, else an add and a norm."""
+        if self.fuse_elementwise:
+            with self._r("norm"):
+                return td.add_rms_norm(x, a, weight, self.eps)
+        with self._r("elementwise"):
+            x = x + a
+        return x, self._norm(x, weight)
+
     def _forward(self, x, pos, prefill: bool):  # x (B, T, H) -> logits of the last position (B, V)
-        with self._r("rotary"):
-            rope = (self.cos[pos][None, None], self.sin_signed[pos][None, None])  # once per step, not per layer
+        fe, L = self.fuse_elementwise, len(self.layers)
+        rope = None
+        if prefill or not fe:  # a fused decode step reads cos/sin at pos inside its rotary kernel
+            with self._r("rotary"):
+                rope = (self.cos[pos][None, None], self.sin_signed[pos][None, None])  # once per step, not per layer
+        h = self._norm(x, self.layers[0].input_layernorm.weight) if fe else None  # later ones follow an add
         for i, layer in enumerate(self.layers):
-            h = self._norm(x, layer.input_layernorm.weight)
+            if not fe:
+                h = self._norm(x, layer.input_layernorm.weight)
             a = self._attn(i, layer, h, pos, rope, prefill)
-            with self._r("elementwise"):
-                x = x + a
-            h = self._norm(x, layer.post_attention_layernorm.weight)
+            x, h = self._add_norm(x, a, layer.post_attention_layernorm.weight)
             m = layer.mlp
             f = self.fused[i].get("gate_up")
             if f is not None and f.active:
@@ -277,12 +310,18 @@ class StaticDecoder:
             else:
                 g, u = self._lin("gate_proj", m.gate_proj, h), self._lin("up_proj", m.up_proj, h)
             with self._r("elementwise"):
-                gu = F.silu(g) * u
+                gu = td.silu_mul(g, u) if fe else F.silu(g) * u
             d = self._lin("down_proj", m.down_proj, gu)
-            with self._r("elementwise"):
-                x = x + d
-        x = self._norm(x[:, -1:], self.model.model.norm.weight)
-        return self._lin("lm_head", self.model.lm_head, x)[:, 0]  # (B, V)
+            if fe and i + 1 < L:  # this layer's residual add with the next layer's input norm
+                x, h = self._add_norm(x, d, self.layers[i + 1].input_layernorm.weight)
+            elif fe:  # the last: only the last position goes on, to the final norm
+                _, h = self._add_norm(x[:, -1:], d[:, -1:], self.model.model.norm.weight)
+            else:
+                with self._r("elementwise"):
+                    x = x + d
+        if not fe:
+            h = self._norm(x[:, -1:], self.model.model.norm.weight)
+        return self._lin("lm_head", self.model.lm_head, h)[:, 0]  # (B, V)
 
     def _embed(self, ids):  # ids (B, T) on the embedding's device
         with self._r("embedding"):

@@ -1,0 +1,197 @@
+"""Fused elementwise kernels of a decode step (issue 17: fewer launches per token), each beside its plain-torch twin.
+
+- `add_rms_norm(x, h, w, eps)`: s = x + h; y = rms_norm(s) * w; returns (s, y). One kernel where the decoder
+  launched a residual add and an RMSNorm at every layer boundary.
+- `silu_mul(g, u)`: silu(g) * u, reading the two halves of the fused gate|up output in place. One kernel for two.
+- `rope_kv_(q, k, v, cos, sin_signed, pos, k_cache, v_cache)`: rotary on the q and k heads of one decode position,
+  the rotated k and v written into the static cache at `pos` (a device tensor, read at every graph replay), the
+  rotated q returned. One kernel for the rotary ops, the cos/sin gather and the two cache writes.
+
+Each public function runs the Triton kernel where it applies (CUDA tensors, or any tensor under Triton's CPU
+interpreter, TRITON_INTERPRET=1) and its twin (`*_ref`) elsewhere. The kernels round where the twins round
+(bf16 results of each torch op), so in fp32 they agree to float error and in bf16 to a unit in the last place.
+"""
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import torch.nn.functional as F
+
+try:  # Triton is optional: the twins run without it (CPU CI)
+    import triton
+    import triton.language as tl
+except Exception:  # ImportError, or a Triton that cannot find a compiler
+    triton = None
+
+
+# -- plain-torch twins: the decoder's own ops, one by one ---------------------------------------------------
+
+def add_rms_norm_ref(x: torch.Tensor, h: torch.Tensor, w: torch.Tensor, eps: float):
+    """Residual add then RMSNorm, as two torch ops.
+
+    Args:
+        x, h: (..., H) the residual stream and what a block adds to it.
+        w: (H,) the norm's weight.
+        eps: the norm's epsilon.
+    Returns:
+        (x + h, rms_norm(x + h) * w), both (..., H) in x's dtype.
+    """
+    s = x + h
+    return s, F.rms_norm(s, (s.shape[-1],), w, eps)
+
+
+def silu_mul_ref(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """silu(g) * u, (..., I) each."""
+    return F.silu(g) * u
+
+
+def rope_ref(x, cos, sin_signed):
+    """x * cos + rotate_half(x) * sin (rotate_half(x) * sin == roll(x) * [-sin1, sin2]), as libortho.decode."""
+    return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, -1), sin_signed)
+
+
+def rope_kv_ref_(q, k, v, cos, sin_signed, pos, k_cache, v_cache):
+    """Rotary on q and k of one position, k and v written into the cache at `pos`.
+
+    Args:
+        q: (B, nh * hd), k, v: (B, nkv * hd): one decode position (rows may be views of a fused q|k|v output).
+        cos, sin_signed: (S, hd) tables over all positions.
+        pos: (1,) long, the position (on the device).
+        k_cache, v_cache: (B, nkv, S, hd), written at `pos`.
+    Returns:
+        the rotated q, (B, nh, 1, hd).
+    """
+    B, hd = q.shape[0], k_cache.shape[-1]
+    c, s = cos[pos][None, None], sin_signed[pos][None, None]  # (1, 1, 1, hd)
+    qr = rope_ref(q.reshape(B, -1, 1, hd), c, s)  # (B, nh, 1, hd)
+    kr = rope_ref(k.reshape(B, -1, 1, hd), c, s)  # (B, nkv, 1, hd)
+    k_cache.index_copy_(2, pos, kr)
+    v_cache.index_copy_(2, pos, v.reshape(B, -1, 1, hd))
+    return qr
+
+
+# -- dispatch ------------------------------------------------------------------------------------------------
+
+@functools.lru_cache(maxsize=None)
+def _interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def applies(t: torch.Tensor) -> bool:
+    """Whether the Triton kernels run for tensors like `t`: Triton importable, and `t` on CUDA (or any device under
+    the interpreter), in fp32, fp16 or bf16."""
+    return (triton is not None and t.dtype in (torch.float32, torch.float16, torch.bfloat16)
+            and (t.is_cuda or _interpret()))
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """(..., C) -> (M, C) with unit column stride (a view where one exists: a decode step's (B, 1, C) slices)."""
+    t2 = t.reshape(-1, t.shape[-1])
+    return t2 if t2.stride(-1) == 1 else t2.contiguous()
+
+
+def add_rms_norm(x: torch.Tensor, h: torch.Tensor, w: torch.Tensor, eps: float):
+    """Residual add then RMSNorm in one kernel (its twin elsewhere); see `add_rms_norm_ref`."""
+    if not applies(x):
+        return add_rms_norm_ref(x, h, w, eps)
+    H = x.shape[-1]
+    x2, h2 = _rows(x), _rows(h)
+    s = torch.empty(x2.shape, dtype=x.dtype, device=x.device)  # (M, H)
+    y = torch.empty_like(s)
+    _add_rms_norm_kernel[(x2.shape[0],)](x2, h2, w, s, y, H, x2.stride(0), h2.stride(0), float(eps),
+                                         BLOCK=triton.next_power_of_2(H))
+    return s.view(x.shape), y.view(x.shape)
+
+
+def silu_mul(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """silu(g) * u in one kernel (its twin elsewhere); g and u may be the two halves of one fused output."""
+    if not applies(g):
+        return silu_mul_ref(g, u)
+    I = g.shape[-1]
+    g2, u2 = _rows(g), _rows(u)
+    out = torch.empty(g2.shape, dtype=g.dtype, device=g.device)  # (M, I)
+    BLOCK = min(1024, triton.next_power_of_2(I))
+    _silu_mul_kernel[(g2.shape[0], triton.cdiv(I, BLOCK))](g2, u2, out, I, g2.stride(0), u2.stride(0), BLOCK=BLOCK)
+    return out.view(g.shape)
+
+
+def rope_kv_(q, k, v, cos, sin_signed, pos, k_cache, v_cache):
+    """Rotary on q and k and the cache writes of one decode position in one kernel (its twin elsewhere); see
+    `rope_kv_ref_`."""
+    if not applies(q):
+        return rope_kv_ref_(q, k, v, cos, sin_signed, pos, k_cache, v_cache)
+    B, nkv, S, hd = k_cache.shape
+    nh = q.shape[-1] // hd
+    if not (k_cache.is_contiguous() and v_cache.is_contiguous() and cos.is_contiguous()
+            and sin_signed.is_contiguous()):
+        raise ValueError("rope_kv_: the caches and cos/sin tables must be contiguous; allocate them with torch.zeros")
+    q2, k2, v2 = _rows(q), _rows(k), _rows(v)
+    qr = torch.empty(B, nh, 1, hd, dtype=q.dtype, device=q.device)
+    _rope_kv_kernel[(B, nh + 2 * nkv)](q2, k2, v2, cos, sin_signed, pos, qr, k_cache, v_cache,
+                                       q2.stride(0), k2.stride(0), v2.stride(0), nh, nkv, S, HD=hd,
+                                       BLOCK=triton.next_power_of_2(hd))
+    return qr
+
+
+# -- kernels -------------------------------------------------------------------------------------------------
+
+if triton is not None:
+    @triton.jit
+    def _add_rms_norm_kernel(x_ptr, h_ptr, w_ptr, s_ptr, y_ptr, H, stride_x, stride_h, eps, BLOCK: tl.constexpr):
+        # one program per row; the sum is rounded to the stream's dtype before the norm reads it, and the
+        # normalized row before the weight multiplies it: where torch's x + h and F.rms_norm round
+        row = tl.program_id(0)
+        offs = tl.arange(0, BLOCK)
+        m = offs < H
+        x = tl.load(x_ptr + row * stride_x + offs, mask=m, other=0.0).to(tl.float32)
+        h = tl.load(h_ptr + row * stride_h + offs, mask=m, other=0.0).to(tl.float32)
+        s = (x + h).to(s_ptr.dtype.element_ty)
+        tl.store(s_ptr + row * H + offs, s, mask=m)
+        sf = s.to(tl.float32)
+        rstd = 1.0 / tl.sqrt(tl.sum(sf * sf, axis=0) / H + eps)
+        n = (sf * rstd).to(y_ptr.dtype.element_ty).to(tl.float32)
+        w = tl.load(w_ptr + offs, mask=m, other=0.0).to(tl.float32)
+        tl.store(y_ptr + row * H + offs, (n * w).to(y_ptr.dtype.element_ty), mask=m)
+
+    @triton.jit
+    def _silu_mul_kernel(g_ptr, u_ptr, o_ptr, I, stride_g, stride_u, BLOCK: tl.constexpr):
+        row = tl.program_id(0)
+        offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        m = offs < I
+        g = tl.load(g_ptr + row * stride_g + offs, mask=m, other=0.0).to(tl.float32)
+        u = tl.load(u_ptr + row * stride_u + offs, mask=m, other=0.0).to(tl.float32)
+        a = (g / (1.0 + tl.exp(-g))).to(o_ptr.dtype.element_ty).to(tl.float32)  # silu, rounded as F.silu's output
+        tl.store(o_ptr + row * I + offs, (a * u).to(o_ptr.dtype.element_ty), mask=m)
+
+    @triton.jit
+    def _rope_kv_kernel(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, pos_ptr, qo_ptr, kc_ptr, vc_ptr,
+                        stride_q, stride_k, stride_v, NH, NKV, S, HD: tl.constexpr, BLOCK: tl.constexpr):
+        # one program per (request, head): heads 0..NH-1 are q (rotated, to qo), then NKV k heads (rotated, to the
+        # k cache at pos), then NKV v heads (copied to the v cache at pos)
+        b = tl.program_id(0)
+        j = tl.program_id(1)
+        pos = tl.load(pos_ptr)
+        d = tl.arange(0, BLOCK)
+        m = d < HD
+        partner = (d + HD // 2) % HD  # roll by half: rotate_half(x) * sin == x[partner] * sin_signed
+        c = tl.load(cos_ptr + pos * HD + d, mask=m, other=0.0).to(tl.float32)
+        sn = tl.load(sin_ptr + pos * HD + d, mask=m, other=0.0).to(tl.float32)
+        if j < NH:
+            src = q_ptr + b * stride_q + j * HD
+            x = tl.load(src + d, mask=m, other=0.0).to(tl.float32)
+            xr = tl.load(src + partner, mask=m, other=0.0).to(tl.float32)
+            t = (x * c).to(qo_ptr.dtype.element_ty).to(tl.float32)  # x * cos rounded, as torch's mul before addcmul
+            tl.store(qo_ptr + (b * NH + j) * HD + d, (t + xr * sn).to(qo_ptr.dtype.element_ty), mask=m)
+        elif j < NH + NKV:
+            src = k_ptr + b * stride_k + (j - NH) * HD
+            x = tl.load(src + d, mask=m, other=0.0).to(tl.float32)
+            xr = tl.load(src + partner, mask=m, other=0.0).to(tl.float32)
+            t = (x * c).to(kc_ptr.dtype.element_ty).to(tl.float32)
+            dst = kc_ptr + ((b * NKV + (j - NH)) * S + pos) * HD
+            tl.store(dst + d, (t + xr * sn).to(kc_ptr.dtype.element_ty), mask=m)
+        else:
+            x = tl.load(v_ptr + b * stride_v + (j - NH - NKV) * HD + d, mask=m, other=0.0)
+            dst = vc_ptr + ((b * NKV + (j - NH - NKV)) * S + pos) * HD
+            tl.store(dst + d, x.to(vc_ptr.dtype.element_ty), mask=m)
