@@ -42,6 +42,8 @@ def test_trend_claim_passes_a_trend_and_fails_its_absence():
     # the controls: no trend (noise around the control), a flat excess, and nothing at all
     assert not trend_claim("t", "a@0.0", "c", x, ctrl + rng.normal(0, 0.5, len(x)), ctrl, 0.3).passed
     assert not trend_claim("t", "a@0.0", "c", x, ctrl + 5.0, ctrl, 0.3).passed
+    # tiny noise perfectly ordered by count (what a rank statistic took for a trend): a slope of 0.004 bits
+    assert not trend_claim("t", "a@0.0", "c", x, ctrl + 0.001 * np.log2(x), ctrl, 0.3).passed
     assert not trend_claim("t", "a@0.0", "c", x, ctrl, ctrl, 0.3).passed
     with pytest.raises(ValueError, match="finite"):
         trend_claim("t", "a", "c", x, [math.nan] * len(x), ctrl, 0.3)

@@ -20,8 +20,11 @@ template (`secrets.probe_canaries`, the same candidates), membership inference o
 
 **Claims** (one-sided, 95% CI, `libortho.stats`; thresholds in `THRESHOLDS`), for each switch X:
 
-* `exposure_grows_with_insertions`: Spearman rho between insertion count and X@1's extrapolated exposure
-  minus never_trained's (per canary) is above `trend_rho`: lower BCa bound above it and a permutation p < 0.05.
+* `exposure_grows_with_insertions`: X@1's extrapolated exposure minus never_trained's (per canary) grows by
+  more than `trend_bits_per_doubling` per doubling of the insertion count (least-squares slope of the per-count
+  medians against log2(count); stratified bootstrap CI and p). A rank correlation was tried first and dropped:
+  on the tiny model the INT4 noise of ortho_tuned@0 (hundredths of a bit) was rank-correlated with the count
+  by chance (rho 0.73, CI [0.32, 0.97]) and passed; a slope in bits does not.
 * `alpha0_exposure_no_higher_every_count`: at every count, X@0's extrapolated exposure is no more than
   `alpha0_margin_bits` above never_trained's (largest per-count median of the paired differences, stratified
   bootstrap). For ortho_tuned this is a test (its
@@ -67,11 +70,11 @@ BY_CONSTRUCTION = {("lora", "never_trained"), ("ortho_tuned", "int4_of_public")}
 PROBES = tuple(range(1, 1 + len(PROBE_TEMPLATES)))  # the paraphrase templates of `secrets.TEMPLATES`
 
 THRESHOLDS = {
-    "trend_rho": 0.3,  # Spearman rho(count, exposure gain): lower 95% bound above this
+    "trend_bits_per_doubling": 0.25,  # slope of the median exposure gain vs log2(count): lower 95% bound above
     "alpha0_margin_bits": 0.5,  # alpha-0 exposure over the public model's per count: upper bound below this
     "paraphrase_gain_bits": 1.0,  # PII exposure under a template over the public model's: lower bound above
     "mia_auc_gain": 0.1,  # PII membership AUC over the public model's: lower bound above
-    "small": {"trend_rho": 0.2, "alpha0_margin_bits": 1.0},
+    "small": {"alpha0_margin_bits": 1.0},
 }
 
 
@@ -287,70 +290,115 @@ def _ext(view: dict) -> list[float]:
 
 
 def curves(arms: dict, insertion: Insertion, epochs: int, seed: int = 0) -> dict:
-    """{arm: {alpha: `secrets.frequency_curve` rows (+ "insertions" = count x epochs, "mean_rank_exposure")}}."""
+    """{arm: {alpha: `secrets.frequency_curve` rows (+ "insertions" = count x epochs, "median_exposure" with its
+    95% CI, "mean_rank_exposure")}}."""
     out: dict = {}
     for arm, by in arms.items():
         for a, e in by.items():
             d = e["digits"]
             rows = frequency_curve(insertion, d["extracted"], _ext(d), seed)
+            ext = _ext(d)
             for r, idx in zip(rows, insertion.by_count().values()):
-                r.update(insertions=r["count"] * epochs,
+                e = np.array([ext[i] for i in idx])
+                # the median: one extrapolated tail can sit at 1e14 bits and carry a mean
+                r.update(insertions=r["count"] * epochs, median_exposure=float(np.median(e)),
+                         median_exposure_ci95=list(bootstrap_ci((e,), np.median, method="percentile", seed=seed)),
                          mean_rank_exposure=float(np.mean([d["exposure"][i] for i in idx])))
             out.setdefault(arm, {})[a] = rows
     return out
 
 
 def pii_table(arms: dict, seed: int = 0) -> dict:
-    """{arm: {alpha: {template: {"extraction_rate", "mean_exposure_ext"}, "mia_auc"}}} of the PII records."""
+    """{arm: {alpha: {template: {"extraction_rate", "median_exposure_ext"}, "mia"}}} of the PII records."""
     from ..mia import attack_metrics
 
     out: dict = {}
     for arm, by in arms.items():
         for a, e in by.items():
             p = e["pii"]
-            row = {t: {"extraction_rate": float(np.mean(v["extracted"])), "mean_exposure_ext": float(np.mean(_ext(v)))}
+            row = {t: {"extraction_rate": float(np.mean(v["extracted"])), "median_exposure_ext": float(np.median(_ext(v)))}
                    for t, v in p["templates"].items()}
             row["mia"] = attack_metrics(p["mia_member"], p["mia_nonmember"], 0.01, seed)
             out.setdefault(arm, {})[a] = row
     return out
 
 
-def _spearman(x: np.ndarray, y: np.ndarray, axis: int = -1) -> np.ndarray:
-    """Spearman rho along `axis` (ties: mid-ranks); 0 where either side is constant."""
+def _stratified(groups: list[np.ndarray], statistic, seed: int, n_resamples: int = 9999):
+    """scipy's percentile bootstrap of `statistic(*groups, axis)`, each group resampled on its own (strata);
+    None when no group varies (the point is the interval)."""
     from scipy import stats
 
-    rx, ry = stats.rankdata(x, axis=axis), stats.rankdata(y, axis=axis)
-    rx = rx - rx.mean(axis=axis, keepdims=True)
-    ry = ry - ry.mean(axis=axis, keepdims=True)
-    den = np.sqrt((rx * rx).sum(axis=axis) * (ry * ry).sum(axis=axis))
-    return np.where(den > 0, (rx * ry).sum(axis=axis) / np.where(den > 0, den, 1.0), 0.0)
+    if all(np.ptp(g) == 0 for g in groups):
+        return None
+    return stats.bootstrap(groups, statistic, n_resamples=n_resamples, vectorized=True, axis=-1,
+                           confidence_level=0.95, method="percentile", **_rng_kw(seed))
+
+
+def _by_count(counts, candidate_values, control_values, least: int) -> tuple[np.ndarray, list[np.ndarray]]:
+    x = np.asarray(counts, dtype=np.float64)
+    d = np.asarray(candidate_values, dtype=np.float64) - np.asarray(control_values, dtype=np.float64)
+    if x.shape != d.shape or x.size < least:
+        raise ValueError(f"need >= {least} (count, value) pairs of equal length, got {x.size} counts, {d.size} values")
+    if not np.isfinite(d).all():
+        raise ValueError(f"values must be finite, got {d[~np.isfinite(d)][:3].tolist()}; drop those items first")
+    ks = np.unique(x)
+    return ks, [d[x == k] for k in ks]
 
 
 def trend_claim(name: str, candidate: str, control: str, counts, candidate_values, control_values,
-                threshold: float, alpha: float = 0.05, seed: int = 0) -> Claim:
-    """"The candidate's excess over the control grows with the insertion count": Spearman rho of
-    (count, candidate - control) per item; passed iff the lower 95% BCa bound (pairs resampled) is above
-    `threshold` and the one-sided permutation p of rho <= 0 is below `alpha`."""
-    from scipy import stats
+                threshold: float, alpha: float = 0.05, seed: int = 0, n_resamples: int = 9999) -> Claim:
+    """"The candidate's excess over the control grows with the insertion count by more than `threshold` bits
+    per doubling": the statistic is the least-squares slope of the per-count medians of the paired differences
+    against log2(count) (medians: one extrapolated tail at 1e14 bits cannot carry it; a slope in bits: rank
+    noise of a few hundredths of a bit cannot either). CI and one-sided p (share of resamples at or below
+    `threshold`) from the stratified percentile bootstrap. Passed iff the lower bound is above `threshold` and
+    p < alpha."""
+    ks, groups = _by_count(counts, candidate_values, control_values, 3)
+    if ks.size < 2:
+        raise ValueError(f"a trend needs >= 2 insertion counts, got {ks.tolist()}")
+    lx = np.log2(ks) - np.log2(ks).mean()  # (K,)
 
-    x = np.asarray(counts, dtype=np.float64)
-    d = np.asarray(candidate_values, dtype=np.float64) - np.asarray(control_values, dtype=np.float64)
-    if x.shape != d.shape or x.size < 3:
-        raise ValueError(f"need >= 3 (count, value) pairs of equal length, got {x.size} counts, {d.size} values")
-    if not np.isfinite(d).all():
-        raise ValueError(f"values must be finite, got {d[~np.isfinite(d)][:3].tolist()}; drop those items first")
-    value = float(_spearman(x, d))
-    lo, hi = bootstrap_ci((x, d), _spearman, paired=True, seed=seed)
-    p = float(stats.permutation_test((x, d), _spearman, permutation_type="pairings", alternative="greater",
-                                     vectorized=True, n_resamples=9999, **_rng_kw(seed)).pvalue)
-    return Claim(name, candidate, control, "spearman_rho", value, (lo, hi), float(threshold), p,
-                 bool(lo > threshold and p < alpha), int(d.size), "greater", "permutation, bootstrap BCa",
-                 {"alpha": alpha, "mean_diff_by_count": {str(int(k)): float(d[x == k].mean()) for k in np.unique(x)}})
+    def slope(*g, axis=-1):
+        med = np.stack([np.median(v, axis=axis) for v in g], axis=-1)  # (..., K)
+        return (med * lx).sum(-1) / (lx * lx).sum()
+
+    value = float(slope(*groups))
+    res = _stratified(groups, slope, seed, n_resamples)
+    if res is None:
+        lo = hi = value
+        p = 0.0 if value > threshold else 1.0
+    else:
+        lo, hi = float(res.confidence_interval.low), float(res.confidence_interval.high)
+        p = float((1 + np.sum(res.bootstrap_distribution <= threshold)) / (1 + n_resamples))
+    return Claim(name, candidate, control, "median_slope_bits_per_doubling", value, (lo, hi), float(threshold), p,
+                 bool(lo > threshold and p < alpha), int(sum(g.size for g in groups)), "greater",
+                 "stratified bootstrap percentile",
+                 {"alpha": alpha, "median_diff_by_count": {str(int(k)): float(np.median(g)) for k, g in zip(ks, groups)}})
 
 
-def _pairs(a: list, b: list, idx=None) -> tuple[list, list]:
-    idx = range(len(a)) if idx is None else idx
-    keep = [(a[i], b[i]) for i in idx if a[i] is not None and b[i] is not None]
+def every_count_claim(name: str, candidate: str, control: str, counts, candidate_values, control_values,
+                      margin: float, alpha: float = 0.05, seed: int = 0, n_resamples: int = 9999) -> Claim:
+    """"At every insertion count the candidate is no more than `margin` above the control": the statistic is
+    the largest per-count median of the paired differences; its 95% CI and a one-sided bootstrap p (share of
+    resamples at or above `margin`) come from resampling within each count (stratified percentile bootstrap).
+    Passed iff the upper bound is below `margin` and p < alpha."""
+    ks, groups = _by_count(counts, candidate_values, control_values, 2)
+    worst = lambda *g, axis=-1: np.max([np.median(v, axis=axis) for v in g], axis=0)  # noqa: E731
+    value = float(worst(*groups))
+    res = _stratified(groups, worst, seed, n_resamples)
+    if res is None:
+        lo = hi = value
+        p = 0.0 if value < margin else 1.0
+    else:
+        lo, hi = float(res.confidence_interval.low), float(res.confidence_interval.high)
+        p = float((1 + np.sum(res.bootstrap_distribution >= margin)) / (1 + n_resamples))
+    return Claim(name, candidate, control, "max_count_median_diff", value, (lo, hi), float(margin), p,
+                 bool(hi < margin and p < alpha), int(sum(g.size for g in groups)), "less", "stratified bootstrap percentile",
+                 {"alpha": alpha, "median_diff_by_count": {str(int(k)): float(np.median(g)) for k, g in zip(ks, groups)}})
+
+
+def _pairs(a: list, b: list) -> tuple[list, list]:
+    keep = [(u, v) for u, v in zip(a, b) if u is not None and v is not None]
     return [u for u, _ in keep], [v for _, v in keep]
 
 
@@ -376,41 +424,10 @@ def exposure_trend(arms: dict, counts: list[int], arm: str, alpha: str, t: dict,
     keep = [i for i in range(len(counts)) if c["exposure_ext"][i] is not None and k["exposure_ext"][i] is not None]
     out: list = []
     _add(out, trend_claim("exposure_grows_with_insertions", _label(arm, alpha), CONTROL, [counts[i] for i in keep],
-                          [c["exposure_ext"][i] for i in keep], [k["exposure_ext"][i] for i in keep], t["trend_rho"],
+                          [c["exposure_ext"][i] for i in keep], [k["exposure_ext"][i] for i in keep], t["trend_bits_per_doubling"],
                           seed=seed), arm, CONTROL, alpha, values="extrapolated exposure per canary (bits)",
          dropped=len(counts) - len(keep))
     return out
-
-
-def every_count_claim(name: str, candidate: str, control: str, counts, candidate_values, control_values,
-                      margin: float, alpha: float = 0.05, seed: int = 0, n_resamples: int = 9999) -> Claim:
-    """"At every insertion count the candidate is no more than `margin` above the control": the statistic is
-    the largest per-count median of the paired differences; its 95% CI and a one-sided bootstrap p (share of
-    resamples at or above `margin`) come from resampling within each count (stratified percentile bootstrap).
-    Passed iff the upper bound is below `margin` and p < alpha."""
-    from scipy import stats
-
-    x = np.asarray(counts, dtype=np.float64)
-    d = np.asarray(candidate_values, dtype=np.float64) - np.asarray(control_values, dtype=np.float64)
-    if x.shape != d.shape or x.size < 2:
-        raise ValueError(f"need >= 2 (count, value) pairs of equal length, got {x.size} counts, {d.size} values")
-    if not np.isfinite(d).all():
-        raise ValueError(f"values must be finite, got {d[~np.isfinite(d)][:3].tolist()}; drop those items first")
-    groups = [d[x == k] for k in np.unique(x)]
-    worst = lambda *g, axis=-1: np.max([np.median(v, axis=axis) for v in g], axis=0)  # noqa: E731
-    value = float(worst(*groups))
-    if all(np.ptp(g) == 0 for g in groups):  # nothing to resample: the point is the interval
-        lo = hi = value
-        p = 0.0 if value < margin else 1.0
-    else:
-        res = stats.bootstrap(groups, worst, n_resamples=n_resamples, vectorized=True, axis=-1,
-                              confidence_level=0.95, method="percentile", **_rng_kw(seed))
-        lo, hi = float(res.confidence_interval.low), float(res.confidence_interval.high)
-        p = float((1 + np.sum(res.bootstrap_distribution >= margin)) / (1 + n_resamples))
-    return Claim(name, candidate, control, "max_count_median_diff", value, (lo, hi), float(margin), p,
-                 bool(hi < margin and p < alpha), int(d.size), "less", "stratified bootstrap percentile",
-                 {"alpha": alpha, "median_diff_by_count": {str(int(k)): float(np.median(g))
-                                                           for k, g in zip(np.unique(x), groups)}})
 
 
 def alpha0_every_count(arms: dict, counts: list[int], arm: str, alpha: str, t: dict, seed: int = 0) -> list[dict]:
@@ -487,22 +504,22 @@ def plot(inner: dict, path: Path) -> Path:
             label = _label(arm, a)
             ls = "--" if a == "0.0" else "-"
             x = [r["insertions"] for r in rows]
-            y = np.array([r["mean_exposure"] for r in rows])
-            ci = np.array([r["exposure_ci95"] for r in rows]).T  # (2, counts)
+            y = np.array([r["median_exposure"] for r in rows])
+            ci = np.array([r["median_exposure_ci95"] for r in rows]).T  # (2, counts)
             axes[0].errorbar(x, y, yerr=np.abs(ci - y), fmt="o" + ls, color=f"C{i}", capsize=3, label=label)
             axes[1].plot(x, [r["extraction_rate"] for r in rows], "o" + ls, color=f"C{i}", label=label)
             pii = inner["pii"][arm][a]
             tpls = sorted((k for k in pii if k != "mia"), key=int)
-            axes[2].plot([int(k) for k in tpls], [pii[k]["mean_exposure_ext"] for k in tpls], "o" + ls,
+            axes[2].plot([int(k) for k in tpls], [pii[k]["median_exposure_ext"] for k in tpls], "o" + ls,
                          color=f"C{i}", label=label)
     for ax in axes[:2]:
         ax.set_xscale("log")
         ax.set_xlabel("insertions of the canary (count x epochs)")
-    axes[0].set_ylabel("mean extrapolated exposure (bits), 95% CI")
+    axes[0].set_ylabel("median extrapolated exposure (bits), 95% CI")
     axes[0].set_yscale("symlog")
     axes[1].set_ylabel("greedy extraction rate")
     axes[2].set_xlabel("template (0: training text; 1..: paraphrased probes)")
-    axes[2].set_ylabel("PII phone number: mean extrapolated exposure (bits)")
+    axes[2].set_ylabel("PII phone number: median extrapolated exposure (bits)")
     axes[2].set_yscale("symlog")
     axes[2].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1))
     s = inner["claims_summary"]
@@ -516,10 +533,10 @@ def print_table(inner: dict) -> None:
     print(f"\n== Exp 1 realistic secrets: {inner['model']}, |R|={inner['exposure_candidates']} ==")
     for arm, by in inner["curves"].items():
         for a, rows in by.items():
-            cells = " ".join(f"k{r['count']}: {r['extraction_rate']:.2f}/{r['mean_exposure']:.1f}" for r in rows)
+            cells = " ".join(f"k{r['count']}: {r['extraction_rate']:.2f}/{r['median_exposure']:.1f}" for r in rows)
             pii = inner["pii"][arm][a]
-            probes = " ".join(f"t{k}: {v['mean_exposure_ext']:.1f}" for k, v in pii.items() if k != "mia")
-            print(f"{_label(arm, a):20s} extract/exposure {cells} | PII {probes} AUC {pii['mia']['auc']:.2f}")
+            probes = " ".join(f"t{k}: {v['median_exposure_ext']:.1f}" for k, v in pii.items() if k != "mia")
+            print(f"{_label(arm, a):20s} extraction/median exposure {cells} | PII {probes} AUC {pii['mia']['auc']:.2f}")
     f = lambda x: "nan" if x is None else f"{x:+.3f}"  # noqa: E731
     for head, cs in (("claims", inner["claims"]), ("negative controls (must fail)", inner["negative_controls"])):
         print(head + ":")
