@@ -1,0 +1,236 @@
+"""libortho/kernels/triton_decode.py: each fused decode kernel against its plain-torch twin, and
+StaticDecoder(fuse_elementwise=True) against the unfused decoder.
+
+The kernels run on the CPU through Triton's interpreter (TRITON_INTERPRET=1, chosen when the kernels are defined,
+so in a fresh process: `cases` below) and compiled on CUDA (the `gpu` tests). Each parity check has its control:
+the same comparison against a wrong twin (the residual not added, eps wrong, gate and up swapped, sin negated,
+the cache written one position late) must fail it.
+"""
+import functools
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from libortho.kernels import triton_decode as td
+
+needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None,
+                                  reason="Triton is not installed (pip install triton runs its interpreter on CPU)")
+TOL = {"float32": 1e-5, "bfloat16": 8e-3}  # relative; bf16: a unit in the last place (2^-8) on some elements
+# Triton's interpreter rounds fp32 -> bf16 toward zero (the GPU and torch: to nearest): up to an ulp on every
+# element, one way, at each rounding the twins also make
+INTERP_BF16_TOL = 2e-2
+DTYPES = (torch.float32, torch.bfloat16)
+
+
+def _rel(y, ref) -> float:
+    return ((y.float() - ref.float()).norm() / ref.float().norm()).item()
+
+
+def _rope_tables(S: int, hd: int, dtype):
+    """(cos, sin_signed) (S, hd) as StaticDecoder builds them (theta 10000)."""
+    inv = 1.0 / 10000 ** (torch.arange(0, hd, 2).float() / hd)
+    ang = torch.arange(S).float()[:, None] * inv[None]  # (S, hd/2)
+    ang = torch.cat((ang, ang), -1)
+    half = hd // 2
+    sin = ang.sin()
+    return ang.cos().to(dtype), torch.cat((-sin[:, :half], sin[:, half:]), -1).to(dtype)
+
+
+def _cases(device: str) -> dict:
+    """Relative errors of each kernel against its twin ("err") and against the wrong twins ("ctl_*"), per case.
+    Runs the kernels: on CPU only under TRITON_INTERPRET=1."""
+    g = torch.Generator().manual_seed(0)
+
+    def rnd(*shape, dtype=torch.float32):
+        return torch.randn(*shape, generator=g).to(device, dtype)
+
+    out = {}
+    for dt in DTYPES:
+        name = str(dt).removeprefix("torch.")
+        # add + RMSNorm: odd H, a batch of rows, (B, T, H), and the strided last position of a prefill
+        for shape in ((1, 64), (3, 100), (2, 3, 257), "last"):
+            xs = rnd(2, 5, 96, dtype=dt) if shape == "last" else rnd(*shape, dtype=dt)
+            x = xs[:, -1:] if shape == "last" else xs  # (2, 1, 96) with row stride 5 * 96
+            h = rnd(*x.shape, dtype=dt)
+            w = (1 + 0.1 * rnd(x.shape[-1])).to(dt)
+            s, y = td.add_rms_norm(x, h, w, 1e-6)
+            rs, ry = td.add_rms_norm_ref(x, h, w, 1e-6)
+            out[f"add_rms_norm-{name}-{shape}"] = dict(
+                err=max(_rel(s, rs), _rel(y, ry)), shape_ok=s.shape == x.shape and y.shape == x.shape,
+                ctl_no_residual=_rel(y, td.add_rms_norm_ref(x, 0 * h, w, 1e-6)[1]),
+                ctl_eps=_rel(y, td.add_rms_norm_ref(x, h, w, 2.0)[1]))
+        # SiLU * up on the two halves of one fused gate|up output: I odd and over one block, rows, (B, T, 2I)
+        for shape in ((1, 2 * 75), (4, 2 * 1100), (2, 1, 2 * 33)):
+            gu = rnd(*shape, dtype=dt)
+            I = shape[-1] // 2
+            gt, up = gu[..., :I], gu[..., I:]
+            o = td.silu_mul(gt, up)
+            out[f"silu_mul-{name}-{shape}"] = dict(err=_rel(o, td.silu_mul_ref(gt, up)), shape_ok=o.shape == gt.shape,
+                                                  ctl_swapped=_rel(o, td.silu_mul_ref(up, gt)))
+        # rotary + KV write: GQA heads, hd a power of 2 and not, a batch; caches full of other values
+        for B, nh, nkv, hd in ((1, 4, 2, 16), (3, 4, 2, 24), (2, 8, 2, 128)):
+            S, p = 11, 7
+            qkv = rnd(B, (nh + 2 * nkv) * hd, dtype=dt)
+            q, k, v = qkv[:, :nh * hd], qkv[:, nh * hd:(nh + nkv) * hd], qkv[:, (nh + nkv) * hd:]
+            cos, sin = (t.to(device) for t in _rope_tables(S, hd, dt))
+            pos = torch.tensor([p], device=device)
+            kc, vc = rnd(B, nkv, S, hd, dtype=dt), rnd(B, nkv, S, hd, dtype=dt)
+            caches = [(kc.clone(), vc.clone()) for _ in range(3)]
+            qr = td.rope_kv_(q, k, v, cos, sin, pos, *caches[0])
+            rq = td.rope_kv_ref_(q, k, v, cos, sin, pos, *caches[1])
+            late = td.rope_kv_ref_(q, k, v, cos, sin, pos + 1, *caches[2])
+            out[f"rope_kv-{name}-B{B}-nh{nh}-nkv{nkv}-hd{hd}"] = dict(
+                err=max(_rel(qr, rq), _rel(caches[0][0], caches[1][0]), _rel(caches[0][1], caches[1][1])),
+                shape_ok=qr.shape == (B, nh, 1, hd),
+                others_untouched=all(bool(torch.equal(c[:, :, [j]], o[:, :, [j]])) for c, o in
+                                     zip(caches[0], (kc, vc)) for j in range(S) if j != p),
+                ctl_sin_negated=_rel(qr, td.rope_kv_ref_(q, k, v, cos, -sin, pos, kc.clone(), vc.clone())),
+                ctl_late=min(_rel(caches[0][0], caches[2][0]), _rel(caches[0][1], caches[2][1])))
+    return out
+
+
+@functools.lru_cache(maxsize=None)
+def _model(device: str, dtype):
+    """A tiny Llama converted at density 0.1 (decoders never change it)."""
+    from libortho import OrthoConfig, orthogonalize_
+    from libortho.models import tiny_llama
+
+    return orthogonalize_(tiny_llama(vocab_size=256), OrthoConfig(score="magnitude", group_size=32, density=0.1),
+                          progress=False).to(device, dtype)
+
+
+ALL = ((False, True), (False, False), (True, True), (True, False))  # (fuse_elementwise, fuse)
+
+
+def _decoder_runs(device: str, dtype, combos=ALL) -> dict:
+    """Last logits and tokens of StaticDecoder for each (fuse_elementwise, fuse) (a batch of 3 with their own
+    alphas; a prefill of 6 then 5 decode steps), keyed "fe<0|1>-fuse<0|1>"."""
+    from libortho.decode import StaticDecoder
+
+    model = _model(device, dtype)
+    ids = torch.randint(0, 255, (3, 6), generator=torch.Generator().manual_seed(0))
+    runs = {}
+    for fe, fuse in combos:
+        dec = StaticDecoder(model, max_seq=32, dtype=dtype, device=device, batch=3, fuse=fuse, fuse_elementwise=fe)
+        toks = dec.generate(ids.to(device), 5, alphas=torch.tensor([1.0, 0.0, 0.5]))
+        runs[f"fe{int(fe)}-fuse{int(fuse)}"] = (toks.tolist(), dec.logits.float().cpu())
+    return runs
+
+
+def _interpreted() -> dict:
+    """What the interpreter process reports: the kernel cases and the decoder runs on CPU (fp32)."""
+    # fused q|k|v (its column views go to the rotary kernel); the unfused linears' path runs in the twin test
+    runs = _decoder_runs("cpu", torch.float32, (ALL[0], ALL[2]))
+    ref = runs["fe0-fuse1"][1]
+    dec = {k: dict(toks=t, rel=_rel(lg, ref)) for k, (t, lg) in runs.items()}
+    return dict(cases=_cases("cpu"), decoder=dec, applies=td.applies(torch.zeros(1)))
+
+
+@pytest.fixture(scope="module")
+def interp() -> dict:
+    """The numbers `_interpreted` reports, from one TRITON_INTERPRET=1 process (about 15 s)."""
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    code = "import json, tests.test_triton_decode as t; print('CASES' + json.dumps(t._interpreted()))"
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    run = subprocess.run([sys.executable, "-c", code], env=env, cwd=root, capture_output=True, text=True,
+                         timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    return json.loads(next(s for s in run.stdout.splitlines() if s.startswith("CASES"))[5:])
+
+
+def _check(cases: dict, bf16_tol: float = TOL["bfloat16"]):
+    assert len(cases) == 2 * (4 + 3 + 3)
+    for k, c in cases.items():
+        tol = bf16_tol if "bfloat16" in k else TOL["float32"]
+        assert c["err"] < tol and c["shape_ok"], (k, c)
+        assert c.get("others_untouched", True), k  # the cache changed only at pos
+        ctl = {n: v for n, v in c.items() if n.startswith("ctl_")}
+        assert ctl and min(ctl.values()) > 5 * tol, (k, ctl)  # each wrong twin is told apart
+
+
+# -- the kernels under the interpreter (CPU) --------------------------------------------------------------------
+
+@needs_triton
+def test_kernels_match_their_twins_under_the_interpreter(interp):
+    assert interp["applies"]  # the kernels ran, not the twins: CPU tensors take them only under the interpreter
+    _check(interp["cases"], INTERP_BF16_TOL)
+
+
+@needs_triton
+def test_decoder_with_fused_elementwise_kernels_generates_as_without(interp):
+    dec = interp["decoder"]
+    ref = dec["fe0-fuse1"]["toks"]
+    for k, r in dec.items():
+        assert r["toks"] == ref, (k, r["toks"], ref)
+        assert r["rel"] < 1e-5, (k, r["rel"])
+
+
+# -- the twins inside the decoder (CPU, no Triton needed: what CI without Triton runs) ------------------------
+
+def test_twins_run_off_cuda_and_decode_as_the_unfused_ops():
+    assert not td.applies(torch.zeros(1)) or os.environ.get("TRITON_INTERPRET") == "1"
+    runs = _decoder_runs("cpu", torch.float32)
+    ref_t, ref = runs["fe0-fuse1"]
+    for k, (t, lg) in runs.items():
+        assert t == ref_t and _rel(lg, ref) < 1e-6, k
+
+
+def test_control_a_wrong_fused_op_changes_what_the_decoder_generates(monkeypatch):
+    """The decoder check above can fail: a fused norm with eps wrong, or a rotary writing k one position late,
+    moves the logits far from the unfused decoder's."""
+    ref = _decoder_runs("cpu", torch.float32, ALL[:1])["fe0-fuse1"][1]
+    for name, bad in (("add_rms_norm", lambda x, h, w, eps: td.add_rms_norm_ref(x, h, w, 0.5)),
+                      ("rope_kv_", lambda q, k, v, c, s, pos, kc, vc: td.rope_kv_ref_(q, k, v, c, s, pos + 1, kc, vc))):
+        with monkeypatch.context() as mp:
+            mp.setattr(td, name, bad)
+            runs = _decoder_runs("cpu", torch.float32, (ALL[0], ALL[2]))
+        assert _rel(runs["fe1-fuse1"][1], ref) > 1e-3, name
+        assert _rel(runs["fe0-fuse1"][1], ref) < 1e-6, name  # the flag off never calls the fused ops
+
+
+# -- compiled on CUDA ------------------------------------------------------------------------------------------
+
+@pytest.mark.gpu
+@needs_triton
+def test_kernels_match_their_twins_on_cuda():
+    _check(_cases("cuda"))
+
+
+@pytest.mark.gpu
+@needs_triton
+def test_decoder_fused_elementwise_in_cuda_graphs_and_fewer_kernels():
+    """bf16 in CUDA graphs: flag on against off (tokens; logits within bf16 noise), and the eager step launches
+    fewer kernels with the flag on (control: the count with it off)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    runs = _decoder_runs("cuda", torch.bfloat16)
+    ref_t, ref = runs["fe0-fuse1"]
+    for k, (t, lg) in runs.items():
+        assert t == ref_t and _rel(lg, ref) < 2e-2, (k, t, ref_t, _rel(lg, ref))
+    from libortho import OrthoConfig, orthogonalize_
+    from libortho.decode import StaticDecoder
+    from libortho.models import tiny_llama
+
+    model = orthogonalize_(tiny_llama(vocab_size=256), OrthoConfig(score="magnitude", group_size=32, density=0.1),
+                           progress=False).to("cuda", torch.bfloat16)
+    ids = torch.randint(0, 255, (1, 6), device="cuda")
+    n = {}
+    for fe in (False, True):
+        dec = StaticDecoder(model, max_seq=32, use_graph=False, fuse_elementwise=fe)
+        dec.prepare()
+        dec.prefill(ids)
+        dec.decode(2)  # compiles
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            dec.decode(1)
+            torch.cuda.synchronize()
+        dec._clear_hints()
+        n[fe] = sum(e.count for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA)
+    # per layer at least: 2 adds folded into norms, silu and mul into one, rotary (3 ops) and 2 cache writes
+    # into one; per step the cos/sin gathers
+    assert n[False] - n[True] >= 2 * (2 + 1 + 4), n
