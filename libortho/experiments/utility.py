@@ -623,10 +623,11 @@ def print_table(inner: dict) -> None:
         d = f"{r['domain_ppl']:.2f} [{r['domain_ci95'][0]:.2f}, {r['domain_ci95'][1]:.2f}]"
         print(f"{r['arm']:15s} {r['trainable_params']:10d} {r['stored_bytes']:11d} {lr:>8s} {d:>28s} "
               f"{r['general_ppl']:12.2f}")
+    f = lambda x, spec: "nan" if x is None else format(x, spec)  # noqa: E731 - JSON's None for a non-finite number
     for c in inner["claims"] + list(inner["negative_controls"].values()):
         print(f"  {'PASS' if c['passed'] else 'FAIL'} {c['name']:22s} {c['candidate']:>15s} vs {c['control']:15s} "
-              f"{c['value']:+.4f} CI [{c['ci95'][0]:+.4f}, {c['ci95'][1]:+.4f}] threshold {c['threshold']:+g} "
-              f"p {c['p']:.3g}")
+              f"{f(c['value'], '+.4f')} CI [{f(c['ci95'][0], '+.4f')}, {f(c['ci95'][1], '+.4f')}] threshold "
+              f"{c['threshold']:+g} p {f(c['p'], '.3g')}")
 
 
 @register("utility")
