@@ -32,7 +32,8 @@ range named "lo:<part>" (RANGES), for bench/profile_decode.py; off, it costs not
 `fuse_elementwise=True` (off by default until measured on a GPU): the small ops between the linears run as fused
 kernels (libortho/kernels/triton_decode.py; their plain-torch twins off CUDA): each residual add with the RMSNorm
 after it (labelled "norm"), silu(gate) * up (labelled "elementwise"), and, in a decode step, rotary on q and k with
-the KV-cache write (labelled "rotary"; "kv_copy" is then empty).
+the KV-cache write (labelled "rotary"; "kv_copy" is then empty). `fuse_attention=True` (off by default too): a decode
+step's attention over the cache as one kernel reading only the filled positions (`triton_decode.decode_attention`).
 """
 from __future__ import annotations
 
@@ -138,6 +139,7 @@ class StaticDecoder:
         ranges: label each part of a step for the profiler (bench/profile_decode.py).
         fuse: decode with fused q|k|v and gate|up copies of the OrthoLinear layers (see the module docstring).
         fuse_elementwise: residual add + RMSNorm, SiLU * up, rotary + KV write as one kernel each.
+        fuse_attention: a decode step's attention as one kernel.
 
     Example:
         >>> dec = StaticDecoder(model, max_seq=1024)          # doctest: +SKIP
@@ -148,7 +150,7 @@ class StaticDecoder:
 
     def __init__(self, model, max_seq: int = 1024, dtype: torch.dtype = torch.bfloat16, device="cuda",
                  use_graph: bool = True, batch: int = 1, ranges: bool = False, fuse: bool = True,
-                 fuse_elementwise: bool = False):
+                 fuse_elementwise: bool = False, fuse_attention: bool = False):
         from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
         if not (isinstance(batch, int) and batch >= 1):
@@ -157,7 +159,7 @@ class StaticDecoder:
         self.model, self.cfg, self.max_seq, self.dtype, self.device = model, cfg, max_seq, dtype, torch.device(device)
         self.B = batch
         self.ranges = ranges
-        self.fuse_elementwise = fuse_elementwise
+        self.fuse_elementwise, self.fuse_attention = fuse_elementwise, fuse_attention
         self.use_graph = use_graph and self.device.type == "cuda"
         inner = model.model
         self.layers = list(inner.layers)
@@ -270,6 +272,8 @@ class StaticDecoder:
             if prefill:  # the prompt starts at position 0
                 o = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
                 o = o.transpose(1, 2).reshape(B, T, self.nh * self.hd)
+            elif self.fuse_attention:  # one kernel over the filled positions only
+                o = td.decode_attention(q, self.k_cache[i], self.v_cache[i], pos).view(B, 1, self.nh * self.hd)
             else:  # one query: grouped heads against the whole static cache, future positions masked
                 g = self.nh // self.nkv
                 qg = q.reshape(B, self.nkv, g, self.hd)  # query heads j*g .. j*g+g-1 share kv head j
@@ -330,8 +334,9 @@ class StaticDecoder:
     def _step(self):  # one decode token, all on the device: the part that is captured
         with self._r("embedding"):
             x = self.embed[self.tok] if self.embed_on_device else self.emb_in  # (B, 1, H)
-        with self._r("attention"):
-            torch.where(self.arange <= self.pos, self.zero, self.neg_inf, out=self.mask_bias)
+        if not self.fuse_attention:  # the fused kernel reads pos itself
+            with self._r("attention"):
+                torch.where(self.arange <= self.pos, self.zero, self.neg_inf, out=self.mask_bias)
         logits = self.logits = self._forward(x, self.pos, prefill=False)  # (B, V): a graph's static output
         with self._r("sampling"):
             self.tok.copy_(logits.argmax(-1, keepdim=True))

@@ -4,7 +4,7 @@ StaticDecoder(fuse_elementwise=True) against the unfused decoder.
 The kernels run on the CPU through Triton's interpreter (TRITON_INTERPRET=1, chosen when the kernels are defined,
 so in a fresh process: `cases` below) and compiled on CUDA (the `gpu` tests). Each parity check has its control:
 the same comparison against a wrong twin (the residual not added, eps wrong, gate and up swapped, sin negated,
-the cache written one position late) must fail it.
+the cache written one position late, attention reading one position too few or too many) must fail it.
 """
 import functools
 import importlib.util
@@ -91,6 +91,24 @@ def _cases(device: str) -> dict:
                                      zip(caches[0], (kc, vc)) for j in range(S) if j != p),
                 ctl_sin_negated=_rel(qr, td.rope_kv_ref_(q, k, v, cos, -sin, pos, kc.clone(), vc.clone())),
                 ctl_late=min(_rel(caches[0][0], caches[2][0]), _rel(caches[0][1], caches[2][1])))
+        # single-query attention: GQA, hd a power of 2 and not, a batch; pos at the first position, inside the
+        # first block, and the last of two blocks. The values past pos are poisoned (1e3: never read), the newest
+        # one large (what the step just wrote weighs): reading one position more or one less is told apart
+        for B, nh, nkv, hd in ((1, 4, 2, 16), (3, 4, 2, 24), (2, 8, 2, 128)):
+            S = 70
+            q = rnd(B, nh, 1, hd, dtype=dt)
+            kc, v0 = rnd(B, nkv, S, hd, dtype=dt), rnd(B, nkv, S, hd, dtype=dt)
+            for p in (0, 17, S - 2):
+                vc = v0.clone()
+                vc[:, :, p] *= 10
+                vc[:, :, p + 1:] = 1e3
+                pos = torch.tensor([p], device=device)
+                o = td.decode_attention(q, kc, vc, pos)
+                ctl = dict(ctl_one_position_more=_rel(o, td.decode_attention_ref(q, kc, vc, pos + 1)))
+                if p:
+                    ctl["ctl_one_position_less"] = _rel(o, td.decode_attention_ref(q, kc, vc, pos - 1))
+                out[f"attention-{name}-B{B}-nh{nh}-nkv{nkv}-hd{hd}-pos{p}"] = dict(
+                    err=_rel(o, td.decode_attention_ref(q, kc, vc, pos)), shape_ok=o.shape == q.shape, **ctl)
     return out
 
 
@@ -104,29 +122,37 @@ def _model(device: str, dtype):
                           progress=False).to(device, dtype)
 
 
-ALL = ((False, True), (False, False), (True, True), (True, False))  # (fuse_elementwise, fuse)
+# (fuse_elementwise, fuse, fuse_attention); the first is the reference: the decoder's torch ops
+ALL = ((False, True, False), (False, False, False), (True, True, False), (True, False, False), (False, True, True),
+       (True, True, True))
 
 
 def _decoder_runs(device: str, dtype, combos=ALL) -> dict:
-    """Last logits and tokens of StaticDecoder for each (fuse_elementwise, fuse) (a batch of 3 with their own
-    alphas; a prefill of 6 then 5 decode steps), keyed "fe<0|1>-fuse<0|1>"."""
+    """Last logits and tokens of StaticDecoder for each (fuse_elementwise, fuse, fuse_attention) in `combos` (a
+    batch of 3 with their own alphas; a prefill of 6 then 5 decode steps), keyed "fe<0|1>-fuse<0|1>-fa<0|1>"."""
     from libortho.decode import StaticDecoder
 
     model = _model(device, dtype)
     ids = torch.randint(0, 255, (3, 6), generator=torch.Generator().manual_seed(0))
-    runs = {}
-    for fe, fuse in combos:
-        dec = StaticDecoder(model, max_seq=32, dtype=dtype, device=device, batch=3, fuse=fuse, fuse_elementwise=fe)
-        toks = dec.generate(ids.to(device), 5, alphas=torch.tensor([1.0, 0.0, 0.5]))
-        runs[f"fe{int(fe)}-fuse{int(fuse)}"] = (toks.tolist(), dec.logits.float().cpu())
+    runs, threads = {}, torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny ops: one thread is ~100x faster than OpenMP waits on a shared 2-core machine
+    try:
+        for fe, fuse, fa in combos:
+            dec = StaticDecoder(model, max_seq=32, dtype=dtype, device=device, batch=3, fuse=fuse,
+                                fuse_elementwise=fe, fuse_attention=fa)
+            toks = dec.generate(ids.to(device), 5, alphas=torch.tensor([1.0, 0.0, 0.5]))
+            runs[f"fe{int(fe)}-fuse{int(fuse)}-fa{int(fa)}"] = (toks.tolist(), dec.logits.float().cpu())
+    finally:
+        torch.set_num_threads(threads)
     return runs
 
 
 def _interpreted() -> dict:
     """What the interpreter process reports: the kernel cases and the decoder runs on CPU (fp32)."""
-    # fused q|k|v (its column views go to the rotary kernel); the unfused linears' path runs in the twin test
-    runs = _decoder_runs("cpu", torch.float32, (ALL[0], ALL[2]))
-    ref = runs["fe0-fuse1"][1]
+    # every kernel, with fused q|k|v (its column views go to the rotary kernel); attention alone (the torch
+    # rotary's q: strided across the batch); the unfused linears' path runs in the twin test
+    runs = _decoder_runs("cpu", torch.float32, (ALL[0], ALL[4], ALL[5]))
+    ref = runs["fe0-fuse1-fa0"][1]
     dec = {k: dict(toks=t, rel=_rel(lg, ref)) for k, (t, lg) in runs.items()}
     return dict(cases=_cases("cpu"), decoder=dec, applies=td.applies(torch.zeros(1)))
 
@@ -135,7 +161,8 @@ def _interpreted() -> dict:
 def interp() -> dict:
     """The numbers `_interpreted` reports, from one TRITON_INTERPRET=1 process (about 15 s)."""
     env = dict(os.environ, TRITON_INTERPRET="1")
-    code = "import json, tests.test_triton_decode as t; print('CASES' + json.dumps(t._interpreted()))"
+    code = ("import json, torch, tests.test_triton_decode as t; torch.set_num_threads(1); "
+            "print('CASES' + json.dumps(t._interpreted()))")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     run = subprocess.run([sys.executable, "-c", code], env=env, cwd=root, capture_output=True, text=True,
                          timeout=600)
@@ -144,13 +171,13 @@ def interp() -> dict:
 
 
 def _check(cases: dict, bf16_tol: float = TOL["bfloat16"]):
-    assert len(cases) == 2 * (4 + 3 + 3)
+    assert len(cases) == 2 * (4 + 3 + 3 + 9)
     for k, c in cases.items():
         tol = bf16_tol if "bfloat16" in k else TOL["float32"]
         assert c["err"] < tol and c["shape_ok"], (k, c)
         assert c.get("others_untouched", True), k  # the cache changed only at pos
         ctl = {n: v for n, v in c.items() if n.startswith("ctl_")}
-        assert ctl and min(ctl.values()) > 5 * tol, (k, ctl)  # each wrong twin is told apart
+        assert ctl and min(ctl.values()) > 3 * tol, (k, ctl)  # each wrong twin is told apart
 
 
 # -- the kernels under the interpreter (CPU) --------------------------------------------------------------------
@@ -164,7 +191,7 @@ def test_kernels_match_their_twins_under_the_interpreter(interp):
 @needs_triton
 def test_decoder_with_fused_elementwise_kernels_generates_as_without(interp):
     dec = interp["decoder"]
-    ref = dec["fe0-fuse1"]["toks"]
+    ref = dec["fe0-fuse1-fa0"]["toks"]
     for k, r in dec.items():
         assert r["toks"] == ref, (k, r["toks"], ref)
         assert r["rel"] < 1e-5, (k, r["rel"])
@@ -175,22 +202,23 @@ def test_decoder_with_fused_elementwise_kernels_generates_as_without(interp):
 def test_twins_run_off_cuda_and_decode_as_the_unfused_ops():
     assert not td.applies(torch.zeros(1)) or os.environ.get("TRITON_INTERPRET") == "1"
     runs = _decoder_runs("cpu", torch.float32)
-    ref_t, ref = runs["fe0-fuse1"]
+    ref_t, ref = runs["fe0-fuse1-fa0"]
     for k, (t, lg) in runs.items():
         assert t == ref_t and _rel(lg, ref) < 1e-6, k
 
 
 def test_control_a_wrong_fused_op_changes_what_the_decoder_generates(monkeypatch):
-    """The decoder check above can fail: a fused norm with eps wrong, or a rotary writing k one position late,
-    moves the logits far from the unfused decoder's."""
-    ref = _decoder_runs("cpu", torch.float32, ALL[:1])["fe0-fuse1"][1]
+    """The decoder check above can fail: a fused norm with eps wrong, a rotary writing k one position late, or an
+    attention leaving out the newest position moves the logits far from the unfused decoder's."""
+    ref = _decoder_runs("cpu", torch.float32, ALL[:1])["fe0-fuse1-fa0"][1]
     for name, bad in (("add_rms_norm", lambda x, h, w, eps: td.add_rms_norm_ref(x, h, w, 0.5)),
-                      ("rope_kv_", lambda q, k, v, c, s, pos, kc, vc: td.rope_kv_ref_(q, k, v, c, s, pos + 1, kc, vc))):
+                      ("rope_kv_", lambda q, k, v, c, s, pos, kc, vc: td.rope_kv_ref_(q, k, v, c, s, pos + 1, kc, vc)),
+                      ("decode_attention", lambda q, kc, vc, pos: td.decode_attention_ref(q, kc, vc, pos - 1))):
         with monkeypatch.context() as mp:
             mp.setattr(td, name, bad)
-            runs = _decoder_runs("cpu", torch.float32, (ALL[0], ALL[2]))
-        assert _rel(runs["fe1-fuse1"][1], ref) > 1e-3, name
-        assert _rel(runs["fe0-fuse1"][1], ref) < 1e-6, name  # the flag off never calls the fused ops
+            runs = _decoder_runs("cpu", torch.float32, (ALL[0], ALL[5]))
+        assert _rel(runs["fe1-fuse1-fa1"][1], ref) > 1e-3, name
+        assert _rel(runs["fe0-fuse1-fa0"][1], ref) < 1e-6, name  # the flag off never calls the fused ops
 
 
 # -- compiled on CUDA ------------------------------------------------------------------------------------------
@@ -209,7 +237,7 @@ def test_decoder_fused_elementwise_in_cuda_graphs_and_fewer_kernels():
     from torch.profiler import ProfilerActivity, profile
 
     runs = _decoder_runs("cuda", torch.bfloat16)
-    ref_t, ref = runs["fe0-fuse1"]
+    ref_t, ref = runs["fe0-fuse1-fa0"]
     for k, (t, lg) in runs.items():
         assert t == ref_t and _rel(lg, ref) < 2e-2, (k, t, ref_t, _rel(lg, ref))
     from libortho import OrthoConfig, orthogonalize_
@@ -221,7 +249,7 @@ def test_decoder_fused_elementwise_in_cuda_graphs_and_fewer_kernels():
     ids = torch.randint(0, 255, (1, 6), device="cuda")
     n = {}
     for fe in (False, True):
-        dec = StaticDecoder(model, max_seq=32, use_graph=False, fuse_elementwise=fe)
+        dec = StaticDecoder(model, max_seq=32, use_graph=False, fuse_elementwise=fe, fuse_attention=fe)
         dec.prepare()
         dec.prefill(ids)
         dec.decode(2)  # compiles
@@ -232,5 +260,5 @@ def test_decoder_fused_elementwise_in_cuda_graphs_and_fewer_kernels():
         dec._clear_hints()
         n[fe] = sum(e.count for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA)
     # per layer at least: 2 adds folded into norms, silu and mul into one, rotary (3 ops) and 2 cache writes
-    # into one; per step the cos/sin gathers
-    assert n[False] - n[True] >= 2 * (2 + 1 + 4), n
+    # into one, attention's 2 matmuls, mask add and softmax into one; per step the cos/sin gathers and the mask
+    assert n[False] - n[True] >= 2 * (2 + 1 + 4 + 3), n

@@ -6,6 +6,10 @@
 - `rope_kv_(q, k, v, cos, sin_signed, pos, k_cache, v_cache)`: rotary on the q and k heads of one decode position,
   the rotated k and v written into the static cache at `pos` (a device tensor, read at every graph replay), the
   rotated q returned. One kernel for the rotary ops, the cos/sin gather and the two cache writes.
+- `decode_attention(q, k_cache, v_cache, pos)`: one query per request against the static cache, reading only the
+  filled positions 0..pos (online softmax). One kernel for the mask, two matmuls, the softmax and its casts. One
+  program per (request, query head), looping over positions: fits short contexts (a split over positions,
+  flash-decoding, would suit thousands).
 
 Each public function runs the Triton kernel where it applies (CUDA tensors, or any tensor under Triton's CPU
 interpreter, TRITON_INTERPRET=1) and its twin (`*_ref`) elsewhere. The kernels round where the twins round
@@ -72,6 +76,25 @@ def rope_kv_ref_(q, k, v, cos, sin_signed, pos, k_cache, v_cache):
     return qr
 
 
+def decode_attention_ref(q, k_cache, v_cache, pos):
+    """One query per request and head over the static cache, future positions masked, as libortho.decode.
+
+    Args:
+        q: (B, nh, 1, hd); k_cache, v_cache: (B, nkv, S, hd), nh a multiple of nkv (query heads j*g .. j*g+g-1
+            read kv head j); pos: (1,) long, the last filled position.
+    Returns:
+        (B, nh, 1, hd).
+    """
+    B, nh, _, hd = q.shape
+    nkv, S = k_cache.shape[1], k_cache.shape[2]
+    ar = torch.arange(S, device=q.device)
+    mask = torch.where(ar <= pos, 0.0, float("-inf"))  # (S,)
+    qg = q.reshape(B, nkv, nh // nkv, hd)
+    s = torch.matmul(qg, k_cache.transpose(-1, -2)).float()  # (B, nkv, g, S)
+    p = torch.softmax(torch.add(mask, s, alpha=hd ** -0.5), -1).to(q.dtype)
+    return torch.matmul(p, v_cache).view(B, nh, 1, hd)
+
+
 # -- dispatch ------------------------------------------------------------------------------------------------
 
 @functools.lru_cache(maxsize=None)
@@ -135,6 +158,22 @@ def rope_kv_(q, k, v, cos, sin_signed, pos, k_cache, v_cache):
     return qr
 
 
+def decode_attention(q, k_cache, v_cache, pos, block_s: int = 64):
+    """Single-query attention over the cache's filled positions in one kernel (its twin elsewhere); see
+    `decode_attention_ref`."""
+    if not applies(q):
+        return decode_attention_ref(q, k_cache, v_cache, pos)
+    B, nh, _, hd = q.shape
+    nkv, S = k_cache.shape[1], k_cache.shape[2]
+    if not (q.stride(-1) == 1 and k_cache.is_contiguous() and v_cache.is_contiguous()):
+        raise ValueError("decode_attention: the caches must be contiguous and q's last dimension dense")
+    o = torch.empty(B, nh, 1, hd, dtype=q.dtype, device=q.device)
+    _decode_attention_kernel[(B, nh)](q, k_cache, v_cache, pos, o, q.stride(0), q.stride(1), nh, nkv, S,
+                                      float(hd ** -0.5), HD=hd,
+                                      BLOCK=triton.next_power_of_2(hd), BLOCK_S=block_s)
+    return o
+
+
 # -- kernels -------------------------------------------------------------------------------------------------
 
 if triton is not None:
@@ -195,3 +234,36 @@ if triton is not None:
             x = tl.load(v_ptr + b * stride_v + (j - NH - NKV) * HD + d, mask=m, other=0.0)
             dst = vc_ptr + ((b * NKV + (j - NH - NKV)) * S + pos) * HD
             tl.store(dst + d, x.to(vc_ptr.dtype.element_ty), mask=m)
+
+    @triton.jit
+    def _decode_attention_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, o_ptr, stride_qb, stride_qh, NH, NKV, S, scale,
+                                 HD: tl.constexpr,
+                                 BLOCK: tl.constexpr, BLOCK_S: tl.constexpr):
+        # one program per (request, query head); positions 0..pos in blocks, online softmax in fp32: the positions
+        # past pos are never read (the cache beyond them may hold anything)
+        b = tl.program_id(0)
+        j = tl.program_id(1)
+        kv = j // (NH // NKV)
+        pos = tl.load(pos_ptr)
+        d = tl.arange(0, BLOCK)
+        dm = d < HD
+        q = tl.load(q_ptr + b * stride_qb + j * stride_qh + d, mask=dm, other=0.0).to(tl.float32)
+        base = (b * NKV + kv) * S * HD
+        m_i = tl.max(tl.full((BLOCK_S,), float("-inf"), tl.float32), axis=0)
+        l_i = tl.sum(tl.zeros((BLOCK_S,), tl.float32), axis=0)
+        acc = tl.zeros((BLOCK,), tl.float32)
+        for s0 in range(0, pos + 1, BLOCK_S):
+            sp = s0 + tl.arange(0, BLOCK_S)
+            sm = sp <= pos
+            m2 = sm[:, None] & dm[None, :]
+            k = tl.load(k_ptr + base + sp[:, None] * HD + d[None, :], mask=m2, other=0.0).to(tl.float32)
+            sc = tl.sum(k * q[None, :], axis=1) * scale  # (BLOCK_S,)
+            sc = tl.where(sm, sc, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(sc, axis=0))
+            p = tl.exp(sc - m_new)
+            corr = tl.exp(m_i - m_new)
+            v = tl.load(v_ptr + base + sp[:, None] * HD + d[None, :], mask=m2, other=0.0).to(tl.float32)
+            acc = acc * corr + tl.sum(p[:, None] * v, axis=0)
+            l_i = l_i * corr + tl.sum(p, axis=0)
+            m_i = m_new
+        tl.store(o_ptr + (b * NH + j) * HD + d, (acc / l_i).to(o_ptr.dtype.element_ty), mask=dm)
