@@ -7,7 +7,8 @@
 `--fuse both` profiles each alpha with StaticDecoder(fuse=False) and then fuse=True (q|k|v and gate|up as one
 GEMV each, labelled "qkv" and "gate_up"): the before and after of issue 17 side by side. `--fuse-elementwise both`
 does the same for StaticDecoder(fuse_elementwise=...) (residual add + RMSNorm, SiLU * up, rotary + KV write as one
-kernel each; columns marked "+ew"), e.g. `--fuse on --fuse-elementwise both`.
+kernel each; columns marked "+ew"), e.g. `--fuse on --fuse-elementwise both`; `--fuse-attention` likewise for
+StaticDecoder(fuse_attention=...) (a decode step's attention as one kernel; columns "+attn").
 
 For each alpha, N decode steps run three ways:
 - eager with profiler ranges (StaticDecoder(ranges=True)): every kernel is attributed, through the runtime or
@@ -207,7 +208,7 @@ def _timed_decode(dec: StaticDecoder, prompt, steps: int) -> float:
 
 
 def profile_alpha(model, alpha: float, steps: int, batch: int, device: torch.device, dtype, bandwidth: float,
-                  fuse: bool = False, fuse_elementwise: bool = False) -> dict:
+                  fuse: bool = False, fuse_elementwise: bool = False, fuse_attention: bool = False) -> dict:
     """The breakdown at one alpha (every OrthoLinear at `alpha`), with the decoder's fused projections or not, and
     its fused elementwise kernels or not."""
     from torch.profiler import ProfilerActivity, profile
@@ -221,15 +222,17 @@ def profile_alpha(model, alpha: float, steps: int, batch: int, device: torch.dev
     prompt = prompt.to(model.model.embed_tokens.weight.device)
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     labelled = StaticDecoder(model, max_seq, dtype, device, use_graph=False, batch=batch, ranges=True, fuse=fuse,
-                             fuse_elementwise=fuse_elementwise)
+                             fuse_elementwise=fuse_elementwise, fuse_attention=fuse_attention)
     eager_s = _timed_decode(labelled, prompt, steps)  # also compiles and tunes every kernel before profiling
     prof, profiled_s = _profiled(labelled, prompt, steps, acts, device)
-    run = dict(alpha=alpha, fuse=labelled.fuse, fuse_elementwise=fuse_elementwise, **breakdown(_trace(prof), steps, device.type, profiled_s))
+    run = dict(alpha=alpha, fuse=labelled.fuse, fuse_elementwise=fuse_elementwise,
+               fuse_attention=fuse_attention, **breakdown(_trace(prof), steps, device.type, profiled_s))
     wall = dict(eager=eager_s * 1e6, eager_profiled=profiled_s / steps * 1e6, graph=None)
     graph_kernels = None
     del labelled
     if device.type == "cuda":
-        dec = StaticDecoder(model, max_seq, dtype, device, batch=batch, fuse=fuse, fuse_elementwise=fuse_elementwise)
+        dec = StaticDecoder(model, max_seq, dtype, device, batch=batch, fuse=fuse, fuse_elementwise=fuse_elementwise,
+                            fuse_attention=fuse_attention)
         wall["graph"] = _timed_decode(dec, prompt, steps) * 1e6
         gprof, _ = _profiled(dec, prompt, steps, acts, device)
         n = sum(1 for e in _trace(gprof)["traceEvents"] if e.get("ph") == "X" and e.get("cat") in DEVICE_CATS)
@@ -247,9 +250,9 @@ def profile_alpha(model, alpha: float, steps: int, batch: int, device: torch.dev
 
 def profile_decode(model_name: str = "llama3-8b", device: str | None = None, steps: int = 32,
                    alphas=(1.0, 0.0), batch: int = 1, density: float = 0.01, out: str | None = None,
-                   fuse=(False,), fuse_elementwise=(False,)) -> dict:
+                   fuse=(False,), fuse_elementwise=(False,), fuse_attention=(False,)) -> dict:
     """Build the model, profile each alpha (for each of `fuse`: the decoder's fused projections off / on; within
-    it each of `fuse_elementwise`), write profile_decode.json / .md under `out` (if given).
+    it each of `fuse_elementwise`, within that each of `fuse_attention`), write profile_decode.json / .md under `out` (if given).
 
     Returns:
         the JSON record (model, device, copy bandwidth, one entry per alpha in "runs").
@@ -268,8 +271,8 @@ def profile_decode(model_name: str = "llama3-8b", device: str | None = None, ste
     try:
         model = build_model(model_name, density, str(dev), dtype)
         bw = copy_bandwidth(dev)
-        runs = [profile_alpha(model, float(a), steps, batch, dev, dtype, bw, f, fe)
-                for f in fuse for fe in fuse_elementwise for a in alphas]
+        runs = [profile_alpha(model, float(a), steps, batch, dev, dtype, bw, f, fe, fa)
+                for f in fuse for fe in fuse_elementwise for fa in fuse_attention for a in alphas]
     finally:
         torch.set_num_threads(threads)
     rec = dict(model=model_name, weights="shape_only", density=density, dtype=str(dtype).removeprefix("torch."),
@@ -285,11 +288,12 @@ def profile_decode(model_name: str = "llama3-8b", device: str | None = None, ste
     return rec
 
 
-def _label(r: dict, fused_any: bool, ew_any: bool = False) -> str:
+def _label(r: dict, fused_any: bool, ew_any: bool = False, attn_any: bool = False) -> str:
     """A run's column name: "alpha 1", or "alpha 1 fused" / "alpha 1 unfused" where the record holds fused runs,
-    with " +ew" / " -ew" where it holds runs with fused elementwise kernels."""
+    with " +ew" / " -ew" where it holds runs with fused elementwise kernels, " +attn" / " -attn" likewise."""
     return f"alpha {r['alpha']:g}" + ((" fused" if r.get("fuse") else " unfused") if fused_any else "") + \
-        ((" +ew" if r.get("fuse_elementwise") else " -ew") if ew_any else "")
+        ((" +ew" if r.get("fuse_elementwise") else " -ew") if ew_any else "") + \
+        ((" +attn" if r.get("fuse_attention") else " -attn") if attn_any else "")
 
 
 def markdown(rec: dict) -> str:
@@ -298,13 +302,14 @@ def markdown(rec: dict) -> str:
     runs = rec["runs"]
     fa = any(r.get("fuse") for r in runs)
     ew = any(r.get("fuse_elementwise") for r in runs)
+    at = any(r.get("fuse_attention") for r in runs)
     unit = "kernel time" if rec["device"] == "cuda" else "CPU time in each range"
     lines = [f"# Decode per token: {rec['model']} ({rec['weights']}, density {rec['density']:g}, {rec['dtype']}, "
              f"batch {rec['batch']}) on {rec['device_name']}", "",
              f"{rec['steps']} steps per alpha, torch {rec['torch']}, {rec['date']}; copy bandwidth "
              f"{rec['copy_bandwidth_gb_s']:.1f} GB/s. Parts: {unit} per token (eager run with profiler ranges).", ""]
-    head = "| part | " + " | ".join(f"{_label(r, fa, ew)} (us)" for r in runs) + " | " + \
-           " | ".join(f"{_label(r, fa, ew)} share" for r in runs) + " |"
+    head = "| part | " + " | ".join(f"{_label(r, fa, ew, at)} (us)" for r in runs) + " | " + \
+           " | ".join(f"{_label(r, fa, ew, at)} share" for r in runs) + " |"
     lines += [head, "|" + "---|" * (1 + 2 * len(runs))]
     tot = [sum(r["by_part_us"].values()) or 1.0 for r in runs]
     for p in runs[0]["by_part_us"]:
@@ -313,14 +318,14 @@ def markdown(rec: dict) -> str:
                      " | ".join(f"{v / t:.1%}" for v, t in zip(vals, tot)) + " |")
     lines.append("| **sum** | " + " | ".join(f"**{t:.1f}**" for t in tot) + " |" + " |" * len(runs))
     if rec["device"] == "cuda":
-        lines += ["", "| kernel group | " + " | ".join(f"{_label(r, fa, ew)} (us)" for r in runs) + " |",
+        lines += ["", "| kernel group | " + " | ".join(f"{_label(r, fa, ew, at)} (us)" for r in runs) + " |",
                   "|" + "---|" * (1 + len(runs))]
         for g in dict.fromkeys(k for r in runs for k in r["by_kernel_us"]):
             lines.append(f"| {g} | " + " | ".join(f"{r['by_kernel_us'].get(g, 0.0):.1f}" for r in runs) + " |")
     def fmt(v, spec=".1f"):
         return "n/a" if v is None else format(v, spec)
 
-    lines += ["", "| per token | " + " | ".join(_label(r, fa, ew) for r in runs) + " |",
+    lines += ["", "| per token | " + " | ".join(_label(r, fa, ew, at) for r in runs) + " |",
               "|" + "---|" * (1 + len(runs))]
     rows = [("wall, CUDA graph (us)", lambda r: fmt(r["wall_us_per_step"]["graph"])),
             ("wall, eager (us)", lambda r: fmt(r["wall_us_per_step"]["eager"])),
@@ -349,6 +354,8 @@ def main(argv=None) -> int:
                    help="the decoder's fused q|k|v and gate|up: off, on, or both (unfused runs first)")
     p.add_argument("--fuse-elementwise", default="off", choices=("off", "on", "both"),
                    help="the decoder's fused add+RMSNorm, SiLU*up and rotary+KV-write kernels: off, on, or both")
+    p.add_argument("--fuse-attention", default="off", choices=("off", "on", "both"),
+                   help="the decoder's one-kernel decode attention: off, on, or both")
     p.add_argument("--out", default=os.environ.get("LIBORTHO_RESULTS_DIR", "results/profile"))
     a = p.parse_args(argv)
     try:
@@ -357,7 +364,8 @@ def main(argv=None) -> int:
         p.error(f"--alphas {a.alphas!r}: give numbers separated by commas, e.g. 1,0")
     fuse = {"off": (False,), "on": (True,), "both": (False, True)}[a.fuse]
     fe = {"off": (False,), "on": (True,), "both": (False, True)}[a.fuse_elementwise]
-    rec = profile_decode(a.model, a.device, a.tokens, alphas, a.batch, a.density, a.out, fuse, fe)
+    fa = {"off": (False,), "on": (True,), "both": (False, True)}[a.fuse_attention]
+    rec = profile_decode(a.model, a.device, a.tokens, alphas, a.batch, a.density, a.out, fuse, fe, fa)
     print(markdown(rec))
     print(f"wrote {os.path.join(a.out, 'profile_decode.json')} and profile_decode.md", file=sys.stderr)
     return 0
