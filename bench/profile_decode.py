@@ -252,7 +252,8 @@ def profile_decode(model_name: str = "llama3-8b", device: str | None = None, ste
                    alphas=(1.0, 0.0), batch: int = 1, density: float = 0.01, out: str | None = None,
                    fuse=(False,), fuse_elementwise=(False,), fuse_attention=(False,)) -> dict:
     """Build the model, profile each alpha (for each of `fuse`: the decoder's fused projections off / on; within
-    it each of `fuse_elementwise`, within that each of `fuse_attention`), write profile_decode.json / .md under `out` (if given).
+    it each of `fuse_elementwise`, within that each of `fuse_attention`), write profile_decode.json / .md under
+    `out` (if given).
 
     Returns:
         the JSON record (model, device, copy bandwidth, one entry per alpha in "runs").

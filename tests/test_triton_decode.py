@@ -262,3 +262,26 @@ def test_decoder_fused_elementwise_in_cuda_graphs_and_fewer_kernels():
     # per layer at least: 2 adds folded into norms, silu and mul into one, rotary (3 ops) and 2 cache writes
     # into one, attention's 2 matmuls, mask add and softmax into one; per step the cos/sin gathers and the mask
     assert n[False] - n[True] >= 2 * (2 + 1 + 4 + 3), n
+
+
+def test_ranges_still_label_every_part_with_the_flags_on():
+    """bench/profile_decode.py attributes kernels to ranges: with both flags on, a decode step still labels every
+    part it runs; the fused rotary holds the KV write, so "kv_copy" alone is missing (control: present off)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from libortho.decode import FUSED, RANGES, StaticDecoder
+
+    seen = {}
+    for on in (False, True):
+        dec = StaticDecoder(_model("cpu", torch.float32), max_seq=32, dtype=torch.float32, device="cpu",
+                            ranges=True, fuse_elementwise=on, fuse_attention=on)
+        dec.prepare()
+        dec.prefill(torch.arange(6)[None])
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            dec.decode(2)
+        dec._clear_hints()
+        seen[on] = {e.name[3:] for e in prof.events() if e.name.startswith("lo:")}
+    expect = set(RANGES) - {n for names in FUSED.values() for n in names} - ({"embedding"} - (
+        {"embedding"} if dec.embed_on_device else set()))
+    assert seen[False] == expect
+    assert seen[True] == expect - {"kv_copy"}
