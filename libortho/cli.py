@@ -15,7 +15,8 @@ import traceback
 from pathlib import Path
 
 SEED_MAX = 2**32 - 1  # every seeded path accepts it (numpy's legacy seed, train's per-step seed * 1_000_003 + step)
-SECTION_KEYS = {"kill_switch": "exp1_kill_switch", "null_test": "exp2_null_test"}
+SECTION_KEYS = {"kill_switch": "exp1_kill_switch", "null_test": "exp2_null_test", "secrets": "exp1_secrets",
+                "utility": "exp1_utility"}
 EXPERIMENT_NAMES = {"1": "kill_switch", "2": "null_test"}
 
 
@@ -51,8 +52,10 @@ def _parser() -> argparse.ArgumentParser:
     r = sub.add_parser("run", help="run experiments and write a results JSON and plots",
                        description="Run experiments; write <output-dir>/<profile|cpu>_results_<time>_<pid>.json "
                                    "(status complete | interrupted | failed: ...) and the plots named after it.")
-    r.add_argument("--experiment", default="all", choices=["convert", "1", "2", "all"],
-                   help="convert: conversion demo; 1: kill switch; 2: null test; all: every one")
+    r.add_argument("--experiment", default="all", choices=["convert", "1", "2", "secrets", "utility", "all"],
+                   help="convert: conversion demo; 1: kill switch; 2: null test; secrets: Exp 1's insertion-frequency "
+                        "curve and PII records with paraphrased probes; utility: private-domain fine-tuning, ours vs "
+                        "LoRA matched on parameters and on bytes vs full; all: convert, 1 and 2")
     r.add_argument("--model", default="smollm2-135m",
                    help="HF id, local directory, .gguf file, smollm2-135m (embedded default) or tiny")
     q = r.add_mutually_exclusive_group()

@@ -395,3 +395,18 @@ def test_gpu_out_of_memory_under_the_cap_exits_3(capsys, tmp_path, fakes):
     assert r.returncode == 3 and re.search(r"out of memory in kill_switch \(peak [2-6]\.\d\d GiB\)", r.stderr), r.stderr
     _, data = _results(tmp_path)
     assert data["status"].startswith("failed: out of memory in kill_switch") and "convert" in data
+
+
+def test_every_experiment_choice_is_registered():
+    """Each `run --experiment` name reaches a registered experiment with its JSON section key; `all` is the ORDER
+    (fails if a choice were added without its experiment, or a study slipped into `make run`'s `all`)."""
+    from libortho.experiments import ORDER, load_all
+
+    action = next(a for a in cli._parser()._subparsers._group_actions[0].choices["run"]._actions
+                  if a.dest == "experiment")
+    registered = load_all()
+    for choice in action.choices:
+        if choice != "all":
+            assert cli.EXPERIMENT_NAMES.get(choice, choice) in registered, choice
+    assert set(registered) - set(ORDER) == {"secrets", "utility"}
+    assert cli.SECTION_KEYS["secrets"] == "exp1_secrets" and cli.SECTION_KEYS["utility"] == "exp1_utility"

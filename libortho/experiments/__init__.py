@@ -76,7 +76,8 @@ ORDER = ("convert", "kill_switch", "null_test")  # `run --experiment all` runs t
 def load_all() -> dict[str, Callable]:
     """Import the experiment modules so they register themselves; the dict is in `ORDER` (then any other, by
     name), whatever order the modules were first imported in."""
-    from . import demo, kill_switch_stream, null, secrets_study  # noqa: F401 - kill_switch_stream registers experiment 1 (both paths)
+    # kill_switch_stream registers experiment 1 (both paths); secrets_study and utility are not in ORDER ("all")
+    from . import demo, kill_switch_stream, null, secrets_study, utility  # noqa: F401
 
     rank = {n: i for i, n in enumerate(ORDER)}
     return dict(sorted(EXPERIMENTS.items(), key=lambda kv: (rank.get(kv[0], len(ORDER)), kv[0])))
