@@ -173,8 +173,7 @@ def test_same_seed_same_numbers(tiny, monkeypatch):
 def test_full_size_on_gpu():
     if not torch.cuda.is_available():
         pytest.skip("the full size trains 12 SmolLM2 runs: it needs CUDA")
-    ctx = RunContext(model="smollm2-135m", output_dir=RESULTS, seed=0, device="cuda", progress=True, size="full",
-                     run_id="exp1_utility")
+    ctx = RunContext(model="smollm2-135m", output_dir=RESULTS, seed=0, device="cuda", progress=True, size="full")
     inner = U.run(ctx)
     write_json(RESULTS / "exp1_utility.json", {U.SECTION: inner})
     # fails if the stream bought less than domain_gain_nats on the domain
