@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import gc
 import hashlib
+import importlib
 import shutil
 import sys
 import tempfile
@@ -256,7 +257,7 @@ class StreamedKillSwitch(KillSwitch):
         except Exception as e:  # noqa: BLE001 - only out-of-memory is a result; anything else is raised
             if not is_oom(e):
                 raise
-            pkg = str(Path(__file__).resolve().parents[1])
+            pkg = str(Path(importlib.import_module("libortho").__file__).resolve().parent)
             where = [f for f in traceback.extract_tb(e.__traceback__) if f.filename.startswith(pkg)]
             # where in the arm (conversion, masks, training, scoring): the innermost libortho frame
             at = f"in {where[-1].name} ({Path(where[-1].filename).name}:{where[-1].lineno}): " if where else ""
