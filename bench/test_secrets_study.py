@@ -199,6 +199,8 @@ def test_registered_and_writes_nothing_to_results(tiny_study, tmp_path):
     ctx = RunContext(model="tiny", output_dir=tmp_path, seed=0, progress=False, size="quick", run_id="t")
     inner = run(ctx)  # everything cached by the fixture: the measurements are read back
     assert Path(inner["plot"]).parent == tmp_path and Path(inner["plot"]).is_file()
+    # ... with the training that built them (fails if a cached measurement lost its training facts)
+    assert inner["training"]["fine_tuned"] == tiny_study.report()["training"]["fine_tuned"]
     assert (sorted(p.name for p in RESULTS.glob("*")) if RESULTS.is_dir() else []) == before
 
 

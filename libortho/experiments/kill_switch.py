@@ -561,6 +561,7 @@ class KillSwitch:
         n = n_candidates or self.size.n_candidates
         done = self.results.setdefault(arm, {})
         todo = [a for a in alphas if str(float(a)) not in done or done[str(float(a))]["n_candidates"] < n]
+        training = self._measure_key(arm, 0.0, 0, kind="training")  # what training built the arm, beside its entries
         if self.measure_cache:
             for a in list(todo):
                 p = self._measure_key(arm, a, n)
@@ -570,6 +571,12 @@ class KillSwitch:
                         todo.remove(a)
                     except (OSError, ValueError):
                         p.unlink(missing_ok=True)
+            if len(todo) < len(alphas) and training.is_file():  # measurements read back: their training facts too
+                try:
+                    for k, v in json.loads(training.read_text()).items():
+                        self.train_info.setdefault(k, v)
+                except (OSError, ValueError):
+                    training.unlink(missing_ok=True)
         if todo:
             t0 = time.perf_counter()
             model, setter = self.build(arm)
@@ -584,6 +591,10 @@ class KillSwitch:
                     tmp = p.with_name(p.name + f".tmp{os.getpid()}")
                     tmp.write_text(json.dumps(entry))
                     tmp.replace(p)
+            if self.measure_cache:
+                tmp = training.with_name(training.name + f".tmp{os.getpid()}")
+                tmp.write_text(json.dumps(self.train_info))
+                tmp.replace(training)
             del model
             self.seconds[arm] = round(self.seconds.get(arm, 0.0) + time.perf_counter() - t0, 1)
         return {k: done[k] for k in sorted(done, key=float)}
