@@ -219,3 +219,15 @@ def test_full_size():
     assert inner["negative_controls_summary"]["all_failed"], inner["negative_controls_summary"]
     assert inner["claims_summary"]["passed"], inner["claims_summary"]
     assert torch.cuda.is_available()
+
+
+def test_thresholds_agree_with_the_repository_file():
+    """thresholds.toml [exp1_secrets] is the suite's copy of secrets_study.THRESHOLDS (an installed package has only
+    the module's). Fails when one is edited without the other."""
+    from bench import thresholds
+
+    from libortho.experiments import secrets_study
+
+    table = thresholds.load("exp1_secrets")
+    assert table == secrets_study.THRESHOLDS
+    assert {**table, "mia_auc_gain": 0.3} != secrets_study.THRESHOLDS  # the control: a drifted copy is caught

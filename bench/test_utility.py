@@ -180,3 +180,13 @@ def test_full_size_on_gpu():
     assert {c["name"]: c for c in inner["claims"]}["alpha1_domain_gain"]["passed"]
     for label, c in inner["negative_controls"].items():
         assert not c["passed"], label  # fails if a switch that is off (or learned nothing) passed a claim
+
+
+def test_thresholds_agree_with_the_repository_file():
+    """thresholds.toml [exp1_utility] is the suite's copy of utility.THRESHOLDS (an installed package has only the
+    module's). Fails when one is edited without the other."""
+    from bench import thresholds
+
+    table = thresholds.load("exp1_utility")
+    assert table == U.THRESHOLDS
+    assert {**table, "parity_margin_nats": 0.5} != U.THRESHOLDS  # the control: a drifted copy is caught

@@ -96,6 +96,20 @@ def summarize(claims: Sequence[Claim]) -> dict:
 # ---------------------------------------------------------------------------------------------
 # checks (before any computation)
 
+def thresholds_for(table: dict, size_name: str = "full", required: Sequence[str] = ()) -> dict:
+    """A claims table's thresholds for one size: its base entries with the nested `size_name` table laid over them
+    (thresholds.toml's layout: `[exp1_kill_switch]` and `[exp1_kill_switch.small]`).
+
+    Raises:
+        KeyError: a `required` threshold is missing from the base entries.
+    """
+    base = {k: v for k, v in table.items() if not isinstance(v, dict)}
+    missing = [k for k in required if k not in base]
+    if missing:
+        raise KeyError(f"claim thresholds lack {missing}")
+    return {**base, **table.get(size_name, {})}
+
+
 def _values(x, what: str) -> np.ndarray:
     a = np.asarray(x, dtype=np.float64)
     if a.ndim != 1:

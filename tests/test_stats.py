@@ -7,7 +7,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from libortho.stats import (Claim, bootstrap_ci, clopper_pearson, min_detectable_effect, no_higher_claim,
-                            paired_claim, power_report, proportion_claim, sign_p, summarize, wilcoxon_p)
+                            paired_claim, power_report, proportion_claim, sign_p, summarize, thresholds_for,
+                            wilcoxon_p)
 
 FIELDS = {"name", "candidate", "control", "statistic", "value", "ci95", "threshold", "p", "passed"}
 
@@ -193,3 +194,11 @@ def test_proportion_claim_monotone_in_threshold(k1, k2, thr):
     hi = proportion_claim("x", "a", "b", a, b, thr + 0.1)
     assert lo.p <= hi.p + 1e-12 and (lo.passed or not hi.passed)
     assert lo.ci95[0] <= lo.value <= lo.ci95[1]
+
+
+def test_thresholds_for_lays_the_size_over_the_base_and_names_what_is_missing():
+    table = {"a": 1.0, "b": 2.0, "small": {"b": 5.0}}
+    assert thresholds_for(table, "small", ("a", "b")) == {"a": 1.0, "b": 5.0}
+    assert thresholds_for(table, "full") == {"a": 1.0, "b": 2.0}  # a size without its table: the base
+    with pytest.raises(KeyError, match=r"\['c'\]"):  # the control: a required threshold absent
+        thresholds_for(table, "small", ("a", "c"))

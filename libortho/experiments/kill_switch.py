@@ -68,7 +68,8 @@ from ..perplexity import Protocol, encode, perplexity
 from ..privacy import exposure_from_logprobs, extrapolated_exposure, make_canaries, measure, prepare_candidates
 from ..public_model import load_public
 from ..results import save_figure
-from ..stats import no_higher_claim, paired_claim, power_report, proportion_claim, summarize
+from ..stats import (no_higher_claim, paired_claim, power_report, proportion_claim, summarize,
+                    thresholds_for as claim_thresholds)
 from ..train import (LoraSpec, OrthoTuneConfig, TrainConfig, cache_path, cached, canary_loss, full_finetune_,
                      general_ids, lora_finetune_, lora_wrap, set_lora_alpha)
 from . import RunContext
@@ -678,15 +679,10 @@ THRESHOLDS = {
 
 
 def thresholds_for(size_name: str = "full", table: dict | None = None) -> dict:
-    """The thresholds of a size: the base entries of `table` (default `THRESHOLDS`) with its `size_name` table
-    laid over them."""
-    table = THRESHOLDS if table is None else table
-    base = {k: v for k, v in table.items() if not isinstance(v, dict)}
-    missing = [k for k in ("alpha0_exposure_margin_bits", "alpha0_extraction_margin", "alpha0_mia_auc_margin",
-                           "alpha1_exposure_gain_bits", "alpha1_extraction_gain") if k not in base]
-    if missing:
-        raise KeyError(f"claim thresholds lack {missing}")
-    return {**base, **table.get(size_name, {})}
+    """The thresholds of a size: `stats.thresholds_for` of `table` (default `THRESHOLDS`)."""
+    return claim_thresholds(THRESHOLDS if table is None else table, size_name,
+                                ("alpha0_exposure_margin_bits", "alpha0_extraction_margin", "alpha0_mia_auc_margin",
+                                 "alpha1_exposure_gain_bits", "alpha1_extraction_gain"))
 
 
 def _entry(arms: dict, arm: str, alpha: float) -> dict:

@@ -55,7 +55,7 @@ from ..privacy import measure
 from ..results import save_figure
 from ..secrets import (PROBE_TEMPLATES, Insertion, frequency_curve, insertion_schedule, make_pii_records,
                        pii_canaries, probe_canaries)
-from ..stats import Claim, _rng_kw, bootstrap_ci, paired_claim
+from ..stats import Claim, _rng_kw, bootstrap_ci, paired_claim, thresholds_for as claim_thresholds
 from ..mia import auc_claim
 from ..train import TrainConfig, canary_loss, config_key
 from . import RunContext, register
@@ -78,10 +78,11 @@ THRESHOLDS = {
 }
 
 
-def thresholds_for(size_name: str = "full") -> dict:
-    """`THRESHOLDS` with the `size_name` table laid over its base entries."""
-    base = {k: v for k, v in THRESHOLDS.items() if not isinstance(v, dict)}
-    return {**base, **THRESHOLDS.get(size_name, {})}
+def thresholds_for(size_name: str = "full", table: dict | None = None) -> dict:
+    """The thresholds of a size: `stats.thresholds_for` of `table` (default `THRESHOLDS`)."""
+    return claim_thresholds(THRESHOLDS if table is None else table, size_name,
+                                ("trend_bits_per_doubling", "alpha0_margin_bits", "paraphrase_gain_bits",
+                                 "mia_auc_gain"))
 
 
 @dataclass(frozen=True)

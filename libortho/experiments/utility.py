@@ -56,7 +56,7 @@ from ..public_model import load_public
 from ..results import save_figure
 from ..select import collect_hessian_diag
 from ..sparse import CSR
-from ..stats import bootstrap_ci, no_higher_claim, paired_claim, summarize
+from ..stats import bootstrap_ci, no_higher_claim, paired_claim, summarize, thresholds_for as claim_thresholds
 from ..train import (LoraSpec, OrthoTuneConfig, TrainConfig, cached, full_finetune_, lora_finetune_, lora_wrap,
                      set_lora_alpha, token_nll)
 from . import RunContext, register
@@ -523,13 +523,9 @@ class Utility:
 # claims (pure functions of the measured arms)
 
 def thresholds_for(size_name: str = "full", table: dict | None = None) -> dict:
-    """The base entries of `table` (default `THRESHOLDS`) with its `size_name` table laid over them."""
-    table = THRESHOLDS if table is None else table
-    base = {k: v for k, v in table.items() if not isinstance(v, dict)}
-    missing = [k for k in ("domain_gain_nats", "parity_margin_nats") if k not in base]
-    if missing:
-        raise KeyError(f"utility thresholds lack {missing}")
-    return {**base, **table.get(size_name, {})}
+    """The thresholds of a size: `stats.thresholds_for` of `table` (default `THRESHOLDS`)."""
+    return claim_thresholds(THRESHOLDS if table is None else table, size_name,
+                                ("domain_gain_nats", "parity_margin_nats"))
 
 
 UNIT = "nats/token: per-window log-perplexity on the domain test split, paired by window"
