@@ -681,8 +681,8 @@ THRESHOLDS = {
 def thresholds_for(size_name: str = "full", table: dict | None = None) -> dict:
     """The thresholds of a size: `stats.thresholds_for` of `table` (default `THRESHOLDS`)."""
     return claim_thresholds(THRESHOLDS if table is None else table, size_name,
-                                ("alpha0_exposure_margin_bits", "alpha0_extraction_margin", "alpha0_mia_auc_margin",
-                                 "alpha1_exposure_gain_bits", "alpha1_extraction_gain"))
+                            ("alpha0_exposure_margin_bits", "alpha0_extraction_margin", "alpha0_mia_auc_margin",
+                             "alpha1_exposure_gain_bits", "alpha1_extraction_gain"))
 
 
 def _entry(arms: dict, arm: str, alpha: float) -> dict:

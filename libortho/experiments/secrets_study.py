@@ -81,8 +81,8 @@ THRESHOLDS = {
 def thresholds_for(size_name: str = "full", table: dict | None = None) -> dict:
     """The thresholds of a size: `stats.thresholds_for` of `table` (default `THRESHOLDS`)."""
     return claim_thresholds(THRESHOLDS if table is None else table, size_name,
-                                ("trend_bits_per_doubling", "alpha0_margin_bits", "paraphrase_gain_bits",
-                                 "mia_auc_gain"))
+                            ("trend_bits_per_doubling", "alpha0_margin_bits", "paraphrase_gain_bits",
+                             "mia_auc_gain"))
 
 
 @dataclass(frozen=True)

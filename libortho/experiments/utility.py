@@ -525,7 +525,7 @@ class Utility:
 def thresholds_for(size_name: str = "full", table: dict | None = None) -> dict:
     """The thresholds of a size: `stats.thresholds_for` of `table` (default `THRESHOLDS`)."""
     return claim_thresholds(THRESHOLDS if table is None else table, size_name,
-                                ("domain_gain_nats", "parity_margin_nats"))
+                            ("domain_gain_nats", "parity_margin_nats"))
 
 
 UNIT = "nats/token: per-window log-perplexity on the domain test split, paired by window"
