@@ -231,9 +231,9 @@ if triton is not None:
             dst = kc_ptr + ((b * NKV + (j - NH)) * S + pos) * HD
             tl.store(dst + d, (t + xr * sn).to(kc_ptr.dtype.element_ty), mask=m)
         else:
-            x = tl.load(v_ptr + b * stride_v + (j - NH - NKV) * HD + d, mask=m, other=0.0)
-            dst = vc_ptr + ((b * NKV + (j - NH - NKV)) * S + pos) * HD
-            tl.store(dst + d, x.to(vc_ptr.dtype.element_ty), mask=m)
+            xv = tl.load(v_ptr + b * stride_v + (j - NH - NKV) * HD + d, mask=m, other=0.0)  # not `x`: a name
+            dst = vc_ptr + ((b * NKV + (j - NH - NKV)) * S + pos) * HD  # keeps one type across branches
+            tl.store(dst + d, xv.to(vc_ptr.dtype.element_ty), mask=m)
 
     @triton.jit
     def _decode_attention_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, o_ptr, stride_qb, stride_qh, NH, NKV, S, scale,
