@@ -353,10 +353,10 @@ def main(argv=None) -> int:
     p.add_argument("--density", type=float, default=0.01)
     p.add_argument("--fuse", default="both", choices=("off", "on", "both"),
                    help="the decoder's fused q|k|v and gate|up: off, on, or both (unfused runs first)")
-    p.add_argument("--fuse-elementwise", default="off", choices=("off", "on", "both"),
-                   help="the decoder's fused add+RMSNorm, SiLU*up and rotary+KV-write kernels: off, on, or both")
-    p.add_argument("--fuse-attention", default="off", choices=("off", "on", "both"),
-                   help="the decoder's one-kernel decode attention: off, on, or both")
+    p.add_argument("--fuse-elementwise", default="on", choices=("off", "on", "both"),
+                   help="the decoder's fused add+RMSNorm, SiLU*up and rotary+KV-write kernels (its default: on)")
+    p.add_argument("--fuse-attention", default="on", choices=("off", "on", "both"),
+                   help="the decoder's fused decode attention (its default: on)")
     p.add_argument("--out", default=os.environ.get("LIBORTHO_RESULTS_DIR", "results/profile"))
     a = p.parse_args(argv)
     try:

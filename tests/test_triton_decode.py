@@ -8,6 +8,7 @@ the cache written one position late, attention reading one position too few or t
 """
 import functools
 import importlib.util
+import itertools
 import json
 import os
 import subprocess
@@ -98,16 +99,18 @@ def _cases(device: str) -> dict:
             S = 70
             q = rnd(B, nh, 1, hd, dtype=dt)
             kc, v0 = rnd(B, nkv, S, hd, dtype=dt), rnd(B, nkv, S, hd, dtype=dt)
-            for p in (0, 17, S - 2):
+            # split 256: one pass; split 16: five splits of the 70 positions (flash-decoding), pos 0 and 17
+            # leaving whole splits past pos (they must weigh nothing), pos 68 ending inside the last split
+            for p, split in itertools.product((0, 17, S - 2), (256, 16)):
                 vc = v0.clone()
                 vc[:, :, p] *= 10
                 vc[:, :, p + 1:] = 1e3
                 pos = torch.tensor([p], device=device)
-                o = td.decode_attention(q, kc, vc, pos)
+                o = td.decode_attention(q, kc, vc, pos, split=split)
                 ctl = dict(ctl_one_position_more=_rel(o, td.decode_attention_ref(q, kc, vc, pos + 1)))
                 if p:
                     ctl["ctl_one_position_less"] = _rel(o, td.decode_attention_ref(q, kc, vc, pos - 1))
-                out[f"attention-{name}-B{B}-nh{nh}-nkv{nkv}-hd{hd}-pos{p}"] = dict(
+                out[f"attention-{name}-B{B}-nh{nh}-nkv{nkv}-hd{hd}-pos{p}-split{split}"] = dict(
                     err=_rel(o, td.decode_attention_ref(q, kc, vc, pos)), shape_ok=o.shape == q.shape, **ctl)
     return out
 
@@ -175,7 +178,7 @@ def interp() -> dict:
 
 
 def _check(cases: dict, bf16_tol: float = TOL["bfloat16"]):
-    assert len(cases) == 2 * (4 + 3 + 3 + 9)
+    assert len(cases) == 2 * (4 + 3 + 3 + 18)
     for k, c in cases.items():
         tol = bf16_tol if "bfloat16" in k else TOL["float32"]
         assert c["err"] < tol and c["shape_ok"], (k, c)
@@ -233,8 +236,12 @@ KERNEL_SIGNATURES = {
     "_add_rms_norm_kernel": (["*bf16"] * 5 + [_I32] * 3 + ["fp32"], {"BLOCK": 4096}),
     "_silu_mul_kernel": (["*bf16"] * 3 + [_I32] * 3, {"BLOCK": 1024}),
     "_rope_kv_kernel": (["*bf16"] * 5 + ["*i64"] + ["*bf16"] * 3 + [_I32] * 6, {"HD": 128, "BLOCK": 128}),
-    "_decode_attention_kernel": (["*bf16"] * 3 + ["*i64", "*bf16"] + [_I32] * 5 + ["fp32"],
-                                 {"HD": 128, "BLOCK": 128, "BLOCK_S": 64}),
+    "_decode_attention_kernel": (["*bf16"] * 3 + ["*i64", "*bf16", "*fp32", "*fp32"] + [_I32] * 7 + ["fp32"],
+                                 {"HD": 128, "BLOCK": 128, "BLOCK_S": 64, "PARTIAL": False}),
+    "_decode_attention_kernel-partial": (["*bf16"] * 3 + ["*i64"] + ["*fp32"] * 3 + [_I32] * 7 + ["fp32"],
+                                         {"HD": 128, "BLOCK": 128, "BLOCK_S": 64, "PARTIAL": True}),
+    "_decode_attention_combine_kernel": (["*fp32"] * 3 + ["*bf16"] + [_I32] * 2,
+                                         {"HD": 128, "BLOCK": 128, "BLOCK_N": 32}),
 }
 
 
@@ -244,7 +251,7 @@ def _compile(name: str, arch: int):
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    kernel = getattr(td, name)
+    kernel = getattr(td, name.split("-")[0])
     types, constexprs = KERNEL_SIGNATURES[name]
     names = [a for a in kernel.arg_names if a not in constexprs]
     assert len(names) == len(types), (name, names)

@@ -7,9 +7,9 @@
   the rotated k and v written into the static cache at `pos` (a device tensor, read at every graph replay), the
   rotated q returned. One kernel for the rotary ops, the cos/sin gather and the two cache writes.
 - `decode_attention(q, k_cache, v_cache, pos)`: one query per request against the static cache, reading only the
-  filled positions 0..pos (online softmax). One kernel for the mask, two matmuls, the softmax and its casts. One
-  program per (request, query head), looping over positions: fits short contexts (a split over positions,
-  flash-decoding, would suit thousands).
+  filled positions 0..pos (online softmax). One kernel for the mask, two matmuls, the softmax and its casts (two
+  for a cache of more than 256 positions: splits of the positions in parallel, then their combine, as
+  flash-decoding does).
 
 Each public function runs the Triton kernel where it applies (CUDA tensors, or any tensor under Triton's CPU
 interpreter, TRITON_INTERPRET=1) and its twin (`*_ref`) elsewhere. The kernels round where the twins round
@@ -158,19 +158,36 @@ def rope_kv_(q, k, v, cos, sin_signed, pos, k_cache, v_cache):
     return qr
 
 
-def decode_attention(q, k_cache, v_cache, pos, block_s: int = 64):
-    """Single-query attention over the cache's filled positions in one kernel (its twin elsewhere); see
-    `decode_attention_ref`."""
+def decode_attention(q, k_cache, v_cache, pos, block_s: int = 64, split: int = 256):
+    """Single-query attention over the cache's filled positions (its twin elsewhere); see `decode_attention_ref`.
+
+    A cache longer than `split` positions is read in splits of `split` positions, one program per (request,
+    head, split), then one combine kernel (flash-decoding): a long context keeps every SM busy instead of one
+    program per head walking all of it. Splits wholly past `pos` read nothing."""
     if not applies(q):
         return decode_attention_ref(q, k_cache, v_cache, pos)
     B, nh, _, hd = q.shape
     nkv, S = k_cache.shape[1], k_cache.shape[2]
     if not (q.stride(-1) == 1 and k_cache.is_contiguous() and v_cache.is_contiguous()):
         raise ValueError("decode_attention: the caches must be contiguous and q's last dimension dense")
+    if not (isinstance(split, int) and split >= 1 and isinstance(block_s, int) and block_s >= 1):
+        raise ValueError(f"decode_attention: split and block_s must be positive ints, got {split!r}, {block_s!r}")
     o = torch.empty(B, nh, 1, hd, dtype=q.dtype, device=q.device)
-    _decode_attention_kernel[(B, nh)](q, k_cache, v_cache, pos, o, q.stride(0), q.stride(1), nh, nkv, S,
-                                      float(hd ** -0.5), HD=hd,
-                                      BLOCK=triton.next_power_of_2(hd), BLOCK_S=block_s)
+    nsplit = triton.cdiv(S, split)
+    BLOCK = triton.next_power_of_2(hd)
+    if nsplit == 1:
+        _decode_attention_kernel[(B, nh, 1)](q, k_cache, v_cache, pos, o, o, o, q.stride(0), q.stride(1), nh, nkv, S,
+                                             S, 1, float(hd ** -0.5), HD=hd, BLOCK=BLOCK, BLOCK_S=block_s,
+                                             PARTIAL=False)
+        return o
+    m = torch.empty(B * nh * nsplit, dtype=torch.float32, device=q.device)
+    l = torch.empty_like(m)
+    acc = torch.empty(B * nh * nsplit, hd, dtype=torch.float32, device=q.device)
+    _decode_attention_kernel[(B, nh, nsplit)](q, k_cache, v_cache, pos, acc, m, l, q.stride(0), q.stride(1), nh, nkv,
+                                              S, split, nsplit, float(hd ** -0.5), HD=hd, BLOCK=BLOCK,
+                                              BLOCK_S=block_s, PARTIAL=True)
+    _decode_attention_combine_kernel[(B, nh)](m, l, acc, o, nh, nsplit, HD=hd, BLOCK=BLOCK,
+                                              BLOCK_N=triton.next_power_of_2(nsplit))
     return o
 
 
@@ -236,15 +253,20 @@ if triton is not None:
             tl.store(dst + d, xv.to(vc_ptr.dtype.element_ty), mask=m)
 
     @triton.jit
-    def _decode_attention_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, o_ptr, stride_qb, stride_qh, NH, NKV, S, scale,
-                                 HD: tl.constexpr,
-                                 BLOCK: tl.constexpr, BLOCK_S: tl.constexpr):
-        # one program per (request, query head); positions 0..pos in blocks, online softmax in fp32: the positions
-        # past pos are never read (the cache beyond them may hold anything)
+    def _decode_attention_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, o_ptr, m_ptr, l_ptr, stride_qb, stride_qh, NH, NKV, S,
+                                 SPLIT, NSPLIT, scale, HD: tl.constexpr, BLOCK: tl.constexpr, BLOCK_S: tl.constexpr,
+                                 PARTIAL: tl.constexpr):
+        # one program per (request, query head, split of SPLIT positions); the split's positions up to pos in
+        # blocks, online softmax in fp32: positions past pos are never read (the cache beyond them may hold
+        # anything), and a split wholly past pos reads nothing. PARTIAL: the split's running max, sum and
+        # unnormalized output go to m, l and o (fp32) for the combine kernel; else (one split) the output itself
         b = tl.program_id(0)
         j = tl.program_id(1)
+        sid = tl.program_id(2)
         kv = j // (NH // NKV)
         pos = tl.load(pos_ptr)
+        start = sid * SPLIT
+        end = tl.minimum(start + SPLIT, pos + 1)  # exclusive; <= start: nothing to read
         d = tl.arange(0, BLOCK)
         dm = d < HD
         q = tl.load(q_ptr + b * stride_qb + j * stride_qh + d, mask=dm, other=0.0).to(tl.float32)
@@ -252,9 +274,9 @@ if triton is not None:
         m_i = tl.max(tl.full((BLOCK_S,), float("-inf"), tl.float32), axis=0)
         l_i = tl.sum(tl.zeros((BLOCK_S,), tl.float32), axis=0)
         acc = tl.zeros((BLOCK,), tl.float32)
-        for s0 in range(0, pos + 1, BLOCK_S):
+        for s0 in range(start, end, BLOCK_S):
             sp = s0 + tl.arange(0, BLOCK_S)
-            sm = sp <= pos
+            sm = sp < end
             m2 = sm[:, None] & dm[None, :]
             k = tl.load(k_ptr + base + sp[:, None] * HD + d[None, :], mask=m2, other=0.0).to(tl.float32)
             sc = tl.sum(k * q[None, :], axis=1) * scale  # (BLOCK_S,)
@@ -266,4 +288,29 @@ if triton is not None:
             acc = acc * corr + tl.sum(p[:, None] * v, axis=0)
             l_i = l_i * corr + tl.sum(p, axis=0)
             m_i = m_new
-        tl.store(o_ptr + (b * NH + j) * HD + d, (acc / l_i).to(o_ptr.dtype.element_ty), mask=dm)
+        if PARTIAL:
+            row = (b * NH + j) * NSPLIT + sid
+            tl.store(m_ptr + row, m_i)
+            tl.store(l_ptr + row, l_i)
+            tl.store(o_ptr + row * HD + d, acc, mask=dm)
+        else:
+            tl.store(o_ptr + (b * NH + j) * HD + d, (acc / l_i).to(o_ptr.dtype.element_ty), mask=dm)
+
+    @triton.jit
+    def _decode_attention_combine_kernel(m_ptr, l_ptr, acc_ptr, o_ptr, NH, NSPLIT, HD: tl.constexpr,
+                                         BLOCK: tl.constexpr, BLOCK_N: tl.constexpr):
+        # one program per (request, query head): the splits' partial softmaxes rescaled to their common max and
+        # summed (flash-decoding's reduction); a split past pos has max -inf and weighs 0 (split 0 never is)
+        b = tl.program_id(0)
+        j = tl.program_id(1)
+        n = tl.arange(0, BLOCK_N)
+        nm = n < NSPLIT
+        row = (b * NH + j) * NSPLIT
+        m = tl.load(m_ptr + row + n, mask=nm, other=float("-inf"))
+        w = tl.where(nm, tl.exp(m - tl.max(m, axis=0)), 0.0)  # (BLOCK_N,)
+        l = tl.load(l_ptr + row + n, mask=nm, other=0.0)
+        d = tl.arange(0, BLOCK)
+        dm = d < HD
+        acc = tl.load(acc_ptr + (row + n)[:, None] * HD + d[None, :], mask=nm[:, None] & dm[None, :], other=0.0)
+        out = tl.sum(w[:, None] * acc, axis=0) / tl.sum(w * l, axis=0)
+        tl.store(o_ptr + (b * NH + j) * HD + d, out.to(o_ptr.dtype.element_ty), mask=dm)
