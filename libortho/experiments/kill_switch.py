@@ -131,7 +131,13 @@ class Size:
     finetune: TrainConfig = TrainConfig(lr=1e-4, max_steps=100, check_every=100, target=None)
     ortho: TrainConfig = TrainConfig(lr=1e-3, max_steps=100, check_every=100, target=None)
     lora: TrainConfig = TrainConfig(lr=1e-3, max_steps=100, check_every=100, target=None)
-    alphas: dict = field(default_factory=dict)  # arm -> alphas, overriding ALPHAS
+    # arm -> alphas, overriding ALPHAS. The curve over every alpha for the two switches; the leaky arms (negative
+    # controls) at the ends only, which is where their claims are decided (42 -> 26 evaluations a seed)
+    alphas: dict = field(default_factory=lambda: {a: (0.0, 1.0) for a in SWITCHED if a not in MUST_PASS})
+    # float32 matmul precision on a GPU (torch.set_float32_matmul_precision): "high" is TF32. Profiled on the H200
+    # (results/gpu/h200-2026-11-30-profile-exp1/): scoring 100 canaries x 1,000 more candidates took 12.3 s more in
+    # fp32, 4.5 s more in TF32; log-probabilities moved by at most 0.04 nats over 100,000 candidates. In every key.
+    matmul_precision: str = "high"
     arms: tuple[str, ...] = ARMS  # what `run` measures at this size
     chunk: int = 1024  # candidates per forward pass (|R| = 1000 in one; 1024 x 14 tokens x 49152 fp32 logits: 2.8 GB)
     mia_k: float = 0.2  # Min-K% share
@@ -149,6 +155,8 @@ class Size:
         if self.relearn is not None and self.num_canaries < 10:
             raise ValueError(f"the relearning attack needs >= 10 canaries (5 measured), got {self.num_canaries}; "
                              "set relearn=None")
+        if self.matmul_precision not in ("highest", "high", "medium"):
+            raise ValueError(f"matmul_precision must be highest, high or medium, got {self.matmul_precision!r}")
         unknown = set(self.arms) - set(ARMS)
         if unknown:
             raise ValueError(f"unknown arms {sorted(unknown)}; choose from {ARMS}")
@@ -889,17 +897,23 @@ def run(ctx: RunContext, size: Size | None = None, arms: tuple[str, ...] | None 
     candidate = candidate or ctx.extra.get("candidate") or "ortho_tuned"
     if candidate not in CANDIDATES:
         raise ValueError(f"--candidate {candidate}: not a candidate arm; choose from {', '.join(CANDIDATES)}")
-    if str(ctx.device).startswith("cuda"):  # same seed, same numbers: no atomics-order noise in backward
-        torch.use_deterministic_algorithms(True, warn_only=True)
     size = size or (FULL if ctx.full_size else SMALL.get(ctx.model, SMALL["smollm2-135m"]))
     if ctx.num_canaries:
         n = ctx.num_canaries
         size = replace(size, num_canaries=n, num_holdout=n, relearn=size.relearn if n >= 10 else None)
-    exp = KillSwitch(ctx.model, size, ctx.seed, ctx.canary_format, ctx.text, ctx.device, ctx.progress, ctx.load_bits)
-    exp.measure_candidate(candidate)
-    for arm in tqdm(arms or size.arms, desc="exp1 arms", disable=not ctx.progress):
-        exp.measure_arm(arm)
-    inner = exp.report(candidate, thresholds_for(size.name, thresholds))
+    precision = torch.get_float32_matmul_precision()
+    if str(ctx.device).startswith("cuda"):  # same seed, same numbers: no atomics-order noise in backward
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.set_float32_matmul_precision(size.matmul_precision)
+    try:
+        exp = KillSwitch(ctx.model, size, ctx.seed, ctx.canary_format, ctx.text, ctx.device, ctx.progress,
+                         ctx.load_bits)
+        exp.measure_candidate(candidate)
+        for arm in tqdm(arms or size.arms, desc="exp1 arms", disable=not ctx.progress):
+            exp.measure_arm(arm)
+        inner = exp.report(candidate, thresholds_for(size.name, thresholds))
+    finally:  # the process's other work (benchmarks after a run in one pytest session) keeps its precision
+        torch.set_float32_matmul_precision(precision)
     inner["plot"] = str(plot(inner, ctx.artifact("exp1_kill_switch.png")))
     print_table(inner)
     return inner
