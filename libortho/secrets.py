@@ -170,7 +170,10 @@ def insertion_schedule(canaries: list[Canary], counts: tuple[int, ...] = (1, 4, 
 
 def frequency_curve(insertion: Insertion, extracted: list[bool], exposures: list[float], seed: int = 0
                     ) -> list[dict]:
-    """One row per insertion count: {"count", "n", "extraction_rate", "mean_exposure", "exposure_ci95"}.
+    """One row per insertion count: {"count", "n", "extraction_rate", "median_exposure", "median_exposure_ci95"}.
+
+    The median, not the mean: an extrapolated (skew-normal) exposure has no ceiling, and with few candidates one
+    canary's tail can sit at 1e14 bits and carry a mean. The CI is a percentile bootstrap of the median.
 
     Args:
         extracted, exposures: per canary, aligned with `insertion.canaries` (e.g. a `CanaryReport`'s).
@@ -181,7 +184,8 @@ def frequency_curve(insertion: Insertion, extracted: list[bool], exposures: list
     rows = []
     for k, idx in insertion.by_count().items():
         e = np.array([exposures[i] for i in idx], dtype=np.float64)
-        ci = bootstrap_ci((e,), np.mean, seed=seed) if e.size >= 2 else (float(e[0]), float(e[0]))
+        ci = (bootstrap_ci((e,), np.median, method="percentile", seed=seed) if e.size >= 2
+              else (float(e[0]), float(e[0])))
         rows.append({"count": k, "n": len(idx), "extraction_rate": float(np.mean([extracted[i] for i in idx])),
-                     "mean_exposure": float(e.mean()), "exposure_ci95": list(ci)})
+                     "median_exposure": float(np.median(e)), "median_exposure_ci95": list(ci)})
     return rows

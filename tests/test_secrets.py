@@ -86,8 +86,13 @@ def test_frequency_curve_groups_by_count(tokenizer):
     extracted = [k == 64 for k in ins.counts]
     exposures = [10.0 + i if k == 64 else 1.0 for i, k in enumerate(ins.counts)]
     rows = frequency_curve(ins, extracted, exposures)
+    idx64 = ins.by_count()[64]
     assert [r["count"] for r in rows] == [1, 64] and [r["n"] for r in rows] == [4, 4]
     assert rows[0]["extraction_rate"] == 0.0 and rows[1]["extraction_rate"] == 1.0
-    assert rows[0]["exposure_ci95"] == [1.0, 1.0] and rows[1]["exposure_ci95"][0] > 10.0
+    assert rows[0]["median_exposure_ci95"] == [1.0, 1.0] and rows[1]["median_exposure_ci95"][0] > 10.0
+    # the top canary's extrapolated tail at 1e14 bits moves the median by nothing (a mean would follow it)
+    top = max(idx64, key=lambda i: exposures[i])
+    tail = [1e14 if i == top else x for i, x in enumerate(exposures)]
+    assert frequency_curve(ins, extracted, tail)[1]["median_exposure"] == rows[1]["median_exposure"]
     with pytest.raises(ValueError, match="one result per canary"):
         frequency_curve(ins, extracted[:3], exposures)
