@@ -87,6 +87,26 @@ def test_lora_ranks_matched_on_params_and_bytes(tiny):
         assert arms[arm]["stored_bytes"] == r * m["lora_bytes_per_rank"]
 
 
+def test_lora_int4_sits_on_the_streams_base_at_lora_params_rank(tiny):
+    a, d = tiny["arms"], tiny["diagnostics"]["stream_vs_lora_on_int4"]
+    # fails if the diagnostic's LoRA differed in size from lora_params (then it would not isolate the base)
+    assert a["lora_int4"]["rank"] == a["lora_params"]["rank"]
+    assert a["lora_int4"]["trainable_params"] == a["lora_params"]["trainable_params"]
+    assert CLAIM_KEYS <= set(d) and (d["candidate"], d["control"]) == ("ortho_tuned", "lora_int4")
+    # a diagnostic, not a claim: the summary is decided by U.CLAIMS alone
+    assert {c["name"] for c in tiny["claims"]} == set(U.CLAIMS)
+    with one_thread():
+        u = U.Utility("tiny", U.SMALL["tiny"], seed=0, progress=False)
+        dense = U.target_linears(u._int4_dense(), u.ocfg.targets)
+        skeleton = U.ortho_modules(u._int4_skeleton())
+        public = U.target_linears(u._copy(), u.ocfg.targets)
+    for name, lin in dense.items():
+        # fails if the LoRA base were not the stream's INT4 base bit for bit
+        assert torch.equal(lin.weight, skeleton[name].dequantized_base(lin.weight.dtype)), name
+    # the control: the public weights are not that base
+    assert any(not torch.equal(lin.weight, public[n].weight) for n, lin in dense.items())
+
+
 def test_switch_endpoints(tiny):
     a = tiny["arms"]
     # fails if LoRA at alpha 0 were not the public model exactly

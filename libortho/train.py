@@ -546,11 +546,18 @@ def config_key(config: dict) -> str:
     return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+# Bump when the training code changes what a run's weights are, float rounding included (2: ortho_value_grad
+# reduces over contiguous rows): a cached arm trained by older code is then trained again, so "same seed, same
+# numbers" compares like with like.
+TRAINING_VERSION = 2
+
+
 def cache_path(kind: str, config: dict) -> Path:
-    """Where `cached(kind, config, ...)` keeps its entry (the directory may not exist yet)."""
+    """Where `cached(kind, config, ...)` keeps its entry (the directory may not exist yet); keyed by `config` and
+    `TRAINING_VERSION`."""
     from .models import cache_dir
 
-    return cache_dir() / "exp1" / f"{kind}-{config_key(config)}"
+    return cache_dir() / "exp1" / f"{kind}-{config_key({**config, 'training_version': TRAINING_VERSION})}"
 
 
 def cached(kind: str, config: dict, build: Callable[[], tuple[dict[str, torch.Tensor], dict]]

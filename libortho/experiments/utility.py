@@ -15,6 +15,7 @@ The private domain is a Debian corpus no other code of libortho reads: the `cook
 | lora_params    | PEFT LoRA on the public model, rank whose parameter count is closest to the stream's nnz |
 | lora_bytes     | PEFT LoRA, rank whose A and B bytes are closest to the stream's bytes (values+cols+crow) |
 | lora_off       | lora_params with its adapter scaled to 0 (control; the public model's numbers)        |
+| lora_int4      | lora_params's rank over the INT4 base ortho_tuned has (dense, dequantized): a diagnostic |
 | full_ft        | every weight of the public model trained                                              |
 
 Every trained arm sees the same windows of the train split at the same steps (`domain_loss`, seeded by the
@@ -31,6 +32,11 @@ the general text is scored by the pinned protocol; its 95% CI is a bootstrap ove
 
 Negative controls (`negative_controls`, each must fail): int4_of_public and lora_off as candidates of the gain
 claim, and int4_of_public (a stream that learned nothing) as the candidate of both parity claims.
+
+**Diagnostic** (`diagnostics`, not a claim): ortho_tuned against lora_int4, LoRA of the same rank as lora_params
+trained over the very INT4 base the stream sits on. The parity claims compare the stream over INT4 with LoRA over
+full-precision weights, which mixes two costs; this comparison holds the base fixed, so what remains is the
+stream against an adapter as learners.
 """
 from __future__ import annotations
 
@@ -64,8 +70,8 @@ from . import RunContext, register
 SECTION = "exp1_utility"
 DOMAIN_FILES = ("cookie",)  # fortune files of the private domain (see the module docstring)
 SPLIT_SEED = "utility-split:0"  # the split is fixed: every seed and arm is tested on the same fortunes
-TRAINED = ("ortho_tuned", "lora_params", "lora_bytes", "full_ft")
-ARMS = ("public", "int4_of_public", "ortho_tuned", "lora_params", "lora_bytes", "lora_off", "full_ft")
+TRAINED = ("ortho_tuned", "lora_params", "lora_bytes", "lora_int4", "full_ft")
+ARMS = ("public", "int4_of_public", "ortho_tuned", "lora_params", "lora_bytes", "lora_off", "lora_int4", "full_ft")
 CLAIMS = ("alpha1_domain_gain", "parity_lora_params", "parity_lora_bytes")
 CACHE_VERSION = 1  # bump when what a cached arm's weights depend on changes
 
@@ -111,6 +117,7 @@ class Size:
     lr_grid: dict = field(default_factory=lambda: {"ortho_tuned": (3e-4, 1e-3, 3e-3),
                                                    "lora_params": (3e-4, 1e-3, 3e-3),
                                                    "lora_bytes": (3e-4, 1e-3, 3e-3),
+                                                   "lora_int4": (3e-4, 1e-3, 3e-3),
                                                    "full_ft": (1e-5, 3e-5, 1e-4)})
     lora_scale: float = 4.0
     lora_dropout: float = 0.1
@@ -154,14 +161,15 @@ SMALL = {
     # a random tiny Llama: the pipeline end to end in seconds (it learns the domain's token statistics)
     "tiny": Size(name="small", num_canaries=2, steps=12, batch=2, length=64, mask_windows=4, density=0.1,
                  calib=(2, 32), lr_grid={"ortho_tuned": (1e-2, 3e-2, 1e-1), "lora_params": (3e-2, 1e-1, 3e-1),
-                                         "lora_bytes": (3e-2, 1e-1, 3e-1), "full_ft": (3e-3, 1e-2, 3e-2)},
+                                         "lora_bytes": (3e-2, 1e-1, 3e-1), "lora_int4": (3e-2, 1e-1, 3e-1),
+                                         "full_ft": (3e-3, 1e-2, 3e-2)},
                  val=Protocol(64, 64, 512), domain=Protocol(32, 32, 1024), general=Protocol(64, 64, 512),
                  n_resamples=999),
     # SmolLM2 (the derived public model) on 2 CPU cores: 15 steps of 2 x 128 tokens per lr
     "smollm2-135m": Size(name="small", num_canaries=4, steps=15, batch=2, length=128, mask_windows=4,
                          calib=(2, 128), lr_grid={"ortho_tuned": (3e-4, 1e-3, 3e-3),
                                                   "lora_params": (3e-4, 1e-3, 3e-3), "lora_bytes": (3e-4, 1e-3, 3e-3),
-                                                  "full_ft": (1e-5, 3e-5, 1e-4)},
+                                                  "lora_int4": (3e-4, 1e-3, 3e-3), "full_ft": (1e-5, 3e-5, 1e-4)},
                          val=Protocol(128, 128, 1024), domain=Protocol(128, 128, 3072),
                          general=Protocol(256, 256, 2048), n_resamples=1999),
 }
@@ -377,16 +385,27 @@ class Utility:
     def lora_spec(self, r: int) -> LoraSpec:
         return LoraSpec(r=r, alpha=self.size.lora_scale * r, dropout=self.size.lora_dropout)
 
-    def lora(self, r: int, lr: float) -> tuple[nn.Module, dict]:
+    def _int4_dense(self) -> nn.Module:
+        """A public copy whose target linears hold INT4 of their weights, dequantized: ortho_tuned's base, dense."""
+        m = self._copy()
+        with torch.no_grad():
+            for lin in target_linears(m, self.ocfg.targets).values():
+                lin.weight.copy_(quantize_base(lin.weight, self.ocfg).dequantize(lin.weight.dtype))
+        return m
+
+    def lora(self, r: int, lr: float, int4: bool = False) -> tuple[nn.Module, dict]:
+        """LoRA of rank `r` at `lr` over the public weights, or (`int4`) over their INT4 base."""
         spec = self.lora_spec(r)
+        base = self._int4_dense if int4 else self._copy
 
         def build():
-            m = lora_wrap(self._copy(), spec, self.seed)
+            m = lora_wrap(base(), spec, self.seed)
             hist = lora_finetune_(m, self._loss(), self.size.train(lr, self.seed), self.progress)
             return {k: v for k, v in m.state_dict().items() if "lora_" in k}, {"history": hist}
 
-        state, meta, hit = cached("utility-lora", self._key("utility-lora", lr, lora=spec.to_dict()), build)
-        m = lora_wrap(self._copy(), spec, self.seed)
+        more = {"base": "int4", "ortho": self.ocfg.to_dict()} if int4 else {}
+        state, meta, hit = cached("utility-lora", self._key("utility-lora", lr, lora=spec.to_dict(), **more), build)
+        m = lora_wrap(base(), spec, self.seed)
         m.load_state_dict({k: v.to(self.device) for k, v in state.items()}, strict=False)
         return m.to(self.device).eval(), {**meta, "cached": hit}
 
@@ -408,6 +427,8 @@ class Utility:
             return self.ortho_tuned(lr)
         if arm in ("lora_params", "lora_bytes"):
             return self.lora(self.ranks[arm], lr)
+        if arm == "lora_int4":
+            return self.lora(self.ranks["lora_params"], lr, int4=True)
         if arm == "full_ft":
             return self.full_ft(lr)
         raise ValueError(f"unknown trained arm {arm!r}; choose from {TRAINED}")
@@ -484,6 +505,14 @@ class Utility:
                                     **self.measure(m)}
             del m
 
+        m, info = self.tune("lora_int4")
+        arms["lora_int4"] = {"trainable_params": sum(p.numel() for n, p in m.named_parameters() if "lora_" in n),
+                             "stored_bytes": sum(p.nbytes for n, p in m.named_parameters() if "lora_" in n),
+                             "lr": self.lr_search["lora_int4"]["chosen"], "rank": self.ranks["lora_params"],
+                             "base": "INT4 RTN of the public model (ortho_tuned's base, dequantized)", **self.measure(m)}
+        self.train_info["lora_int4"] = {"steps": info["history"]["steps"], "final_loss": info["history"]["loss"][-1]}
+        del m
+
         m, info = self.tune("full_ft")
         arms["full_ft"] = {"trainable_params": trainable_count(m), "stored_bytes": param_bytes(m),
                            "lr": self.lr_search["full_ft"]["chosen"], **self.measure(m)}
@@ -496,11 +525,13 @@ class Utility:
         t = thresholds if thresholds is not None else thresholds_for(self.size.name)
         claims = decide_claims(arms, t, self.seed, self.size.n_resamples)
         controls = negative_controls(arms, t, self.seed, self.size.n_resamples)
+        diagnostics = {"stream_vs_lora_on_int4": parity_claim(arms, "ortho_tuned", "lora_int4", t["parity_margin_nats"],
+                                                              self.seed, self.size.n_resamples, "parity_lora_int4")}
         s = self.size
         return {
             "model": self.name, "public_model": self.public_facts, "seed": self.seed,
             "claims": claims, "claims_summary": summarize_claims(claims),
-            "negative_controls": controls, "thresholds": t,
+            "negative_controls": controls, "thresholds": t, "diagnostics": diagnostics,
             "arms": arms, "table": table(arms), "lr_search": self.lr_search, "matching": self.matching,
             "training": {**self.train_info, "steps": s.steps, "batch": s.batch, "length": s.length,
                          "tokens_per_arm": s.steps * s.batch * s.length, "mask_windows": s.mask_windows,
@@ -620,7 +651,7 @@ def print_table(inner: dict) -> None:
         print(f"{r['arm']:15s} {r['trainable_params']:10d} {r['stored_bytes']:11d} {lr:>8s} {d:>28s} "
               f"{r['general_ppl']:12.2f}")
     f = lambda x, spec: "nan" if x is None else format(x, spec)  # noqa: E731 - JSON's None for a non-finite number
-    for c in inner["claims"] + list(inner["negative_controls"].values()):
+    for c in inner["claims"] + list(inner["negative_controls"].values()) + list(inner.get("diagnostics", {}).values()):
         print(f"  {'PASS' if c['passed'] else 'FAIL'} {c['name']:22s} {c['candidate']:>15s} vs {c['control']:15s} "
               f"{f(c['value'], '+.4f')} CI [{f(c['ci95'][0], '+.4f')}, {f(c['ci95'][1], '+.4f')}] threshold "
               f"{c['threshold']:+g} p {f(c['p'], '.3g')}")
