@@ -86,6 +86,7 @@ class OrthoLinear(nn.Module):
         self._rows_cache: torch.Tensor | None = None
         self._merged: tuple | None = None  # (key, base + alpha * ortho) while the base is cached
         self.set_backend(Backend.AUTO)
+        self._register_state_dict_hook(_own_storage)
 
     # -- construction -------------------------------------------------------------------------
     @classmethod
@@ -269,6 +270,14 @@ class OrthoLinear(nn.Module):
         a = f"alpha={self.alpha.item():g}" if self.row_alpha is None else f"row_alpha={self.row_alpha.tolist()}"
         return (f"in_features={self.in_features}, out_features={self.out_features}, group_size={self.group_size}, "
                 f"symmetric={self.symmetric}, nnz={self.nnz}, {a}, backend={self.backend.value}")
+
+
+def _own_storage(module, state_dict, prefix, local_metadata):
+    """A tensor of `state_dict` that is a view into a larger storage (a part of a fused copy, libortho.decode)
+    is cloned: a saver that keeps one tensor per storage (tied-weight detection) then still saves each part."""
+    for name, t in list(state_dict.items()):
+        if name.startswith(prefix) and isinstance(t, torch.Tensor) and t.untyped_storage().nbytes() != t.nbytes:
+            state_dict[name] = t.clone()
 
 
 class _Trainable(torch.autograd.Function):

@@ -150,16 +150,31 @@ def test_fused_copy_follows_alpha_and_falls_back_where_parts_disagree(model):
         set_alpha(model, 1.0)
 
 
-def test_fused_copy_is_built_again_when_a_part_changes(model, monkeypatch):
+def test_fused_copy_follows_its_parts(model, monkeypatch):
+    """A part changed in place is seen by the fused copy with no rebuild (the part is a view of it); a part whose
+    tensor is replaced makes the copy stale, and the copy is built again."""
+    from torch import nn
+
     from libortho.decode import _Fused
 
     _, before, dec = generate(model, True)
-    v = ortho_modules(model)["model.layers.1.mlp.up_proj"].ortho_values
+    m = ortho_modules(model)["model.layers.1.mlp.up_proj"]
     with torch.no_grad():
-        v.mul_(30)  # in place: the fused copy is now stale
+        m.ortho_values.mul_(30)  # in place
     try:
         _, ref, _ = generate(model, False)
         assert rel(ref, before) > 1e-3
+        with monkeypatch.context() as mp:  # no rebuild allowed: the shared storage carries the change
+            mp.setattr(_Fused, "refresh", lambda self: False)
+            _, shared, _ = generate(model, True, dec=dec)
+        assert rel(shared, ref) < 1e-5
+    finally:
+        with torch.no_grad():
+            m.ortho_values.div_(30)
+    old = m.ortho_values
+    m.ortho_values = nn.Parameter(old.detach() * 30, requires_grad=False)  # replaced: not the copy's storage
+    try:
+        _, ref, _ = generate(model, False)
         with monkeypatch.context() as mp:  # control: a decoder that never rebuilds its copies is caught
             mp.setattr(_Fused, "refresh", lambda self: False)
             _, stale, _ = generate(model, True, dec=dec)
@@ -167,8 +182,51 @@ def test_fused_copy_is_built_again_when_a_part_changes(model, monkeypatch):
         _, after, _ = generate(model, True, dec=dec)
         assert rel(after, ref) < 1e-5
     finally:
-        with torch.no_grad():
-            v.div_(30)
+        m.ortho_values = old
+
+
+def test_fusing_adds_no_second_copy_and_state_dict_is_unchanged(tmp_path):
+    """The parts become views of their fused copy: the model and its fused copies hold the packed weights once
+    (row pointers aside). `state_dict` still gives each part whole, so a checkpoint saved after decoding loads
+    back to the same model (safetensors refuses tensors that share memory)."""
+    from safetensors.torch import load_file, save_file
+
+    m = orthogonalize_(tiny_llama(vocab_size=256), OrthoConfig(score="magnitude", group_size=32, density=0.1),
+                       progress=False)
+    sd_before = {k: v.clone() for k, v in m.state_dict().items()}
+
+    def storage_bytes(tensors) -> int:
+        return sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}.values())
+
+    packed = lambda: [t for o in ortho_modules(m).values()  # noqa: E731
+                      for t in (o.qweight, o.scales, o.zeros, o.ortho_col, o.ortho_values) if t is not None]
+    alone_bytes = storage_bytes(packed())
+    dec = decoder(m, 1)
+    fused = [f.module for f in dec._fused_list()]
+    both = storage_bytes(packed() + [t for f in fused for t in (f.qweight, f.scales, f.zeros, f.ortho_col,
+                                                                f.ortho_values) if t is not None])
+    # fails if fusing kept a second copy of q|k|v and gate|up (the o and down projections are not fused)
+    assert both == alone_bytes, (both, alone_bytes)
+    part = ortho_modules(m)["model.layers.0.self_attn.k_proj"]
+    assert part.qweight.untyped_storage().data_ptr() == fused[0].qweight.untyped_storage().data_ptr()
+    sd = m.state_dict()
+    assert sd.keys() == sd_before.keys() and all(torch.equal(sd[k], sd_before[k]) for k in sd)
+    from libortho.modules import state_without_tied
+
+    save_file({k: v for k, v in state_without_tied(m).items()}, tmp_path / "m.safetensors")  # tied head aside
+    back = load_file(tmp_path / "m.safetensors")
+    assert all(torch.equal(back[k], sd_before[k]) for k in back)
+    # a saver that groups tensors by storage would keep one per group: the parts' own tensors share one (the
+    # control: the check below can fail), their state_dict entries must not (OrthoLinear clones views there)
+    names = [f"model.layers.0.self_attn.{p}.qweight" for p in ("q_proj", "k_proj", "v_proj")]
+    own = dict(m.named_buffers())
+    assert len({own[n].untyped_storage().data_ptr() for n in names}) == 1
+    assert len({sd[n].untyped_storage().data_ptr() for n in names}) == 3
+    from transformers import AutoModelForCausalLM
+
+    m.save_pretrained(tmp_path / "hf")  # after decoding, through Hugging Face's saver: the same model back
+    sd2 = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").state_dict()
+    assert sd2.keys() == sd_before.keys() and all(torch.equal(sd2[k], sd_before[k]) for k in sd2)
 
 
 def test_fuse_launches_fewer_ops_per_token(model):
