@@ -30,9 +30,11 @@ from libortho.gpu import GIB, NvmlPoller, profiles
 from bench.thresholds import load as load_thresholds
 
 PROFILES = profiles()
-VARIANTS = ["bf16", "nf4", "bf16-static", "alpha0", "alpha1"]
-ENGINE = {"bf16": "hf-eager", "nf4": "hf-eager", "bf16-static": "libortho-graph", "alpha0": "libortho-graph",
-          "alpha1": "libortho-graph"}
+# int4mm-static: libortho's INT4 base (stream dropped) through torch's tinygemm kernel (`_weight_int4pack_mm`, what
+# torchao int4 weight-only runs) in the same graph decoder: the engine-equal INT4 baseline of issue 17
+VARIANTS = ["bf16", "nf4", "bf16-static", "int4mm-static", "alpha0", "alpha1"]
+ENGINE = {"bf16": "hf-eager", "nf4": "hf-eager", "bf16-static": "libortho-graph", "int4mm-static": "libortho-graph",
+          "alpha0": "libortho-graph", "alpha1": "libortho-graph"}
 DENSITIES = [0.01]
 NEW_TOKENS, DECODE_PROMPT, PREFILL_TOKENS, MAX_SEQ = 128, 16, 512, 1024
 RESULTS: dict[tuple, dict] = {}
@@ -87,9 +89,10 @@ def estimate_gib(model: str, variant: str, density: float | None) -> float:
         w = 2 * (lin + V * H * (1 if tied else 2))
     elif variant == "nf4":
         w = lin * (0.5 + 1 / 64) + 2 * V * H * (1 if tied else 2)
-    else:  # INT4 base + scales + ortho (value + int16 col); INT4 head; embeddings on the CPU when large
-        emb_gpu = V * H * 2 <= 256 * 2**20
-        w = lin * (0.5 + 2 / 128 + 4 * (density or 0)) + V * H * (0.5 + 2 / 128) + (V * H * 2 if emb_gpu else 0)
+    else:  # INT4 base + scales (tinygemm: + zeros) + ortho (value + int16 col); INT4 head; embeddings on the CPU
+        emb_gpu = V * H * 2 <= 256 * 2**20   # when large
+        meta = (4 if variant == "int4mm-static" else 2) / 128
+        w = lin * (0.5 + meta + 4 * (density or 0)) + V * H * (0.5 + meta) + (V * H * 2 if emb_gpu else 0)
     return (w + kv) / GIB
 
 
@@ -133,6 +136,15 @@ def _build(model: str, variant: str, density: float | None):
         m = _hf_random(model)
         nf4_(m, compute_dtype=torch.bfloat16)
         return {"model": m, "decoder": None, "label": "shape_only" if not model.startswith("user:") else "real"}
+    if variant == "int4mm-static":  # the shape-only model's INT4 base, built without a stream, through tinygemm
+        from libortho import shape_only
+        from libortho.baselines import int4pack_
+
+        m = shape_only.build(_config(model), density=0.0) if not model.startswith("user:") else None
+        if m is None:
+            pytest.skip("int4mm-static runs on the shape-only models (a real checkpoint converts through alpha0)")
+        int4pack_(m)
+        return {"model": m, "decoder": StaticDecoder(m, MAX_SEQ), "label": "shape_only"}
     if model.startswith("user:"):
         from libortho import OrthoConfig, orthogonalize_
         from libortho.models import load_model

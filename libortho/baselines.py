@@ -137,3 +137,62 @@ def hqq_(model: nn.Module, bits: int = 4, group_size: int = 64, scale_dtype: tor
         total += stored_bits(*stored.values())
         count += lin.weight.numel()
     return total / count
+
+
+class Int4PackLinear(nn.Module):
+    """INT4 weight-only linear through torch's tinygemm kernel (`aten._weight_int4pack_mm`, what torchao's int4
+    weight-only config runs on CUDA; `_weight_int4pack_mm_for_cpu` elsewhere). Its grid is libortho's:
+    w = (q - 8) * scale + zero per group of inputs, so `from_ortho` takes an OrthoLinear's base as it is (the
+    stream dropped): the same INT4 weights through another kernel, the engine-equal baseline of the decoder.
+
+    Args:
+        codes: (out, in) uint8 in [0, 15]; scales, zeros: (out, in / group_size) (zeros None: 0).
+    """
+
+    def __init__(self, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, group_size: int,
+                 bias: torch.Tensor | None = None):
+        super().__init__()
+        out_f, in_f = codes.shape
+        # tinygemm's packing tiles `in` by 16 x inner_k_tiles (8, 4 or 2: the largest that divides it)
+        tiles = next((t for t in (8, 4, 2) if in_f % (16 * t) == 0), None)
+        if tiles is None or in_f % group_size or out_f % 8 or group_size not in (32, 64, 128, 256):
+            raise ValueError(f"tinygemm needs in % 32 == 0, out % 8 == 0 and a group of 32, 64, 128 or 256 dividing "
+                             f"in; got ({out_f}, {in_f}) with group {group_size}")
+        self.in_features, self.out_features, self.group_size = in_f, out_f, group_size
+        c = codes.to(torch.uint8)
+        if c.is_cuda:  # two codes a byte, the even column in the high nibble
+            packed = torch.ops.aten._convert_weight_to_int4pack(((c[:, 0::2] << 4) | c[:, 1::2]).contiguous(), tiles)
+        else:
+            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(c.to(torch.int32).contiguous(), tiles)
+        z = torch.zeros_like(scales) if zeros is None else zeros.to(scales.dtype)
+        self.register_buffer("packed", packed)
+        self.register_buffer("scales_and_zeros", torch.stack([scales, z], -1).transpose(0, 1).contiguous())  # (G, out, 2)
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+
+    @classmethod
+    def from_ortho(cls, m) -> "Int4PackLinear":
+        """The INT4 base of OrthoLinear `m` (codes, scales, zeros, bias), its ortho stream left out."""
+        from .quant import unpack_int4
+
+        return cls(unpack_int4(m.qweight), m.scales, m.zeros, m.group_size, m.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., in) -> (..., out)
+        op = torch.ops.aten._weight_int4pack_mm if x.is_cuda else torch.ops.aten._weight_int4pack_mm_for_cpu
+        y = op(x.reshape(-1, self.in_features), self.packed, self.group_size, self.scales_and_zeros)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+
+@torch.no_grad()
+def int4pack_(model: nn.Module) -> int:
+    """Swap every OrthoLinear of `model` (the head too) for the `Int4PackLinear` of its base, in place; returns how
+    many. The model then computes INT4 of its base alone, through tinygemm."""
+    from .modules import ortho_modules
+
+    mods = ortho_modules(model)
+    if not mods:
+        raise ValueError("int4pack_ needs a libortho model (OrthoLinear layers); convert it first")
+    for name, m in mods.items():
+        set_module(model, name, Int4PackLinear.from_ortho(m))
+    return len(mods)

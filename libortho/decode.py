@@ -544,7 +544,13 @@ def weight_bytes_per_token(model, ortho_on: bool | None = None) -> int:
             total += p.numel() * p.element_size() + (_quant_state_bytes(p.quant_state)
                                                      if getattr(p, "quant_state", None) is not None else 0)
     seen.add(id(emb))
+    from .baselines import Int4PackLinear
+
     for m in model.modules():
+        if isinstance(m, Int4PackLinear):
+            total += m.packed.nbytes + m.scales_and_zeros.nbytes + (m.bias.nbytes if m.bias is not None else 0)
+            seen.update(id(t) for t in (m.packed, m.scales_and_zeros, m.bias) if t is not None)
+            continue
         if isinstance(m, OrthoLinear):
             total += sum(t.numel() * t.element_size() for t in (m.qweight, m.scales, m.zeros) if t is not None)
             on = (m.alpha.item() != 0) if ortho_on is None else ortho_on

@@ -112,3 +112,80 @@ def test_nf4_bits_counted_from_its_tensors():
     assert nf4_stored_bits_per_weight(torch.nn.Sequential(q)) == pytest.approx(nf4_bits_per_weight() + 32 / w.numel())
     with pytest.raises(ValueError, match="no bitsandbytes Linear4bit"):
         nf4_stored_bits_per_weight(torch.nn.Sequential(torch.nn.Linear(4, 4)))
+
+
+# -- tinygemm (torch's _weight_int4pack_mm): the engine-equal INT4 baseline of the decoder --------------------
+
+def _converted(symmetric: bool):
+    """A tiny Llama whose widths tinygemm takes (96: packed in tiles of 32), converted at 10% density."""
+    m = tiny_llama(vocab_size=256, hidden_size=96)
+    return orthogonalize_(m, OrthoConfig(group_size=32, symmetric=symmetric, density=0.1, score="magnitude"),
+                          progress=False)
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_int4pack_computes_the_ortho_base(symmetric):
+    import copy
+
+    from libortho.baselines import Int4PackLinear, int4pack_
+    from libortho.decode import weight_bytes_per_token
+    from libortho.modules import ortho_modules
+
+    m = _converted(symmetric)
+    set_alpha(m, 0.0)
+    t = copy.deepcopy(m)
+    assert int4pack_(t) == len(ortho_modules(m))
+    assert not ortho_modules(t) and isinstance(t.model.layers[0].mlp.down_proj, Int4PackLinear)
+    with torch.no_grad():
+        ref, out = m(input_ids=IDS).logits, t(input_ids=IDS).logits
+        set_alpha(m, 1.0)
+        stream = m(input_ids=IDS).logits
+    # fails if tinygemm read the codes, scales or zeros on another grid than libortho's (fp32 on the CPU)
+    assert (out - ref).abs().max() <= 1e-4 * ref.abs().max()
+    # the control: the same comparison tells the stream's 10% apart
+    assert (stream - ref).abs().max() > 1e-2 * ref.abs().max()
+    # the same bytes a token reads as the base, scales and zeros (tinygemm always stores a zero: + scale bytes
+    # when libortho's grid is symmetric)
+    sym_extra = sum(o.scales.nbytes for o in ortho_modules(m).values()) if symmetric else 0
+    assert weight_bytes_per_token(t) == weight_bytes_per_token(m, ortho_on=False) + sym_extra
+
+
+def test_int4pack_in_the_static_decoder_generates_as_alpha_zero():
+    import copy
+
+    from libortho.baselines import int4pack_
+    from libortho.decode import StaticDecoder
+
+    m = _converted(False)
+    set_alpha(m, 0.0)
+    t = copy.deepcopy(m)
+    int4pack_(t)
+    ids = IDS[:, :6]
+    got = StaticDecoder(t, max_seq=32, dtype=torch.float32, device="cpu").generate(ids, 5)
+    want = StaticDecoder(m, max_seq=32, dtype=torch.float32, device="cpu").generate(ids, 5)
+    assert torch.equal(got, want)
+
+
+def test_int4pack_refuses_shapes_tinygemm_cannot_take():
+    from libortho.baselines import Int4PackLinear, int4pack_
+
+    with pytest.raises(ValueError, match="tinygemm needs"):
+        Int4PackLinear(torch.zeros(8, 48, dtype=torch.uint8), torch.ones(8, 2), None, 24)
+    with pytest.raises(ValueError, match="needs a libortho model"):
+        int4pack_(tiny_llama(vocab_size=256))
+
+
+@pytest.mark.gpu
+def test_int4pack_on_cuda_computes_the_ortho_base():
+    """The CUDA packing (two codes a byte, even column high) against the OrthoLinear base it came from, in bf16."""
+    from libortho.baselines import Int4PackLinear
+    from libortho.shape_only import random_ortho_linear
+
+    m = random_ortho_linear(256, 512, 0.0, 128, torch.bfloat16, "cuda", torch.Generator("cuda").manual_seed(0))
+    t = Int4PackLinear.from_ortho(m)
+    x = torch.randn(4, 512, device="cuda", dtype=torch.bfloat16)
+    ref = x.float() @ m.dequantized_base(torch.float32).t()
+    # fails on a packing with the nibbles swapped (a different weight) or scales/zeros misplaced
+    assert (t(x).float() - ref).abs().max() <= 2e-2 * ref.abs().max()
+    swapped = Int4PackLinear(torch.randint(0, 16, (256, 512), device="cuda"), m.scales, None, 128)
+    assert (swapped(x).float() - ref).abs().max() > 0.1 * ref.abs().max()  # the control

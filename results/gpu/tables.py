@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 NAMES = {"bf16": "bf16 (HF eager)", "nf4": "bnb NF4 (HF eager)", "bf16-static": "bf16 (libortho graph decoder)",
+         "int4mm-static": "tinygemm INT4 (libortho graph decoder)",
          "alpha0": "libortho alpha 0", "alpha1": "libortho alpha 1"}
 
 
