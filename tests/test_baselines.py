@@ -187,5 +187,8 @@ def test_int4pack_on_cuda_computes_the_ortho_base():
     ref = x.float() @ m.dequantized_base(torch.float32).t()
     # fails on a packing with the nibbles swapped (a different weight) or scales/zeros misplaced
     assert (t(x).float() - ref).abs().max() <= 2e-2 * ref.abs().max()
-    swapped = Int4PackLinear(torch.randint(0, 16, (256, 512), device="cuda"), m.scales, None, 128)
-    assert (swapped(x).float() - ref).abs().max() > 0.1 * ref.abs().max()  # the control
+    from libortho.quant import unpack_int4
+
+    codes = unpack_int4(m.qweight)
+    swapped = Int4PackLinear(codes.view(256, 256, 2).flip(-1).reshape(256, 512), m.scales, None, 128)
+    assert (swapped(x).float() - ref).abs().max() > 0.1 * ref.abs().max()  # the control: nibbles swapped
