@@ -23,7 +23,8 @@ OUT=${OUT:-out/gpu}; mkdir -p "$OUT"
 source .gpu/p2dir/setup.sh
 export LIBORTHO_RESULTS_DIR=/tmp/lo/res; mkdir -p "$LIBORTHO_RESULTS_DIR"
 NGPU=$(nvidia-smi -L 2>/dev/null | wc -l)
-XDIST=""; [ "$NGPU" -gt 1 ] && XDIST="-n $NGPU"
+XDIST=""; [ "$NGPU" -gt 1 ] && python3 -c "import xdist" 2>/dev/null && XDIST="-n $NGPU"
+[ "$NGPU" -gt 1 ] && [ -z "$XDIST" ] && echo "pytest-xdist is not importable: the seeds run one after another"
 case "$PART" in
   exp1) TESTS="bench/test_kill_switch.py" ;;
   secrets) TESTS="bench/test_secrets_study.py" ;;

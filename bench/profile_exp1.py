@@ -10,7 +10,8 @@ and `--steps` training steps), full fine-tuning (`--steps`), LoRA (`--steps`); t
 evaluation at |R| = `--candidates` split into its parts (candidate scoring, membership-inference token
 statistics, perplexity), and candidate scoring alone at the decisive |R|. A torch-profiler table of the top
 operators of one scoring pass and one ortho-tuning step follows (CUDA time on a GPU). `--tf32 both` runs the
-evaluation with TF32 matmuls off, then on (numbers change in the 4th digit; see the JSON's `max_abs_logp_diff`).
+evaluation with TF32 matmuls off, then on (see the JSON's `max_abs_logp_diff_fp32_tf32`); training runs in the FULL
+size's precision (TF32), as `kill_switch.run` trains on a GPU.
 
 Writes profile_exp1.json under --out. Nothing is cached (a temporary LIBORTHO_CACHE), so every phase is computed.
 """
@@ -19,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -79,8 +81,23 @@ def main(argv: list[str] | None = None) -> int:
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA GPU here (use --device cpu)")
     os.makedirs(a.out, exist_ok=True)
-    os.environ["LIBORTHO_CACHE"] = tempfile.mkdtemp(prefix="profile_exp1_")  # before libortho reads it
+    before = (os.environ.get("LIBORTHO_CACHE"), torch.get_float32_matmul_precision(),
+              torch.are_deterministic_algorithms_enabled())
+    tmp = tempfile.mkdtemp(prefix="profile_exp1_")
+    os.environ["LIBORTHO_CACHE"] = tmp  # nothing read back: every phase computed
+    try:
+        return _profile(a, device)
+    finally:  # the caller's cache and precision back (a pytest session goes on), the scratch cache gone
+        if before[0] is None:
+            os.environ.pop("LIBORTHO_CACHE", None)
+        else:
+            os.environ["LIBORTHO_CACHE"] = before[0]
+        torch.set_float32_matmul_precision(before[1])
+        torch.use_deterministic_algorithms(before[2])
+        shutil.rmtree(tmp, ignore_errors=True)
 
+
+def _profile(a, device: str) -> int:
     from libortho.experiments.kill_switch import FULL, KillSwitch
     from libortho.mia import token_stats
     from libortho.perplexity import perplexity
@@ -94,8 +111,9 @@ def main(argv: list[str] | None = None) -> int:
                    finetune=replace(size.finetune, max_steps=a.steps, check_every=a.steps),
                    ortho=replace(size.ortho, max_steps=a.steps, check_every=a.steps),
                    lora=replace(size.lora, max_steps=a.steps, check_every=a.steps))
-    if device.startswith("cuda"):  # as `kill_switch.run` does on a GPU
+    if device.startswith("cuda"):  # as `kill_switch.run` does on a GPU (training in the size's precision)
         torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.set_float32_matmul_precision(size.matmul_precision)
     t: dict = {}
     print(f"profile_exp1: {a.model} on {device}, {size.num_canaries}+{size.num_holdout} canaries, |R| {n} / {big}, "
           f"{a.steps} training steps per trainer", flush=True)
@@ -111,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     cands, cands_big = exp.candidates(n), exp.candidates(big)
     evals, lps = {}, {}
     for tf32 in ((False, True) if a.tf32 == "both" else (a.tf32 == "on",)):
-        torch.backends.cuda.matmul.allow_tf32 = tf32
+        torch.set_float32_matmul_precision("high" if tf32 else "highest")
         e: dict = {}
         tag = "tf32" if tf32 else "fp32"
         print(f" evaluation, matmuls {tag}:", flush=True)
@@ -129,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
             measure(model, exp.tok, exp.canaries, big, exp.seed, size.chunk, exp.oom_events, candidates=cands_big,
                     extrapolate=False)
         evals[tag] = e
-    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.set_float32_matmul_precision(size.matmul_precision)
     diff = None
     if len(lps) == 2:
         diff = max(float(abs(x - y).max()) for x, y in zip(lps["fp32"], lps["tf32"]))

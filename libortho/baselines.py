@@ -193,6 +193,12 @@ def int4pack_(model: nn.Module) -> int:
     mods = ortho_modules(model)
     if not mods:
         raise ValueError("int4pack_ needs a libortho model (OrthoLinear layers); convert it first")
-    for name, m in mods.items():
-        set_module(model, name, Int4PackLinear.from_ortho(m))
-    return len(mods)
+    built = {}
+    for name, m in mods.items():  # every layer built (and checked) before any is swapped: no half-converted model
+        try:
+            built[name] = Int4PackLinear.from_ortho(m)
+        except ValueError as e:
+            raise ValueError(f"{name}: {e}") from None
+    for name, lin in built.items():
+        set_module(model, name, lin)
+    return len(built)

@@ -34,7 +34,7 @@ range named "lo:<part>" (RANGES), for bench/profile_decode.py; off, it costs not
 (labelled "norm"), silu(gate) * up (labelled "elementwise"), and, in a decode step, rotary on q and k with the
 KV-cache write (labelled "rotary"; "kv_copy" is then empty). `fuse_attention=True` (the default): a decode step's
 attention over the cache reading only the filled positions (`triton_decode.decode_attention`, split over positions
-for caches longer than 256). Measured on an H200 (Llama-3-8B shape, batch 1, 48 positions, CUDA graphs, one run,
+for caches longer than 1,024). Measured on an H200 (Llama-3-8B shape, batch 1, 48 positions, CUDA graphs, one run,
 results/gpu/h200-2026-11-30-decode-fused-ew/): alpha 1 227.7 -> 337.5 tok/s, alpha 0 262.8 -> 351.5 with both on.
 """
 from __future__ import annotations
@@ -253,7 +253,9 @@ class StaticDecoder:
                 mods = [getattr(owner, n) for n in names]
                 if _fusable(mods):
                     d = mods[0].qweight.device
-                    kept = sum(m.ortho_crow.nbytes + (m._base_cache.nbytes if m._base_cache is not None else 0)
+                    # a part already a view of another decoder's copy frees nothing: that copy stays alive
+                    kept = sum(_nbytes(m) if m.qweight.untyped_storage().nbytes() != m.qweight.nbytes else
+                               m.ortho_crow.nbytes + (m._base_cache.nbytes if m._base_cache is not None else 0)
                                for m in mods)
                     need[d] = need.get(d, 0) + kept
                     peak[d] = max(peak.get(d, 0), 2 * sum(_nbytes(m) for m in mods))

@@ -151,8 +151,9 @@ def test_fused_copy_follows_alpha_and_falls_back_where_parts_disagree(model):
 
 
 def test_fused_copy_follows_its_parts(model, monkeypatch):
-    """A part changed in place is seen by the fused copy with no rebuild (the part is a view of it); a part whose
-    tensor is replaced makes the copy stale, and the copy is built again."""
+    """A part changed in place changes the fused copy through their shared storage (shown with rebuilds off; the
+    decoder still rebuilds on the version change); a part whose tensor is replaced is not the copy's storage any
+    more, and only a rebuild brings the copy up to date."""
     from torch import nn
 
     from libortho.decode import _Fused

@@ -356,3 +356,13 @@ def test_ranges_still_label_every_part_with_the_flags_on():
         {"embedding"} if dec.embed_on_device else set()))
     assert seen[False] == expect
     assert seen[True] == expect - {"kv_copy"}
+
+
+def test_decode_attention_checks_its_arguments_before_any_path():
+    """On a CPU too (the twin runs there): a block that is not a power of 2 or a split of 0 is refused up front."""
+    q, kc = torch.zeros(1, 4, 1, 16), torch.zeros(1, 2, 8, 16)
+    pos = torch.tensor([3])
+    for kw in ({"block_s": 48}, {"split": 0}):
+        with pytest.raises(ValueError, match="power of 2"):
+            td.decode_attention(q, kc, kc, pos, **kw)
+    assert td.decode_attention(q, kc, kc, pos).shape == q.shape  # the control: defaults pass

@@ -136,7 +136,8 @@ class Size:
     alphas: dict = field(default_factory=lambda: {a: (0.0, 1.0) for a in SWITCHED if a not in MUST_PASS})
     # float32 matmul precision on a GPU (torch.set_float32_matmul_precision): "high" is TF32. Profiled on the H200
     # (results/gpu/h200-2026-11-30-profile-exp1/): scoring 100 canaries x 1,000 more candidates took 12.3 s more in
-    # fp32, 4.5 s more in TF32; log-probabilities moved by at most 0.04 nats over 100,000 candidates. In every key.
+    # fp32, 4.5 s more in TF32; log-probabilities moved by at most 0.04 nats over 100,000 candidates. The precision
+    # in effect is in every cache key on a GPU (`KillSwitch._matmul`).
     matmul_precision: str = "high"
     arms: tuple[str, ...] = ARMS  # what `run` measures at this size
     chunk: int = 1024  # candidates per forward pass (|R| = 1000 in one; 1024 x 14 tokens x 49152 fp32 logits: 2.8 GB)
@@ -352,11 +353,17 @@ class KillSwitch:
                                     seed=seed, train=size.ortho)
 
     # -- cache keys ---------------------------------------------------------------------------
+    def _matmul(self) -> dict:
+        """The float32 matmul precision in effect on a GPU (TF32 or not changes every number; `run` sets it from the
+        size, a caller building KillSwitch itself may not): part of every cache key there. Nothing on a CPU."""
+        return {"matmul": torch.get_float32_matmul_precision()} if str(self.device).startswith("cuda") else {}
+
     def cache_key(self, kind: str, train: TrainConfig, **more) -> dict:
         """Everything that determines a trained arm's weights: its cache key."""
         return {"kind": kind, "model": self.source, "public": self.public_facts.get("key"), "seed": self.seed,
                 "format": self.fmt, "canaries": self.size.num_canaries, "holdout": self.size.num_holdout,
-                "groups": list(self.size.groups), "train": train.to_dict(), "general": "fortunes@100000", **more}
+                "groups": list(self.size.groups), "train": train.to_dict(), "general": "fortunes@100000",
+                **self._matmul(), **more}
 
     def ortho_cache(self) -> Path:
         """Where the ortho-tuned arm is cached: a libortho checkpoint (save_pretrained) plus meta.json."""
@@ -517,7 +524,8 @@ class KillSwitch:
 
         key = {"kind": kind, "arm": arm, "alpha": float(alpha), "n_candidates": n, "size": self.size.to_dict(), "seed": self.seed,
                "model": self.source, "public": self.public_facts.get("key"), "format": self.fmt,
-               "text": self.text.name, "device": str(self.device).split(":")[0], "code": self._fingerprint}
+               "text": self.text.name, "device": str(self.device).split(":")[0], "code": self._fingerprint,
+               **self._matmul()}
         return cache_dir() / "exp1" / "measure" / f"{kind}-{arm}-{config_key(key)}.json"
 
     def _cached_json(self, path: Path, compute):

@@ -8,7 +8,7 @@
   rotated q returned. One kernel for the rotary ops, the cos/sin gather and the two cache writes.
 - `decode_attention(q, k_cache, v_cache, pos)`: one query per request against the static cache, reading only the
   filled positions 0..pos (online softmax). One kernel for the mask, two matmuls, the softmax and its casts (two
-  for a cache of more than 256 positions: splits of the positions in parallel, then their combine, as
+  for a cache of more than 1,024 positions: splits of the positions in parallel, then their combine, as
   flash-decoding does).
 
 Each public function runs the Triton kernel where it applies (CUDA tensors, or any tensor under Triton's CPU
@@ -158,20 +158,23 @@ def rope_kv_(q, k, v, cos, sin_signed, pos, k_cache, v_cache):
     return qr
 
 
-def decode_attention(q, k_cache, v_cache, pos, block_s: int = 64, split: int = 256):
+def decode_attention(q, k_cache, v_cache, pos, block_s: int = 64, split: int = 1024):
     """Single-query attention over the cache's filled positions (its twin elsewhere); see `decode_attention_ref`.
 
     A cache longer than `split` positions is read in splits of `split` positions, one program per (request,
     head, split), then one combine kernel (flash-decoding): a long context keeps every SM busy instead of one
-    program per head walking all of it. Splits wholly past `pos` read nothing."""
+    program per head walking all of it. Splits wholly past `pos` read nothing. The default keeps the decoder's
+    default cache (1,024 positions) on the one-pass kernel, the path measured on a GPU."""
+    if not (isinstance(split, int) and split >= 1 and isinstance(block_s, int) and block_s >= 1
+            and block_s & (block_s - 1) == 0):
+        raise ValueError(f"decode_attention: split must be a positive int and block_s a power of 2, got {split!r}, "
+                         f"{block_s!r}")
     if not applies(q):
         return decode_attention_ref(q, k_cache, v_cache, pos)
     B, nh, _, hd = q.shape
     nkv, S = k_cache.shape[1], k_cache.shape[2]
     if not (q.stride(-1) == 1 and k_cache.is_contiguous() and v_cache.is_contiguous()):
         raise ValueError("decode_attention: the caches must be contiguous and q's last dimension dense")
-    if not (isinstance(split, int) and split >= 1 and isinstance(block_s, int) and block_s >= 1):
-        raise ValueError(f"decode_attention: split and block_s must be positive ints, got {split!r}, {block_s!r}")
     o = torch.empty(B, nh, 1, hd, dtype=q.dtype, device=q.device)
     nsplit = triton.cdiv(S, split)
     BLOCK = triton.next_power_of_2(hd)
