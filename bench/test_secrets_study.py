@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -167,6 +168,15 @@ def test_tiny_end_to_end(tiny_study, tmp_path):
     assert all(CLAIM_KEYS <= set(c) and "by_construction" in c for c in inner["claims"] + inner["negative_controls"])
     # the negative controls fail on the trained models too (fails if a control passed)
     assert inner["negative_controls_summary"]["all_failed"], inner["negative_controls_summary"]
+    # what the tiny random model shows at this budget: exposure grows with insertions at alpha 1, alpha 0 stays
+    # at the public model's, the PII records are told from non-members; each fails if the switch stopped
+    # switching or training stopped memorizing (their controls, X@0 in place of X@1, fail above). The phone
+    # number's exposure under the training template and under a paraphrase do not pass on a random model with
+    # 12 records (the second needs a language model that generalizes): a GPU run of the full size decides them.
+    by = {c["name"]: c for c in inner["claims"] if c["candidate"].startswith("ortho_tuned")}
+    for name in ("exposure_grows_with_insertions", "alpha0_exposure_no_higher_every_count",
+                 "pii_mia_auc_above_control"):
+        assert by[name]["passed"], by[name]
     # alpha 0 of ortho_tuned is INT4 of the public model, not the public model: a test, not an identity
     d0 = inner["arms"]["ortho_tuned"]["0.0"]["digits"]["exposure_ext"]
     assert d0 != inner["arms"]["never_trained"]["1.0"]["digits"]["exposure_ext"]
@@ -178,13 +188,18 @@ def test_tiny_end_to_end(tiny_study, tmp_path):
 
 @pytest.mark.slow
 def test_same_seed_same_numbers(tiny_study, tmp_path, monkeypatch):
-    """Training fine_tuned again in an empty cache and measuring it afresh reproduces the numbers bit for bit;
-    the claims computed twice are equal. Fails on unseeded data order, init or candidates."""
-    monkeypatch.setenv("LIBORTHO_CACHE", str(tmp_path / "cache"))
-    again = SecretsStudy("tiny", SMALL_STUDY["tiny"], seed=0, progress=False, measure_cache=False)
-    assert again.schedule_key == tiny_study.schedule_key
-    assert again.measure_arm("fine_tuned") == tiny_study.results["fine_tuned"]
-    assert not again.train_info["fine_tuned"]["cached"]  # it really trained
+    """fine_tuned trained twice (the weight cache bypassed) and measured afresh gives the same numbers bit for bit;
+    the claims computed twice are equal. Fails on unseeded data order, init or candidates. At one epoch of the
+    study's shape (determinism does not depend on the budget; the make-test budget would train 110 steps twice)."""
+    import libortho.experiments.kill_switch as K
+
+    monkeypatch.setattr(K, "cached", lambda kind, config, build: (*build(), False))
+    quick = replace(SMALL_STUDY["tiny"], epochs=1)
+    runs = [SecretsStudy("tiny", quick, seed=0, progress=False, measure_cache=False) for _ in range(2)]
+    assert runs[0].schedule_key == runs[1].schedule_key
+    first, second = (r.measure_arm("fine_tuned") for r in runs)
+    assert all(not r.train_info["fine_tuned"]["cached"] for r in runs)  # both really trained
+    assert first == second
     assert tiny_study.report()["claims"] == tiny_study.report()["claims"]
     other = SecretsStudy("tiny", SMALL_STUDY["tiny"], seed=1, progress=False, measure_cache=False)
     assert other.schedule_key != tiny_study.schedule_key  # the control: another seed, another schedule
