@@ -242,6 +242,8 @@ class StaticDecoder:
     def _fuse_fits(self) -> bool:
         """Whether the fused copies fit in what this process may still allocate with 512 MiB to spare (always on the
         CPU). An 8B model capped to a 6 GiB card does not: it decodes unfused."""
+        from .linear import in_larger_storage
+
         if self.device.type != "cuda":
             return True
         # the parts become views of their fused copy (`_share`): what stays is their row pointers and any dense
@@ -254,7 +256,7 @@ class StaticDecoder:
                 if _fusable(mods):
                     d = mods[0].qweight.device
                     # a part already a view of another decoder's copy frees nothing: that copy stays alive
-                    kept = sum(_nbytes(m) if m.qweight.untyped_storage().nbytes() != m.qweight.nbytes else
+                    kept = sum(_nbytes(m) if in_larger_storage(m.qweight) else
                                m.ortho_crow.nbytes + (m._base_cache.nbytes if m._base_cache is not None else 0)
                                for m in mods)
                     need[d] = need.get(d, 0) + kept

@@ -272,11 +272,16 @@ class OrthoLinear(nn.Module):
                 f"symmetric={self.symmetric}, nnz={self.nnz}, {a}, backend={self.backend.value}")
 
 
+def in_larger_storage(t: torch.Tensor) -> bool:
+    """Whether `t` is a view into a larger storage (a part of a fused copy, libortho.decode)."""
+    return t.untyped_storage().nbytes() != t.nbytes
+
+
 def _own_storage(module, state_dict, prefix, local_metadata):
     """A tensor of `state_dict` that is a view into a larger storage (a part of a fused copy, libortho.decode)
     is cloned: a saver that keeps one tensor per storage (tied-weight detection) then still saves each part."""
     for name, t in list(state_dict.items()):
-        if name.startswith(prefix) and isinstance(t, torch.Tensor) and t.untyped_storage().nbytes() != t.nbytes:
+        if name.startswith(prefix) and isinstance(t, torch.Tensor) and in_larger_storage(t):
             state_dict[name] = t.clone()
 
 

@@ -428,7 +428,7 @@ class Utility:
         if arm in ("lora_params", "lora_bytes"):
             return self.lora(self.ranks[arm], lr)
         if arm == "lora_int4":
-            return self.lora(self.ranks["lora_params"], lr, int4=True)
+            return self.lora(self.ranks[arm], lr, int4=True)
         if arm == "full_ft":
             return self.full_ft(lr)
         raise ValueError(f"unknown trained arm {arm!r}; choose from {TRAINED}")
@@ -440,6 +440,7 @@ class Utility:
         elem = next(self.public.parameters()).element_size()  # LoRA's A and B take the model's dtype
         nnz, sbytes = sum(m.nnz for m in ortho_modules(ortho).values()), stream_bytes(ortho)
         self.ranks = {"lora_params": closest_rank(nnz, per_rank), "lora_bytes": closest_rank(sbytes, per_rank * elem)}
+        self.ranks["lora_int4"] = self.ranks["lora_params"]  # the diagnostic: lora_params's LoRA on the INT4 base
         return {"stream_nnz": nnz, "stream_bytes": sbytes, "lora_params_per_rank": per_rank,
                 "lora_bytes_per_rank": per_rank * elem, **{f"rank_{a}": r for a, r in self.ranks.items()}}
 
@@ -492,26 +493,20 @@ class Utility:
         self.train_info["ortho_tuned"] = {"steps": info["history"]["steps"], "final_loss": info["history"]["loss"][-1]}
         del ortho
 
-        for arm in ("lora_params", "lora_bytes"):
+        for arm in ("lora_params", "lora_bytes", "lora_int4"):
             m, info = self.tune(arm)
             n_train = sum(p.numel() for n, p in m.named_parameters() if "lora_" in n)
             b = sum(p.nbytes for n, p in m.named_parameters() if "lora_" in n)
             arms[arm] = {"trainable_params": n_train, "stored_bytes": b, "lr": self.lr_search[arm]["chosen"],
                          "rank": self.ranks[arm], "lora": self.lora_spec(self.ranks[arm]).to_dict(), **self.measure(m)}
+            if arm == "lora_int4":
+                arms[arm]["base"] = "INT4 RTN of the public model (ortho_tuned's base, dequantized)"
             self.train_info[arm] = {"steps": info["history"]["steps"], "final_loss": info["history"]["loss"][-1]}
             if arm == "lora_params":
                 set_lora_alpha(m, 0.0)
                 arms["lora_off"] = {"trainable_params": 0, "stored_bytes": 0, "lr": None, "alpha": 0.0,
                                     **self.measure(m)}
             del m
-
-        m, info = self.tune("lora_int4")
-        arms["lora_int4"] = {"trainable_params": sum(p.numel() for n, p in m.named_parameters() if "lora_" in n),
-                             "stored_bytes": sum(p.nbytes for n, p in m.named_parameters() if "lora_" in n),
-                             "lr": self.lr_search["lora_int4"]["chosen"], "rank": self.ranks["lora_params"],
-                             "base": "INT4 RTN of the public model (ortho_tuned's base, dequantized)", **self.measure(m)}
-        self.train_info["lora_int4"] = {"steps": info["history"]["steps"], "final_loss": info["history"]["loss"][-1]}
-        del m
 
         m, info = self.tune("full_ft")
         arms["full_ft"] = {"trainable_params": trainable_count(m), "stored_bytes": param_bytes(m),
