@@ -23,8 +23,11 @@ OUT=${OUT:-out/gpu}; mkdir -p "$OUT"
 source .gpu/p2dir/setup.sh
 export LIBORTHO_RESULTS_DIR=/tmp/lo/res; mkdir -p "$LIBORTHO_RESULTS_DIR"
 NGPU=$(nvidia-smi -L 2>/dev/null | wc -l)
-XDIST=""; [ "$NGPU" -gt 1 ] && python3 -c "import xdist" 2>/dev/null && XDIST="-n $NGPU"
-[ "$NGPU" -gt 1 ] && [ -z "$XDIST" ] && echo "pytest-xdist is not importable: the seeds run one after another"
+# workers: one per GPU, or WORKERS (e.g. 3 seeds on 2 GPUs: a GPU shared by two seeds' processes, assigned round
+# robin, overlaps one's CPU work with the other's kernels)
+WORKERS=${WORKERS:-$NGPU}
+XDIST=""; [ "$WORKERS" -gt 1 ] && python3 -c "import xdist" 2>/dev/null && XDIST="-n $WORKERS"
+[ "$WORKERS" -gt 1 ] && [ -z "$XDIST" ] && echo "pytest-xdist is not importable: the seeds run one after another"
 case "$PART" in
   exp1) TESTS="bench/test_kill_switch.py" ;;
   secrets) TESTS="bench/test_secrets_study.py" ;;
@@ -36,7 +39,7 @@ s=$(date +%s)
 timeout "$LIMIT" python3 -m pytest $TESTS -m real -x -s -p no:randomly -p no:cacheprovider $XDIST \
   > "$OUT/$PART.log" 2>&1
 rc=$?
-echo "$PART: rc=$rc in $(( $(date +%s) - s )) s on $NGPU GPU(s)$([ $rc = 0 ] && echo ', done')"
+echo "$PART: rc=$rc in $(( $(date +%s) - s )) s on $NGPU GPU(s), ${WORKERS} worker(s)$([ $rc = 0 ] && echo ', done')"
 [ $rc = 124 ] && echo "$PART: cut by the time limit; run the same command again (the cache keeps what finished)"
 tr '\r' '\n' < "$OUT/$PART.log" | grep -E "passed|failed|Error|claims|exp1 arms" | grep -v -i warn | tail -8
 cp "$LIBORTHO_RESULTS_DIR"/*.json "$LIBORTHO_RESULTS_DIR"/*.png "$OUT"/ 2>/dev/null

@@ -247,14 +247,51 @@ def exposure_from_logprobs(logp: torch.Tensor, true_index: int = 0) -> float:
     return math.log2(logp.numel()) - math.log2(rank)
 
 
+def _skewnorm_nll(p, x: np.ndarray) -> tuple[float, np.ndarray]:
+    """Negative log-likelihood of skew-normal (a, loc, log scale) on `x` (constants dropped) and its gradient."""
+    from scipy import special
+
+    a, loc, log_scale = p
+    scale = math.exp(log_scale)
+    z = (x - loc) / scale
+    t = a * z
+    log_cdf = special.log_ndtr(t)
+    mills = np.exp(-0.5 * t * t - 0.5 * math.log(2 * math.pi) - log_cdf)  # phi(t) / Phi(t), stable for t << 0
+    zz = float(np.dot(z, z))
+    nll = x.size * log_scale + 0.5 * zz - float(log_cdf.sum())
+    grad = np.array([-np.dot(mills, z), (a * mills.sum() - z.sum()) / scale, x.size - zz + a * np.dot(mills, z)])
+    return nll, grad
+
+
+def _skewnorm_moments(x: np.ndarray) -> list[float]:
+    """Method-of-moments (a, loc, log scale), the sample skewness clipped into the skew-normal's range."""
+    g = float(np.clip(((x - x.mean()) ** 3).mean() / max(x.var(), 1e-300) ** 1.5, -0.99, 0.99))
+    c = (2 * abs(g) / (4 - math.pi)) ** (1 / 3)
+    delta = math.copysign(math.sqrt(math.pi / 2 * c * c / (1 + c * c)), g)
+    scale = max(float(x.std()), 1e-12) / math.sqrt(1 - 2 * delta * delta / math.pi)
+    return [delta / math.sqrt(1 - delta * delta), float(x.mean()) - scale * delta * math.sqrt(2 / math.pi),
+            math.log(scale)]
+
+
 def skewnorm_fit(x) -> tuple[float, float, float]:
-    """Maximum-likelihood skew-normal (shape a, loc, scale) of the sample `x` (scipy.stats.skewnorm.fit)."""
-    from scipy import stats  # imported here: libortho loads without scipy until it is used
+    """Maximum-likelihood skew-normal (shape a, loc, scale) of the sample `x`.
+
+    BFGS on the log-likelihood with its analytic gradient from the method-of-moments start: the likelihood
+    scipy.stats.skewnorm.fit reaches (or higher) about 7x faster (3-8 ms for 1,000-10,000 values; scipy's
+    derivative-free search took ~100 ms a canary, more than scoring the canary on a GPU). scipy's fit is
+    the fallback when the search ends off the finite numbers.
+    """
+    from scipy import optimize, stats  # imported here: libortho loads without scipy until it is used
 
     x = np.asarray(x, dtype=np.float64)
     if x.size < 3 or not np.isfinite(x).all():
         raise ValueError(f"a skew-normal fit needs >= 3 finite values, got {x.size} "
                          f"({int((~np.isfinite(x)).sum())} not finite)")
+    with np.errstate(all="ignore"):
+        res = optimize.minimize(_skewnorm_nll, _skewnorm_moments(x), args=(x,), jac=True, method="BFGS")
+    if np.isfinite(res.x).all() and np.isfinite(res.fun):
+        a, loc, log_scale = res.x
+        return float(a), float(loc), float(math.exp(log_scale))
     a, loc, scale = stats.skewnorm.fit(x)
     return float(a), float(loc), float(scale)
 
@@ -364,8 +401,8 @@ def measure(model, tokenizer, canaries: list[Canary], n_candidates: int = 1000, 
         events: out-of-memory retries are appended here (the batch is halved and retried).
         candidates: `prepare_candidates(tokenizer, canaries, n_candidates, seed)`, to tokenize once for
             many arms (must match `canaries` one to one).
-        extrapolate: also fit the skew-normal and report extrapolated exposure (about 15 ms per canary at
-            |R| = 1000, 60-100 ms at 10,000, on one CPU core).
+        extrapolate: also fit the skew-normal and report extrapolated exposure (a few ms per canary on one CPU
+            core).
     """
     if candidates is not None and len(candidates) != len(canaries):
         raise ValueError(f"candidates must match the canaries one to one: {len(candidates)} for {len(canaries)}")
