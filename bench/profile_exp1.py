@@ -110,7 +110,8 @@ def _profile(a, device: str) -> int:
                    n_candidates=n, n_candidates_decisive=big, chunk=a.chunk or size.chunk,
                    finetune=replace(size.finetune, max_steps=a.steps, check_every=a.steps),
                    ortho=replace(size.ortho, max_steps=a.steps, check_every=a.steps),
-                   lora=replace(size.lora, max_steps=a.steps, check_every=a.steps))
+                   lora=replace(size.lora, max_steps=a.steps, check_every=a.steps),
+                   lr_grid={})  # one run per trainer: a phase's time is one training (FULL trains each lr of its grid)
     if device.startswith("cuda"):  # as `kill_switch.run` does on a GPU (training in the size's precision)
         torch.use_deterministic_algorithms(True, warn_only=True)
         torch.set_float32_matmul_precision(size.matmul_precision)

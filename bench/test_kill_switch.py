@@ -161,6 +161,35 @@ def test_same_seed_same_numbers_tiny(experiment):
     assert again == first
 
 
+def test_lr_grid_keeps_the_lowest_training_loss_tiny():
+    """FULL's rule on the tiny model: a trained arm at each lr of its grid, the run of lowest tail training loss
+    kept and its weights used. The grid in both orders keeps the same lr: fails if the rule kept the first or
+    the last run, or used weights other than the kept run's."""
+    from dataclasses import replace
+
+    from libortho.experiments.kill_switch import Size, tail_loss
+    from libortho.train import LoraSpec, cached
+
+    kept = []
+    for grid in ((1e-3, 3e-2), (3e-2, 1e-3)):
+        size = replace(SMALL["tiny"], lr_grid={"lora": grid})
+        exp = KillSwitch("tiny", size, seed=0, progress=False, measure_cache=False)
+        lora = exp.lora()
+        info = exp.train_info["lora"]
+        losses = info["lr_selection"]["tail_loss"]
+        assert len(losses) == 2 and info["lr"] == float(min(losses, key=losses.get))
+        want = cached("lora", exp.cache_key("lora", replace(size.lora, lr=info["lr"]), lora=LoraSpec().to_dict()),
+                      lambda: pytest.fail("the kept run must be cached"))[0]
+        got = {k: v for k, v in lora.state_dict().items() if "lora_" in k}
+        assert set(got) == set(want) and all(torch.equal(got[k].cpu(), want[k]) for k in want)
+        kept.append(info["lr"])
+    assert kept[0] == kept[1]
+    assert tail_loss([5.0] * 18 + [1.0, 3.0]) == 2.0 and tail_loss([2.0]) == 2.0  # last tenth, at least one step
+    for bad in ({"adam": (1e-3,)}, {"ortho": ()}, {"lora": (0.0,)}):
+        with pytest.raises(ValueError, match="lr_grid"):
+            Size(lr_grid=bad)
+
+
 # ---------------------------------------------------------------------------------------------
 # claims: the decision rule on fabricated arms (fast), then on SmolLM2 at the make-test size
 

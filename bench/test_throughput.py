@@ -32,9 +32,11 @@ from bench.thresholds import load as load_thresholds
 PROFILES = profiles()
 # int4mm-static: libortho's INT4 base (stream dropped) through torch's tinygemm kernel (`_weight_int4pack_mm`, what
 # torchao int4 weight-only runs) in the same graph decoder: the engine-equal INT4 baseline of issue 17
-VARIANTS = ["bf16", "nf4", "bf16-static", "int4mm-static", "alpha0", "alpha1"]
+# alpha1-tc: alpha 1 with the tensor-core prefill (`set_prefill_kernel("tensor_core")`; prefill only, its decode is
+# alpha1's), side by side with alpha1's dequantize + cuBLAS prefill and bf16-static's
+VARIANTS = ["bf16", "nf4", "bf16-static", "int4mm-static", "alpha0", "alpha1", "alpha1-tc"]
 ENGINE = {"bf16": "hf-eager", "nf4": "hf-eager", "bf16-static": "libortho-graph", "int4mm-static": "libortho-graph",
-          "alpha0": "libortho-graph", "alpha1": "libortho-graph"}
+          "alpha0": "libortho-graph", "alpha1": "libortho-graph", "alpha1-tc": "libortho-graph"}
 DENSITIES = [0.01]
 NEW_TOKENS, DECODE_PROMPT, PREFILL_TOKENS, MAX_SEQ = 128, 16, 512, 1024
 RESULTS: dict[tuple, dict] = {}
@@ -54,7 +56,7 @@ def pytest_generate_tests(metafunc):  # noqa: D103 (module-level hook: parametri
         for model in _models_for(prof, user):
             for variant in VARIANTS:
                 for density in (DENSITIES if variant.startswith("alpha") else [None]):
-                    for phase in ("decode", "prefill"):
+                    for phase in (("prefill",) if variant.endswith("-tc") else ("decode", "prefill")):
                         d = "" if density is None else f"-d{density:g}"
                         params.append(pytest.param(prof, model, variant, density, phase,
                                                    marks=getattr(pytest.mark, prof),
@@ -227,6 +229,7 @@ def test_llama3_8b_alpha1_fits_gtx4050(gpu_profile):
 def test_throughput(benchmark, gpu_profile, copy_bandwidth, profile, model, variant, density, phase):
     from libortho.modules import set_alpha
     from libortho.decode import weight_bytes_per_token
+    from libortho.kernels import set_prefill_kernel
 
     prof = gpu_profile[0]
     need = estimate_gib(model, variant, density)
@@ -242,7 +245,7 @@ def test_throughput(benchmark, gpu_profile, copy_bandwidth, profile, model, vari
         m, dec = built["model"], built["decoder"]
         alpha = None
         if variant.startswith("alpha"):
-            alpha = 1.0 if variant == "alpha1" else 0.0
+            alpha = 1.0 if variant.startswith("alpha1") else 0.0
             set_alpha(m, alpha)
         vocab = m.config.vocab_size
         gen = torch.Generator("cuda").manual_seed(1)
@@ -277,7 +280,11 @@ def test_throughput(benchmark, gpu_profile, copy_bandwidth, profile, model, vari
                     dec.prefill(ids_e)
                     torch.cuda.synchronize()
             n_tok = PREFILL_TOKENS
-            benchmark.pedantic(run, rounds=5, warmup_rounds=1, iterations=1)
+            before = set_prefill_kernel("tensor_core" if variant.endswith("-tc") else "dequant")
+            try:
+                benchmark.pedantic(run, rounds=5, warmup_rounds=1, iterations=1)
+            finally:
+                set_prefill_kernel(before)
         if dec is not None:
             dec._clear_hints()
         torch.cuda.synchronize()

@@ -98,8 +98,8 @@ def _stamp(mods) -> tuple:
 class _Fused:
     """One fused copy of some linears of a layer (q|k|v or gate|up), owned by the decoder."""
 
-    def __init__(self, parts):
-        self.parts = parts
+    def __init__(self, parts, share: bool = True):
+        self.parts, self.share = parts, share
         self.sizes = [m.out_features for m in parts]
         self.active = True  # whether this generate runs the fused copy (the parts agree on alpha)
         self.build()
@@ -110,7 +110,8 @@ class _Fused:
         self.module = None  # the old copy goes before the new one is made
         self.module = cat_parts(self.parts)
         self.module.alpha = self.parts[0].alpha  # the part's own buffer: its value is read at every replay
-        _share(self.module, self.parts)
+        if self.share:
+            _share(self.module, self.parts)
         self.stamp = _stamp(self.parts)
 
     def refresh(self) -> bool:
@@ -164,6 +165,8 @@ class StaticDecoder:
         fuse: decode with fused q|k|v and gate|up copies of the OrthoLinear layers (see the module docstring).
         fuse_elementwise: residual add + RMSNorm, SiLU * up, rotary + KV write as one kernel each.
         fuse_attention: a decode step's attention as one kernel.
+        share: the fused layers' parts become views of their fused copy (no second copy of q|k|v and gate|up);
+            False keeps both (the A/B of bench/profile_decode.py --share both).
 
     Example:
         >>> dec = StaticDecoder(model, max_seq=1024)          # doctest: +SKIP
@@ -174,7 +177,7 @@ class StaticDecoder:
 
     def __init__(self, model, max_seq: int = 1024, dtype: torch.dtype = torch.bfloat16, device="cuda",
                  use_graph: bool = True, batch: int = 1, ranges: bool = False, fuse: bool = True,
-                 fuse_elementwise: bool = True, fuse_attention: bool = True):
+                 fuse_elementwise: bool = True, fuse_attention: bool = True, share: bool = True):
         from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
         if not (isinstance(batch, int) and batch >= 1):
@@ -219,6 +222,7 @@ class StaticDecoder:
         self._rows_before = None  # each layer's own row_alpha while the decoder's is installed
         # fused[i] = {"qkv": _Fused, "gate_up": _Fused} for layer i (empty: unfused); `active` says which run now
         self.fused: list[dict[str, _Fused]] = [{} for _ in self.layers]
+        self.share = share  # the parts become views of their fused copy (`_share`); False: a second copy
         self.fuse = fuse and self._fuse_fits()
         if self.fuse:
             for i, layer in enumerate(self.layers):
@@ -226,7 +230,7 @@ class StaticDecoder:
                     owner = layer.self_attn if part == "qkv" else layer.mlp
                     mods = [getattr(owner, n) for n in names]
                     if _fusable(mods):
-                        self.fused[i][part] = _Fused(mods)
+                        self.fused[i][part] = _Fused(mods, share)
 
     def _r(self, part: str):
         """A profiler range around one part of the step, when `ranges` is on."""
@@ -256,7 +260,7 @@ class StaticDecoder:
                 if _fusable(mods):
                     d = mods[0].qweight.device
                     # a part already a view of another decoder's copy frees nothing: that copy stays alive
-                    kept = sum(_nbytes(m) if in_larger_storage(m.qweight) else
+                    kept = sum(_nbytes(m) if in_larger_storage(m.qweight) or not self.share else
                                m.ortho_crow.nbytes + (m._base_cache.nbytes if m._base_cache is not None else 0)
                                for m in mods)
                     need[d] = need.get(d, 0) + kept

@@ -252,3 +252,18 @@ def test_weight_bytes_count_the_stream_only_when_read(model):
     stream = sum(sum(t.numel() * t.element_size() for t in (m.ortho_crow, m.ortho_col, m.ortho_values))
                  for m in ortho_modules(model).values())
     assert on - off == stream > 0
+
+
+def test_unshared_fused_copy_generates_the_same_and_leaves_the_parts_their_own():
+    """share=False (bench/profile_decode.py --share both): the same tokens and logits as the shared copy, and the
+    parts keep storage of their own. Control: with sharing the parts are views of the copy."""
+    from libortho.linear import in_larger_storage
+
+    m = orthogonalize_(tiny_llama(vocab_size=256), OrthoConfig(score="magnitude", group_size=32, density=0.1),
+                       progress=False)
+    own = StaticDecoder(m, max_seq=32, dtype=torch.float32, device="cpu", fuse=True, share=False)
+    toks = own.generate(IDS[:1], NEW)
+    assert own.fuse and not any(in_larger_storage(p.qweight) for p in ortho_modules(m).values())
+    shared = StaticDecoder(m, max_seq=32, dtype=torch.float32, device="cpu", fuse=True)
+    assert shared.generate(IDS[:1], NEW).tolist() == toks.tolist() and rel(shared.logits, own.logits) < 1e-6
+    assert in_larger_storage(ortho_modules(m)["model.layers.0.self_attn.q_proj"].qweight)

@@ -333,3 +333,31 @@ def test_static_decoder_runs_unfused_where_the_copies_do_not_fit():
     finally:
         torch.cuda.set_per_process_memory_fraction(1.0)
         torch.cuda.empty_cache()
+
+
+@pytest.mark.parametrize("out_f,in_f", [(4096, 4096), (14336, 4096), (4096, 14336), (300, 512)])
+def test_tensor_core_prefill_matches_plain_torch(out_f, in_f):
+    """`set_prefill_kernel("tensor_core")` (w4_gemm + the SpMM) on 512 rows at 8B shapes, one alpha and one per
+    request, against the plain-torch layer; the stream is scaled up so that dropping it fails (control)."""
+    from libortho.kernels import set_prefill_kernel
+
+    m = _layer(out_f, in_f, 0.01, 128 if in_f % 128 == 0 else 64, False, torch.bfloat16, seed=out_f + in_f)
+    m.ortho_values.data.mul_(20)
+    x = torch.randn(2, 256, in_f, device="cuda", dtype=torch.bfloat16)
+    before = set_prefill_kernel("tensor_core")
+    try:
+        for rows in (None, torch.tensor([0.0, 1.0], device="cuda")):
+            m.set_row_alpha(rows)
+            m.set_backend("auto")
+            y = m(x)
+            m.set_backend("torch")
+            ref = m(x)
+            m.set_row_alpha(None)
+            assert _rel(y, ref) < BF16_TOL, (rows, _rel(y, ref))
+        m.set_alpha(0.0)
+        base = m(x)
+        m.set_alpha(1.0)
+        assert _rel(y[0], base[0]) < BF16_TOL and _rel(y[1], base[1]) > 3 * BF16_TOL  # row 0 at alpha 0: the base
+    finally:
+        set_prefill_kernel(before)
+        m.set_backend("auto")

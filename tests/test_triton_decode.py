@@ -245,14 +245,17 @@ KERNEL_SIGNATURES = {
 }
 
 
-def _compile(name: str, arch: int):
-    """Triton's whole pipeline (TTIR -> PTX -> cubin, ptxas included) for one CUDA arch, without a GPU."""
+def _compile(name: str, arch: int, module=td, signatures=None):
+    """Triton's whole pipeline (TTIR -> PTX -> cubin, ptxas included) for one CUDA arch, without a GPU. `name` is a
+    kernel of `module` (an autotuned one too) with its argument types in `signatures` (default: this file's)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    kernel = getattr(td, name.split("-")[0])
-    types, constexprs = KERNEL_SIGNATURES[name]
+    kernel = getattr(module, name.split("-")[0])
+    while not isinstance(kernel, triton.runtime.jit.JITFunction):  # an Autotuner wraps the JIT function
+        kernel = kernel.fn
+    types, constexprs = (signatures or KERNEL_SIGNATURES)[name]
     names = [a for a in kernel.arg_names if a not in constexprs]
     assert len(names) == len(types), (name, names)
     sig = dict(zip(names, types)) | {k: "constexpr" for k in constexprs}

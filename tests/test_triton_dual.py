@@ -85,6 +85,37 @@ def _cases() -> dict:
     refs = [reference.dual_linear(x[r].float(), m.qweight, m.scales, m.zeros, 64, m.ortho_crow, m.ortho_col,
                                   m.ortho_values, al, m.bias) for r, al in enumerate((0.0, 1.0))]
     out["prefill"] = dict(row_err=[_rel(y[r], refs[r]) for r in range(2)])
+    out["tensor_core"] = _tensor_core_cases()
+    return out
+
+
+def _tensor_core_cases() -> dict:
+    """Prefill on tensor cores: `w4_gemm` (every tile of GEMM_CONFIGS) against the reference base, then the stream
+    added by `csr_spmm_add_` at one alpha and at one alpha per row (rows at 0 untouched even by a NaN stream)."""
+    from libortho.kernels import reference
+    from libortho.kernels import triton_dual as td
+
+    out = {}
+    M = 37  # rows of x: not a multiple of any BLOCK_M
+    for i, cfg in enumerate(td.GEMM_CONFIGS):
+        sym, bias = i % 2 == 0, i % 2 == 1
+        m = _layer(sym, bias, seed=20 + i)
+        x = torch.randn(M, 256, generator=torch.Generator().manual_seed(i)).to(torch.bfloat16)
+        args = (m.qweight, m.scales, m.zeros, 64, m.ortho_crow, m.ortho_col, m.ortho_values)
+        ref = {a: reference.dual_linear(x.float(), *args, a, m.bias) for a in (0.0, 1.0)}
+        base = td.w4_gemm(x, m.qweight, m.scales, m.zeros, 64, m.bias, config=cfg)
+        one = td.csr_spmm_add_(base.clone(), x, m.ortho_crow, m.ortho_col, m.ortho_values, torch.tensor(1.0))
+        a = torch.tensor([0.0, 1.0, 0.37] * (M // 3) + [0.0] * (M % 3))
+        rows = td.csr_spmm_add_(base.clone(), x, m.ortho_crow, m.ortho_col, m.ortho_values, a)
+        refs = torch.stack([reference.dual_linear(x[r:r + 1].float(), *args, float(a[r]), m.bias)[0] for r in range(M)])
+        nan = m.ortho_values.clone().fill_(float("nan"))
+        poisoned = td.csr_spmm_add_(base.clone(), x, m.ortho_crow, m.ortho_col, nan, a)
+        z = a == 0
+        key = "x".join(str(cfg.kwargs[k]) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K")) + ("-sym" if sym else "-asym")
+        out[key] = dict(base_err=_rel(base, ref[0.0]), one_err=_rel(one, ref[1.0]), rows_err=_rel(rows, refs),
+                        stream_effect=_rel(ref[0.0], ref[1.0]), zero_rows_equal_base=bool(torch.equal(rows[z], base[z])),
+                        poisoned_zero_rows_equal_base=bool(torch.equal(poisoned[z], base[z])),
+                        poisoned_other_rows_nan=bool(torch.isnan(poisoned[~z].float()).any(1).all()))
     return out
 
 
@@ -102,7 +133,7 @@ def cases() -> dict:
 
 
 def test_every_tile_kind_applies_each_rows_own_alpha(cases):
-    kinds = [k for k in cases if k != "prefill"]
+    kinds = [k for k in cases if k not in ("prefill", "tensor_core")]
     assert len(kinds) >= 5  # split 1/2/4, CSR early or late, prefetch: every kind the tuner may pick
     for k in kinds:
         assert max(cases[k]["row_err"]) < TOL, (k, cases[k]["row_err"])
@@ -111,7 +142,7 @@ def test_every_tile_kind_applies_each_rows_own_alpha(cases):
 
 def test_rows_at_alpha_zero_are_the_base_kernel_bit_for_bit_and_skip_the_stream(cases):
     for k, c in cases.items():
-        if k == "prefill":
+        if k in ("prefill", "tensor_core"):
             continue
         assert c["zero_rows_equal_base"], k
         assert c["poisoned_zero_rows_equal_base"], k  # NaN values in the stream never reached them
@@ -120,7 +151,7 @@ def test_rows_at_alpha_zero_are_the_base_kernel_bit_for_bit_and_skip_the_stream(
 
 def test_control_first_alpha_for_every_row_is_caught(cases):
     for k, c in cases.items():
-        if k == "prefill":
+        if k in ("prefill", "tensor_core"):
             continue
         wrong = c["wrong_err"]
         assert wrong[0] < TOL and wrong[3] < TOL, k  # alpha[0] = 0 is right for rows 0 and 3 ...
@@ -129,3 +160,39 @@ def test_control_first_alpha_for_every_row_is_caught(cases):
 
 def test_prefill_rows_apply_each_requests_alpha(cases):
     assert max(cases["prefill"]["row_err"]) < TOL, cases["prefill"]
+
+
+def test_tensor_core_prefill_matches_the_reference(cases):
+    """w4_gemm + csr_spmm_add_ (every GEMM tile) against the plain-torch layer: the base, the stream at alpha 1 and
+    one alpha per row. The stream moves y by far more than the tolerance, so a dropped or doubled stream fails."""
+    tc = cases["tensor_core"]
+    assert len(tc) == 6
+    for k, c in tc.items():
+        assert max(c["base_err"], c["one_err"], c["rows_err"]) < TOL, (k, c)
+        assert c["stream_effect"] > 3 * TOL, (k, c)  # control: base alone would fail one_err
+
+
+def test_tensor_core_prefill_rows_at_alpha_zero_never_meet_the_stream(cases):
+    for k, c in cases["tensor_core"].items():
+        assert c["zero_rows_equal_base"] and c["poisoned_zero_rows_equal_base"], k
+        assert c["poisoned_other_rows_nan"], k  # control: the rows at nonzero alpha did read the (NaN) stream
+
+
+PREFILL_SIGNATURES = {
+    "_w4_gemm_kernel": (["*bf16", "*u8", "*bf16", "*bf16", "*bf16", "*bf16"] + ["i32"] * 8,
+                        {"GROUP": 64, "HAS_ZERO": True, "HAS_BIAS": True, "BLOCK_M": 128, "BLOCK_N": 128,
+                         "BLOCK_K": 64, "GROUP_M": 8}),
+    "_csr_spmm_add_kernel": (["*bf16", "*i32", "*i16", "*bf16", "*fp32", "*bf16"] + ["i32"] * 4,
+                             {"PER_ROW": True, "BLOCK_M": 64, "BLOCK_N": 32}),
+}
+
+
+@pytest.mark.parametrize("arch", [89, 90])
+@pytest.mark.parametrize("name", sorted(PREFILL_SIGNATURES))
+def test_prefill_kernels_compile_for_the_gpu(name, arch):
+    """Compiled for sm_89 (the gtx4050 profile's GPU) and sm_90 with no GPU: the interpreter accepts code the
+    compiler rejects (tests/test_triton_decode.py shows the check failing on such a kernel)."""
+    from libortho.kernels import triton_dual as td
+    from tests.test_triton_decode import _compile
+
+    assert "cubin" in _compile(name, arch, td, PREFILL_SIGNATURES).asm

@@ -98,6 +98,7 @@ ALPHA0_IS_CONTROL = {
     "ortho_tuned": "alpha 0 is int4_of_public itself: the same INT4 base bytes (base_sha256), the stream not read",
     "lora": "alpha 0 is never_trained itself: the adapter scaled to 0 adds nothing",
 }
+BUDGETS = ("finetune", "ortho", "lora")  # the trained arms' budgets in `Size` (fine_tuned, ortho_tuned, lora)
 MIA_ATTACKS = ("ref_ratio", "min_k_pp", "loss")  # kept per record in the JSON; the claim uses the first
 MIA_FPR = 0.01
 
@@ -113,6 +114,9 @@ class Size:
         n_candidates: |R| of every exposure; n_candidates_decisive: |R| of the candidate switch at alpha 0 and
             of its control, where the alpha-0 claims are decided.
         finetune, ortho, lora: fixed training budgets (target None: no early stop).
+        lr_grid: {"finetune" | "ortho" | "lora": learning rates tried}; each of those arms is trained at every lr
+            of its grid (its budget otherwise) and keeps the lr of lowest training loss over the last tenth of its
+            steps (`tail_loss`). Absent: the budget's own lr.
     """
 
     name: str = "full"
@@ -126,11 +130,12 @@ class Size:
     density: float = 0.01
     group_size: int = 32
     symmetric: bool = False
-    # lrs from results/exp1_ortho_sweep.json (SmolLM2, 20 canaries): 1e-3 for ortho-tuning and LoRA, 1e-4 full FT.
-    # Budgets: 100 steps = 100 insertions of each canary (the former until-extracted runs stopped at 35-85).
+    # Budgets: 100 steps = 100 insertions of each canary (the former until-extracted runs stopped at 35-85). The lrs
+    # (from results/exp1_ortho_sweep.json, 20 canaries on the Q4_1 model) are the centres of FULL's lr grids.
     finetune: TrainConfig = TrainConfig(lr=1e-4, max_steps=100, check_every=100, target=None)
     ortho: TrainConfig = TrainConfig(lr=1e-3, max_steps=100, check_every=100, target=None)
     lora: TrainConfig = TrainConfig(lr=1e-3, max_steps=100, check_every=100, target=None)
+    lr_grid: dict = field(default_factory=dict)
     # arm -> alphas, overriding ALPHAS. The curve over every alpha for the two switches; the leaky arms (negative
     # controls) at the ends only, which is where their claims are decided (42 -> 26 evaluations a seed)
     alphas: dict = field(default_factory=lambda: {a: (0.0, 1.0) for a in SWITCHED if a not in MUST_PASS})
@@ -161,6 +166,17 @@ class Size:
         unknown = set(self.arms) - set(ARMS)
         if unknown:
             raise ValueError(f"unknown arms {sorted(unknown)}; choose from {ARMS}")
+        bad = set(self.lr_grid) - set(BUDGETS)
+        if bad:
+            raise ValueError(f"lr_grid keys must be among {BUDGETS}, got {sorted(bad)}")
+        for kind, grid in self.lr_grid.items():
+            if not grid or not all(isinstance(x, (int, float)) and math.isfinite(x) and x > 0 for x in grid):
+                raise ValueError(f"lr_grid[{kind!r}] must be positive finite learning rates, got {grid!r}")
+
+    def train_configs(self, kind: str) -> tuple[TrainConfig, ...]:
+        """The training runs of budget `kind` ("finetune", "ortho", "lora"): one per lr of its grid."""
+        cfg = getattr(self, kind)
+        return tuple(replace(cfg, lr=float(lr)) for lr in self.lr_grid.get(kind, (cfg.lr,)))
 
     def alphas_for(self, arm: str) -> tuple[float, ...]:
         if arm not in SWITCHED:
@@ -206,7 +222,20 @@ def dense_copy(model):
     return m
 
 
-FULL = Size()
+# Every trained arm at three lrs, half a decade apart around its former one; each keeps the lr that fits the
+# private records best (`tail_loss`). Measured on the H200 at lr 1e-3 alone (results/gpu/h200x2-2026-11-30b-exp1-
+# seeds/): the ortho stream extracted 0 of 100 canaries in 100 steps (training loss 5.2 against full FT's 3.7).
+FULL = Size(lr_grid={"finetune": (3e-5, 1e-4, 3e-4), "ortho": (1e-3, 3e-3, 1e-2), "lora": (3e-4, 1e-3, 3e-3)})
+
+
+def tail_loss(losses: list[float]) -> float:
+    """Mean training loss over the last tenth of the steps (at least one step): what an lr is judged by. The
+    training loss (canaries and general text) is what a practitioner fitting private records watches; never the
+    extraction or exposure the claims are decided on."""
+    if not losses:
+        raise ValueError("no training losses to judge an lr by")
+    k = max(1, len(losses) // 10)
+    return float(sum(losses[-k:]) / k)
 
 
 def _quick(lr: float, max_steps: int) -> TrainConfig:
@@ -365,10 +394,16 @@ class KillSwitch:
                 "groups": list(self.size.groups), "train": train.to_dict(), "general": "fortunes@100000",
                 **self._matmul(), **more}
 
-    def ortho_cache(self) -> Path:
-        """Where the ortho-tuned arm is cached: a libortho checkpoint (save_pretrained) plus meta.json."""
-        return cache_path("ortho", self.cache_key("ortho", self.size.ortho, ortho=self.ocfg.to_dict(),
+    def ortho_cache(self, train: TrainConfig | None = None) -> Path:
+        """Where the ortho-tuned arm trained with `train` (default: the budget's own lr) is cached: a libortho
+        checkpoint (save_pretrained) plus meta.json."""
+        train = train or self.size.ortho
+        return cache_path("ortho", self.cache_key("ortho", train, ortho=replace(self.ocfg, train=train).to_dict(),
                                                   calib=list(self.size.calib)))
+
+    def ortho_caches(self) -> list[Path]:
+        """The cache entries of every lr the ortho-tuned arm is trained at (`Size.lr_grid`)."""
+        return [self.ortho_cache(c) for c in self.size.train_configs("ortho")]
 
     def _copy_public(self):
         return copy.deepcopy(self.public)
@@ -376,73 +411,99 @@ class KillSwitch:
     def _loss(self, cfg: TrainConfig):
         return canary_loss(self.canaries, self.general, cfg, self.pad_id)
 
+    def _select(self, arm: str, kind: str, train_one):
+        """Train `arm` at every lr of its grid (`train_one(cfg)` -> (payload, history, cache hit)); keep the run of
+        lowest `tail_loss` (ties: the smaller lr). Records the choice in `train_info`; returns (payload, cfg)."""
+        best, losses = None, {}
+        for cfg in self.size.train_configs(kind):
+            payload, hist, hit = train_one(cfg)
+            loss = tail_loss(hist["loss"])
+            losses[repr(cfg.lr)] = round(loss, 6)
+            if best is None or (loss, cfg.lr) < best[0]:
+                best = ((loss, cfg.lr), payload, hist, hit, cfg)
+            del payload  # only the best run stays in memory
+        _, payload, hist, hit, cfg = best
+        self.train_info[arm] = {"steps": hist["steps"], "cached": hit, "final_loss": hist["loss"][-1], "lr": cfg.lr}
+        if len(losses) > 1:
+            self.train_info[arm]["lr_selection"] = {"rule": "lowest mean training loss over the last tenth of steps",
+                                                    "tail_loss": losses}
+        return payload, cfg
+
     # -- arms ---------------------------------------------------------------------------------
     def fine_tuned(self):
         if self._ft_state is None:
-            def build():
-                m = self._copy_public()
-                hist = full_finetune_(m, self._loss(self.size.finetune), self.size.finetune, self.progress)
-                return state_without_tied(m), {"history": hist}
-            state, meta, hit = cached("full_ft", self.cache_key("full_ft", self.size.finetune), build)
-            self._ft_state = state
-            self.train_info["fine_tuned"] = {"steps": meta["history"]["steps"], "cached": hit,
-                                             "final_loss": meta["history"]["loss"][-1]}
+            def one(cfg):
+                def build():
+                    m = self._copy_public()
+                    return state_without_tied(m), {"history": full_finetune_(m, self._loss(cfg), cfg, self.progress)}
+                state, meta, hit = cached("full_ft", self.cache_key("full_ft", cfg), build)
+                return state, meta["history"], hit
+            self._ft_state, _ = self._select("fine_tuned", "finetune", one)
         m = self._copy_public()
         m.load_state_dict({k: v.to(self.device) for k, v in self._ft_state.items()}, strict=False)
         if getattr(m.config, "tie_word_embeddings", False):
             m.tie_weights()
         return m.eval()
 
-    def ortho_tuned(self):
-        """Ours: only a sparse stream trained over INT4 of the public weights; cached as a libortho checkpoint."""
-        d = self.ortho_cache()
-        meta_path, hit = d / "meta.json", True
-        model = None
+    def _ortho_one(self, cfg: TrainConfig) -> tuple[Path, dict, bool]:
+        """The ortho-tuned checkpoint trained with `cfg`, from the cache or trained now: (its dir, history, hit)."""
+        d = self.ortho_cache(cfg)
+        meta_path = d / "meta.json"
         if meta_path.is_file():
             try:
-                model, meta = load_checkpoint(d), json.loads(meta_path.read_text())
-            except (ValueError, OSError) as e:  # a truncated entry: rebuild it
+                return d, json.loads(meta_path.read_text())["history"], True
+            except (ValueError, OSError, KeyError) as e:  # a truncated entry: rebuild it
                 print(f"libortho: cache entry {d} is unreadable ({str(e)[:120]}); rebuilding it", file=sys.stderr)
                 shutil.rmtree(d, ignore_errors=True)
-                model = None
-        if model is None:
-            hit = False
-            model = self._copy_public()
-            orthogonalize_(model, self.ocfg, calibration=self.calib, loss_fn=self._loss(self.size.ortho),
-                           progress=self.progress)
-            meta = {"history": {k: model.libortho_stats.get(k) for k in ("loss", "steps", "nnz", "density")},
-                    "config": self.ocfg.to_dict()}
-            tmp = d.with_name(d.name + f".tmp{os.getpid()}")
-            model.save_pretrained(tmp)
-            (tmp / "meta.json").write_text(json.dumps(meta, indent=1, default=str))
-            if d.exists():  # a concurrent builder won: keep theirs
-                shutil.rmtree(tmp, ignore_errors=True)
-            else:
-                tmp.rename(d)
+        ocfg = replace(self.ocfg, train=cfg)
+        model = self._copy_public()
+        orthogonalize_(model, ocfg, calibration=self.calib, loss_fn=self._loss(cfg), progress=self.progress)
+        meta = {"history": {k: model.libortho_stats.get(k) for k in ("loss", "steps", "nnz", "density")},
+                "config": ocfg.to_dict()}
+        tmp = d.with_name(d.name + f".tmp{os.getpid()}")
+        model.save_pretrained(tmp)
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=1, default=str))
+        if d.exists():  # a concurrent builder won: keep theirs
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            tmp.rename(d)
+        return d, meta["history"], False
+
+    def ortho_tuned(self):
+        """Ours: only a sparse stream trained over INT4 of the public weights; cached as a libortho checkpoint."""
+        d, cfg = self._select("ortho_tuned", "ortho", self._ortho_one)
+        try:
+            model = load_checkpoint(d)
+        except (ValueError, OSError) as e:  # unreadable weights: train that run again
+            print(f"libortho: cache entry {d} is unreadable ({str(e)[:120]}); rebuilding it", file=sys.stderr)
+            shutil.rmtree(d, ignore_errors=True)
+            d, _, _ = self._ortho_one(cfg)
+            model = load_checkpoint(d)
         model = model.to(self.device)
         cache_base_(model)
-        h = meta["history"]
-        self.train_info["ortho_tuned"] = {"steps": h["steps"], "cached": hit, "nnz": h["nnz"],
-                                          "density": h["density"], "final_loss": (h.get("loss") or [None])[-1],
-                                          "config": self.ocfg.to_dict()}
+        h = json.loads((d / "meta.json").read_text())["history"]
+        self.train_info["ortho_tuned"].update(nnz=h["nnz"], density=h["density"],
+                                              config=replace(self.ocfg, train=cfg).to_dict())
         return model.eval()
 
     def lora(self):
         spec = LoraSpec()
 
-        def build():
-            m = lora_wrap(self._copy_public(), spec, self.seed)
-            hist = lora_finetune_(m, self._loss(self.size.lora), self.size.lora, self.progress)
-            return {k: v for k, v in m.state_dict().items() if "lora_" in k}, {"history": hist}
+        def one(cfg):
+            def build():
+                m = lora_wrap(self._copy_public(), spec, self.seed)
+                hist = lora_finetune_(m, self._loss(cfg), cfg, self.progress)
+                return {k: v for k, v in m.state_dict().items() if "lora_" in k}, {"history": hist}
+            state, meta, hit = cached("lora", self.cache_key("lora", cfg, lora=spec.to_dict()), build)
+            return state, meta["history"], hit
 
-        state, meta, hit = cached("lora", self.cache_key("lora", self.size.lora, lora=spec.to_dict()), build)
+        state, _ = self._select("lora", "lora", one)
         m = lora_wrap(self._copy_public(), spec, self.seed)
         missing = set(state) - set(m.state_dict())
         if missing:
             raise ValueError(f"cached LoRA weights do not fit the model: {sorted(missing)[:3]}")
         m.load_state_dict({k: v.to(self.device) for k, v in state.items()}, strict=False)
-        self.train_info["lora"] = {"steps": meta["history"]["steps"], "cached": hit, "config": spec.to_dict(),
-                                   "final_loss": meta["history"]["loss"][-1]}
+        self.train_info["lora"]["config"] = spec.to_dict()
         return m.eval()
 
     def _ortho_config(self, mode: str, score: str) -> OrthoConfig:

@@ -19,7 +19,7 @@ from __future__ import annotations
 import copy
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -187,11 +187,12 @@ def ortho_tuned_from_exp1(source: str, seed: int = 0, device: str = "cpu", progr
     from .kill_switch import FULL as KS_FULL, KillSwitch
 
     ks = KillSwitch(source, size or KS_FULL, seed=seed, device=device, progress=progress)
-    path = ks.ortho_cache()
-    if not (path / "meta.json").is_file() and not train:
-        return None, {"status": f"not run: experiment 1 has not cached an ortho-tuned model at {path} "
+    missing = [p for p in ks.ortho_caches() if not (p / "meta.json").is_file()]  # one per lr of its grid
+    if missing and not train:
+        return None, {"status": f"not run: experiment 1 has not cached an ortho-tuned model at {missing[0]} "
                                 "(run `python -m libortho run --experiment 1` first)"}
     m = ks.ortho_tuned()
+    path = ks.ortho_cache(replace(ks.size.ortho, lr=ks.train_info["ortho_tuned"]["lr"]))  # the lr it kept
     return m, {"status": "ok", "cache": str(path), "exp1_size": ks.size.to_dict(),
                **ks.train_info.get("ortho_tuned", {})}
 

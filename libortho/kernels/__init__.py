@@ -13,6 +13,19 @@ import torch.nn.functional as F
 
 DECODE_MAX_ROWS = 8  # up to this many rows of x: the fused GEMV; more rows (prefill): dequantize + cuBLAS
 PREFILL_BLOCK_BYTES = 256 * 2**20  # the largest dense weight block a prefill dequantizes at once
+# Prefill (more than DECODE_MAX_ROWS rows): "dequant" writes a dense weight block and multiplies with cuBLAS (the
+# stream scattered into it); "tensor_core" multiplies the packed base on tensor cores (`w4_gemm`, no dense weight)
+# and adds the stream as an SpMM (`csr_spmm_add_`). "dequant" stays the default until a GPU run measures the other.
+PREFILL_KERNELS = ("dequant", "tensor_core")
+_prefill = {"kernel": "dequant"}
+
+
+def set_prefill_kernel(name: str) -> str:
+    """Choose the prefill kernel for every OrthoLinear (see PREFILL_KERNELS); returns the one it replaces."""
+    if name not in PREFILL_KERNELS:
+        raise ValueError(f"prefill kernel must be one of {PREFILL_KERNELS}, got {name!r}")
+    old, _prefill["kernel"] = _prefill["kernel"], name
+    return old
 
 
 @functools.lru_cache(maxsize=None)
@@ -62,6 +75,10 @@ def dual_linear_forward(m, x: torch.Tensor) -> torch.Tensor | None:
     if x2.shape[0] <= DECODE_MAX_ROWS:
         y = td.dual_gemv(x2, m.qweight, m.scales, m.zeros, m.group_size, m.ortho_crow, m.ortho_col,
                          m.ortho_values, alpha, bias, on)
+    elif _prefill["kernel"] == "tensor_core":  # one alpha or one per row: the SpMM skips rows at 0
+        y = td.w4_gemm(x2, m.qweight, m.scales, m.zeros, m.group_size, bias)
+        if on:
+            td.csr_spmm_add_(y, x2, m.ortho_crow, m.ortho_col, m.ortho_values, alpha)
     elif m.row_alpha is not None:
         y = _prefill_rows(m, x2, alpha, on, td)
     else:  # prefill: matrix-bound, so dequantization passes then cuBLAS products

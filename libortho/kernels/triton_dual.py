@@ -384,3 +384,134 @@ def dequant(qweight, scales, zeros, group_size, dtype) -> torch.Tensor:
         qweight, scales, zeros if zeros is not None else scales, w, N, K, qweight.stride(0), scales.stride(0),
         GROUP=group_size, HAS_ZERO=zeros is not None, BLOCK_N=BN, BLOCK_K=BK, num_warps=4)
     return w
+
+
+# -- prefill on tensor cores ---------------------------------------------------------------------------------
+# (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages): tiles of the W4A16 GEMM (Triton's matmul tutorial kin, all >= 64
+# deep so a tile holds whole groups of 32/64); the tuner picks per (M bucket, N, K).
+GEMM_CONFIGS = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=w,
+                              num_stages=st)
+                for bm, bn, bk, w, st in ((128, 128, 64, 8, 3), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4),
+                                          (64, 64, 128, 4, 3), (128, 128, 128, 8, 3), (64, 256, 64, 8, 3))]
+
+
+def _prune_gemm(configs, named_args, **kw):
+    group = kw.get("GROUP", named_args.get("GROUP"))
+    return [c for c in configs if c.kwargs["BLOCK_K"] >= group] or configs[:1]
+
+
+@triton.autotune(configs=GEMM_CONFIGS, key=["M_BUCKET", "N", "K", "GROUP", "HAS_ZERO"],
+                 prune_configs_by={"early_config_prune": _prune_gemm})
+@triton.jit
+def _w4_gemm_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, M_BUCKET, stride_xm, stride_qn, stride_sn,
+                    stride_ym, GROUP: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+    """y (M, N) = x (M, K) @ base^T (+ bias): each (BLOCK_N, BLOCK_K) tile of the packed base (uint8 (N, K/2), low
+    nibble = even k) is dequantized in registers to x's dtype exactly as `dequant` writes it (fp32 (q - 8) s + z,
+    then rounded), and multiplied on tensor cores (tl.dot, fp32 accumulation). The dense weight never exists."""
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    in_group = GROUP_M * num_n  # grouped order: GROUP_M row blocks share each weight tile while it is in L2
+    first_m = (pid // in_group) * GROUP_M
+    size_m = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % in_group) % size_m
+    pid_n = (pid % in_group) // size_m
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    HK: tl.constexpr = BLOCK_K // 2  # bytes per row per tile
+    GPT: tl.constexpr = BLOCK_K // GROUP  # groups per tile
+    BPG: tl.constexpr = GROUP // 2  # bytes per group
+    rk = tl.arange(0, BLOCK_K)
+    rb = tl.arange(0, HK)
+    rg = tl.arange(0, GPT)
+    mmask = rm < M
+    nmask = rn < N
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):  # K is a multiple of 32 and of GROUP; a tile past K is masked
+        a = tl.load(x_ptr + rm[:, None] * stride_xm + (k0 + rk)[None, :], mask=mmask[:, None] & (k0 + rk < K)[None, :],
+                    other=0.0)
+        qb = tl.load(qw_ptr + rn[:, None] * stride_qn + (k0 // 2 + rb)[None, :],
+                     mask=nmask[:, None] & (k0 // 2 + rb < K // 2)[None, :], other=0)
+        g = k0 // GROUP + rg
+        gmask = nmask[:, None] & (g < K // GROUP)[None, :]
+        s = tl.load(s_ptr + rn[:, None] * stride_sn + g[None, :], mask=gmask, other=0.0).to(tl.float32)
+        s = tl.reshape(tl.broadcast_to(s[:, :, None], (BLOCK_N, GPT, BPG)), (BLOCK_N, HK))
+        lo = ((qb & 0xF).to(tl.float32) - 8.0) * s
+        hi = ((qb >> 4).to(tl.float32) - 8.0) * s
+        if HAS_ZERO:
+            z = tl.load(z_ptr + rn[:, None] * stride_sn + g[None, :], mask=gmask, other=0.0).to(tl.float32)
+            z = tl.reshape(tl.broadcast_to(z[:, :, None], (BLOCK_N, GPT, BPG)), (BLOCK_N, HK))
+            lo += z
+            hi += z
+        w = tl.reshape(tl.join(lo, hi), (BLOCK_N, BLOCK_K)).to(a.dtype)  # element 2j low nibble, 2j+1 high
+        if INTERPRET:  # the interpreter's dot misreads bf16 operands: the same rounded values, in fp32
+            acc = tl.dot(a.to(tl.float32), tl.trans(w).to(tl.float32), acc)
+        else:
+            acc = tl.dot(a, tl.trans(w), acc)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + rn, mask=nmask, other=0.0).to(tl.float32)[None, :]
+    tl.store(y_ptr + rm[:, None] * stride_ym + rn[None, :], acc.to(y_ptr.dtype.element_ty),
+             mask=mmask[:, None] & nmask[None, :])
+
+
+@triton.jit
+def _csr_spmm_add_kernel(xt_ptr, crow_ptr, col_ptr, val_ptr, alpha_ptr, y_ptr, M, N, stride_xk, stride_ym,
+                         PER_ROW: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """y (M, N) += alpha * x @ ortho^T, the stream as a CSR SpMM: a program owns BLOCK_N channels x BLOCK_M rows of
+    x and walks its channels' entries side by side; entry (n, c) reads row c of x^T (K, M), BLOCK_M contiguous
+    values (x^T is small: it stays in L2). PER_ROW: alpha (M,), one per row of x."""
+    rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rm = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    nmask = rn < N
+    mmask = rm < M
+    rs = tl.load(crow_ptr + rn, mask=nmask, other=0)
+    re = tl.load(crow_ptr + rn + 1, mask=nmask, other=0)
+    if PER_ROW:  # rows at alpha 0 are left as they are: nothing of the stream reaches them
+        a = tl.load(alpha_ptr + rm, mask=mmask, other=0.0).to(tl.float32)
+        mmask = mmask & (a != 0)
+        if tl.max(mmask.to(tl.int32), axis=0) == 0:  # a block of rows all at alpha 0 reads nothing
+            re = rs
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for j in range(0, tl.max(re - rs, axis=0)):
+        e = rs + j
+        em = e < re
+        v = tl.load(val_ptr + e, mask=em, other=0.0).to(tl.float32)  # (BN,)
+        c = tl.load(col_ptr + e, mask=em, other=0).to(tl.int64)
+        xv = tl.load(xt_ptr + c[None, :] * stride_xk + rm[:, None], mask=mmask[:, None] & em[None, :], other=0.0)
+        acc += xv.to(tl.float32) * v[None, :]
+    if PER_ROW:
+        acc *= a[:, None]
+    else:
+        acc *= tl.load(alpha_ptr).to(tl.float32)
+    yp = y_ptr + rm[:, None] * stride_ym + rn[None, :]
+    ymask = mmask[:, None] & nmask[None, :]
+    tl.store(yp, (tl.load(yp, mask=ymask, other=0.0).to(tl.float32) + acc).to(y_ptr.dtype.element_ty), mask=ymask)
+
+
+def w4_gemm(x2, qweight, scales, zeros, group_size, bias=None, config: triton.Config | None = None) -> torch.Tensor:
+    """x2 (M, K) -> (M, N) = x2 @ base^T (+ bias) on tensor cores, the base read packed. `config`: one of
+    GEMM_CONFIGS instead of the tuner's pick (parity tests)."""
+    M, K = x2.shape
+    N = qweight.shape[0]
+    y = torch.empty(M, N, dtype=x2.dtype, device=x2.device)
+    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
+    kernel, extra = _w4_gemm_kernel, {}
+    if config is not None:
+        kernel, extra = _w4_gemm_kernel.fn, dict(config.kwargs, num_warps=config.num_warps,
+                                                 num_stages=config.num_stages)
+    kernel[grid](x2, qweight, scales, zeros if zeros is not None else scales, bias if bias is not None else scales, y,
+                 M, N, K, min(1 << max(0, (M - 1).bit_length()), 4096), x2.stride(0), qweight.stride(0),
+                 scales.stride(0), y.stride(0), GROUP=group_size, HAS_ZERO=zeros is not None,
+                 HAS_BIAS=bias is not None, **extra)
+    return y
+
+
+def csr_spmm_add_(y, x2, crow, col, values, alpha_t, block_m: int = 64, block_n: int = 32):
+    """y (M, N) += alpha * x2 @ ortho^T in place; alpha_t a 0-dim tensor or (M,), one per row of x2."""
+    M, N = y.shape
+    xt = x2.t().contiguous()  # (K, M): each stream entry reads one contiguous row of it
+    _csr_spmm_add_kernel[(triton.cdiv(N, block_n), triton.cdiv(M, block_m))](
+        xt, crow, col, values, alpha_t, y, M, N, xt.stride(0), y.stride(0), PER_ROW=alpha_t.dim() == 1,
+        BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4)
+    return y
