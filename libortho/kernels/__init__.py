@@ -103,10 +103,13 @@ def dual_linear_forward(m, x: torch.Tensor) -> torch.Tensor | None:
 
 def _prefill_rows(m, x2: torch.Tensor, alpha: torch.Tensor, on: bool, td) -> torch.Tensor:
     """Prefill with one alpha per row of x2: the base for every row, then alpha * ortho only for the rows whose
-    alpha is not 0 (found with one sync: prefill is not captured in a graph). In row blocks, as the scalar path."""
+    alpha is not 0 (found with one sync). Inside a CUDA graph capture (a decode batch of more than
+    DECODE_MAX_ROWS requests) there is no sync: every row gets alpha * ortho through where(), which leaves the rows
+    at 0 the base bit for bit. In row blocks, as the scalar path."""
     N = m.out_features
-    rows = alpha.nonzero().flatten() if on else None
-    if rows is not None and rows.numel() == 0:
+    capturing = x2.is_cuda and torch.cuda.is_current_stream_capturing()
+    rows = None if not on else (slice(None) if capturing else alpha.nonzero().flatten())
+    if isinstance(rows, torch.Tensor) and rows.numel() == 0:
         rows = None
     one = torch.ones((), dtype=torch.float32, device=x2.device)
     blk = max(1, PREFILL_BLOCK_BYTES // (m.in_features * x2.element_size()))
@@ -118,7 +121,9 @@ def _prefill_rows(m, x2: torch.Tensor, alpha: torch.Tensor, on: bool, td) -> tor
         y[:, r0:r1] = F.linear(x2, w)
         if rows is not None:
             o = td.csr_scatter_add_(torch.zeros_like(w), m.ortho_crow[r0:r1 + 1], m.ortho_col, m.ortho_values, one)
-            y[rows, r0:r1] += alpha[rows, None].to(x2.dtype) * F.linear(x2[rows], o)
+            a = alpha[rows, None].to(x2.dtype)
+            extra = y[rows, r0:r1] + a * F.linear(x2[rows], o)
+            y[rows, r0:r1] = torch.where(a != 0, extra, y[rows, r0:r1]) if capturing else extra
     if m.bias is not None:
         y = y + m.bias.to(x2.dtype)
     return y

@@ -388,16 +388,23 @@ def dequant(qweight, scales, zeros, group_size, dtype) -> torch.Tensor:
 
 # -- prefill on tensor cores ---------------------------------------------------------------------------------
 # (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages): tiles of the W4A16 GEMM (Triton's matmul tutorial kin, all >= 64
-# deep so a tile holds whole groups of 32/64); the tuner picks per (M bucket, N, K).
+# deep so a tile holds whole groups of 32/64); the tuner picks per (M bucket, N, K). The 16- and 32-row tiles are
+# for batched decode (9..32 requests: one pass over the weights where the GEMV would read them once per row).
 GEMM_CONFIGS = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=w,
                               num_stages=st)
                 for bm, bn, bk, w, st in ((128, 128, 64, 8, 3), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4),
-                                          (64, 64, 128, 4, 3), (128, 128, 128, 8, 3), (64, 256, 64, 8, 3))]
+                                          (64, 64, 128, 4, 3), (128, 128, 128, 8, 3), (64, 256, 64, 8, 3),
+                                          (16, 64, 128, 4, 4), (32, 64, 128, 4, 4), (16, 128, 64, 4, 4),
+                                          (32, 128, 128, 4, 3))]
 
 
 def _prune_gemm(configs, named_args, **kw):
+    """Tiles at least one group deep, and no taller than the rows there are (rounded up to 16)."""
     group = kw.get("GROUP", named_args.get("GROUP"))
-    return [c for c in configs if c.kwargs["BLOCK_K"] >= group] or configs[:1]
+    rows = max(16, named_args.get("M_BUCKET", kw.get("M_BUCKET", 16)))
+    keep = [c for c in configs if c.kwargs["BLOCK_K"] >= group and c.kwargs["BLOCK_M"] <= max(rows, 64)]
+    return keep or configs[:1]
+
 
 
 @triton.autotune(configs=GEMM_CONFIGS, key=["M_BUCKET", "N", "K", "GROUP", "HAS_ZERO"],
