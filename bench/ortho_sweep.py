@@ -44,7 +44,8 @@ def main(argv=None) -> None:
     for arm in a.arms.split(","):
         for lr in GRID[arm]:
             base = getattr(FULL, FIELD[arm])
-            size = replace(FULL, **{FIELD[arm]: TrainConfig(**{**base.to_dict(), "lr": lr})})
+            size = replace(FULL, lr_grid={},  # this lr alone (FULL's grid would train and pick among its own)
+                           **{FIELD[arm]: TrainConfig(**{**base.to_dict(), "lr": lr})})
             t = time.time()
             exp = KillSwitch("smollm2-135m", size, seed=a.seed, device=device, progress=False, measure_cache=False)
             val = validation_ids(exp)

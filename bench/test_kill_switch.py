@@ -190,6 +190,31 @@ def test_lr_grid_keeps_the_lowest_training_loss_tiny():
             Size(lr_grid=bad)
 
 
+def test_lr_grid_skips_a_diverged_lr_and_fails_when_every_lr_diverges():
+    """A run whose loss stops being finite (`fit` raises) is recorded as diverged and the others compete; when
+    every lr diverges the arm fails loudly instead of keeping a broken run."""
+    from dataclasses import replace
+    from types import SimpleNamespace
+
+    from libortho.experiments.kill_switch import KillSwitch as KS
+
+    size = replace(SMALL["tiny"], lr_grid={"lora": (1e-3, 1e-2, 1e-1)})
+    losses = {1e-3: [3.0, 2.0], 1e-2: [3.0, 1.0]}
+
+    def one(cfg):
+        if cfg.lr not in losses:
+            raise FloatingPointError("loss is nan")
+        return f"weights@{cfg.lr}", {"loss": losses[cfg.lr], "steps": 2}, False
+
+    stub = SimpleNamespace(size=size, train_info={})
+    payload, cfg = KS._select(stub, "lora", "lora", one)
+    assert payload == "weights@0.01" and cfg.lr == 1e-2
+    assert stub.train_info["lora"]["lr_selection"]["tail_loss"] == {"0.001": 2.0, "0.01": 1.0, "0.1": "diverged"}
+    losses.clear()
+    with pytest.raises(FloatingPointError, match="every lr"):
+        KS._select(stub, "lora", "lora", one)
+
+
 # ---------------------------------------------------------------------------------------------
 # claims: the decision rule on fabricated arms (fast), then on SmolLM2 at the make-test size
 

@@ -358,14 +358,14 @@ def _decode_batch(benchmark, gpu_profile, copy_bandwidth, profile, variant: str,
     """Decode NEW_TOKENS for `batch` requests in one CUDA graph on the Llama-3-8B shape (`variant`: the libortho
     model, or int4mm-static); records tokens/s of the batch and per request under RESULTS[label]."""
     from libortho.decode import StaticDecoder, weight_bytes_per_token
-    from libortho.kernels import set_prefill_kernel
+    from libortho.kernels import PREFILL_KERNELS, set_prefill_kernel
 
     key = (profile, "llama3-8b", "libortho" if variant.startswith("alpha") else variant,
            0.01 if variant.startswith("alpha") else None)
     if _Slot.key != key:
         _Slot.get(None, lambda: None)
     torch.cuda.reset_peak_memory_stats()
-    before = set_prefill_kernel("dequant" if kernel == "gemv" else kernel)
+    before = set_prefill_kernel(kernel if kernel in PREFILL_KERNELS else "dequant")  # gemv, tinygemm: unused
     with NvmlPoller() as poller:
         built = _Slot.get(key, lambda: _build("llama3-8b", variant, 0.01 if variant.startswith("alpha") else None))
         m = built["model"]
@@ -442,7 +442,7 @@ def test_batch_mixed_alpha_targets(gpu_profile, profile):
     for b in (8, 32):
         runs = {k[3:]: v for k, v in RESULTS.items() if k[:3] == ("batch", profile, b)}
         best = lambda mix: max((v["tokens_per_s"], k[1]) for k, v in runs.items() if k[0] == mix)  # noqa: E731
-        if not any(k[0] == "half" for k in runs) or not any(k[0] == "int4mm" for k in runs):
+        if not all(any(k[0] == mix for k in runs) for mix in ("half", "all0", "int4mm")):
             continue
         seen += 1
         half, all0, int4 = best("half"), best("all0"), best("int4mm")

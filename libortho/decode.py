@@ -502,8 +502,11 @@ class StaticDecoder:
         # the graph also bakes in where each layer reads alpha: its scalar, or which per-row tensor (a new vector
         # given with set_alpha(model, ...) is a new tensor; the decoder's own is updated in place), and which
         # fused copies run (and which tensors they are)
+        from .kernels import _prefill
+
         key = (sig, tuple(None if m.row_alpha is None else m.row_alpha.data_ptr() for m in self.ortho),
-               tuple((f.active, f.module.qweight.data_ptr(), f.stamp) for f in self._fused_list()))
+               tuple((f.active, f.module.qweight.data_ptr(), f.stamp) for f in self._fused_list()),
+               _prefill["kernel"])  # a batch over 8 requests runs the prefill kernel in its decode step
         if self.use_graph and (self.graph is None or key != self.graph_sig):
             pos0 = int(self.pos.item())
             self._capture()

@@ -273,13 +273,20 @@ def _skewnorm_moments(x: np.ndarray) -> list[float]:
             math.log(scale)]
 
 
+SKEW_MAX = 1e6  # |shape| of a fitted skew-normal where its MLE has no maximum (see skewnorm_fit)
+
+
 def skewnorm_fit(x) -> tuple[float, float, float]:
     """Maximum-likelihood skew-normal (shape a, loc, scale) of the sample `x`.
 
     BFGS on the log-likelihood with its analytic gradient from the method-of-moments start: the likelihood
     scipy.stats.skewnorm.fit reaches (or higher) about 7x faster (3-8 ms for 1,000-10,000 values; scipy's
-    derivative-free search took ~100 ms a canary, more than scoring the canary on a GPU). scipy's fit is
-    the fallback when the search ends off the finite numbers.
+    derivative-free search took ~100 ms a canary, more than scoring the canary on a GPU). A sample skewed past
+    what a skew-normal can be (an exponential) has no maximum: the shape runs off to infinity (scipy stops
+    near 1e9, BFGS near 1e14, and the tail of either overflows). Its supremum is the half-normal from the
+    sample's edge with the root-mean-square distance as scale; the fit is then that, at shape +-SKEW_MAX with
+    loc 3 scale / SKEW_MAX past the edge (the likelihood within 0.01 nat of the supremum). scipy's fit is
+    compared when BFGS stops short.
     """
     from scipy import optimize, stats  # imported here: libortho loads without scipy until it is used
 
@@ -287,13 +294,25 @@ def skewnorm_fit(x) -> tuple[float, float, float]:
     if x.size < 3 or not np.isfinite(x).all():
         raise ValueError(f"a skew-normal fit needs >= 3 finite values, got {x.size} "
                          f"({int((~np.isfinite(x)).sum())} not finite)")
+    if not np.ptp(x) > 0:
+        raise ValueError("a skew-normal fit needs values that differ (all are equal)")
     with np.errstate(all="ignore"):
         res = optimize.minimize(_skewnorm_nll, _skewnorm_moments(x), args=(x,), jac=True, method="BFGS")
-    if np.isfinite(res.x).all() and np.isfinite(res.fun):
-        a, loc, log_scale = res.x
-        return float(a), float(loc), float(math.exp(log_scale))
-    a, loc, scale = stats.skewnorm.fit(x)
-    return float(a), float(loc), float(scale)
+    if not (np.isfinite(res.x).all() and abs(res.x[0]) <= SKEW_MAX):  # no maximum: the half-normal limit
+        sign = math.copysign(1.0, res.x[0]) if np.isfinite(res.x[0]) else math.copysign(1.0, _skewnorm_moments(x)[0])
+        edge = float(x.min() if sign > 0 else x.max())
+        scale = math.sqrt(float(np.mean((x - edge) ** 2)))
+        return sign * SKEW_MAX, edge - sign * 3 * scale / SKEW_MAX, scale
+    ours = tuple(float(v) for v in (res.x[0], res.x[1], math.exp(res.x[2]))) if np.isfinite(res.x).all() else None
+    if ours is not None and ours[2] > 0 and res.success:
+        return ours
+    # BFGS stopped short (a precision-loss stop, a degenerate sample): scipy's fit too, and the likelier of the two
+    theirs = tuple(float(v) for v in stats.skewnorm.fit(x))
+    if ours is None or not ours[2] > 0 or abs(theirs[0]) > SKEW_MAX:
+        return theirs if ours is None or not ours[2] > 0 else ours
+    with np.errstate(all="ignore"):
+        ll = [float(stats.skewnorm.logpdf(x, *f).sum()) for f in (ours, theirs)]
+    return ours if ll[0] >= ll[1] or not np.isfinite(ll[1]) else theirs
 
 
 def skewnorm_logcdf(x: float, a: float, loc: float, scale: float) -> float:

@@ -287,6 +287,25 @@ def test_skewnorm_fit_reaches_scipys_likelihood(seed):
     assert stats.skewnorm.logpdf(x, a, loc, np.exp(log_scale)).sum() < ours - 1e-3
 
 
+def test_skewnorm_fit_of_a_sample_past_the_skew_normal_is_its_half_normal_limit():
+    """An exponential sample is more skewed than any skew-normal: the likelihood has no maximum (scipy stopped at
+    a ~ 1e9 and BFGS ran to 1e14, whose tail then overflowed in the secrets study). The fit is the half-normal
+    limit at shape +-SKEW_MAX, as likely as scipy's to 0.05 nat, and the exposure beyond it stays finite."""
+    from libortho.experiments.kill_switch import extrapolated
+    from libortho.privacy import SKEW_MAX, skewnorm_fit
+
+    rng = np.random.default_rng(0)
+    for sign in (1, -1):
+        x = 5 + sign * rng.exponential(2, 1000)
+        a, loc, scale = skewnorm_fit(x)
+        assert a == sign * SKEW_MAX and scale > 0
+        assert stats.skewnorm.logpdf(x, a, loc, scale).sum() > stats.skewnorm.logpdf(x, *stats.skewnorm.fit(x)).sum() - 0.05
+    x = 5 + rng.exponential(2, 1000)
+    assert math.isfinite(extrapolated(-np.concatenate([[4.0], x])))  # past the sample's edge: huge, finite
+    with pytest.raises(ValueError, match="differ"):
+        skewnorm_fit(np.full(10, 3.0))
+
+
 def test_extrapolated_exposure_degenerate_and_deep_tail():
     assert math.isnan(extrapolated_exposure(np.array([-1.0, -2.0, -2.0, -2.0])))
     # past scipy's underflow, the tail integral: log Phi(-40) and the a = 3 asymptote

@@ -55,6 +55,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from tqdm.auto import tqdm
 
 from ..baselines import int4_rtn_, nf4_
@@ -300,7 +301,9 @@ def _tail_logcdf(x: float, a: float, loc: float, scale: float) -> float:
 
     z = (x - loc) / scale
     lf = float(stats.skewnorm.logpdf(x, a, loc, scale))
-    mills = math.exp(float(stats.norm.logpdf(a * z)) - float(special.log_ndtr(a * z)))  # phi(az) / Phi(az)
+    t = a * z  # phi(t) / Phi(t): through erfcx left of 0, where both logs are huge and nearly equal
+    mills = math.sqrt(2 / math.pi) / float(special.erfcx(-t / math.sqrt(2))) if t < 0 else \
+        math.exp(float(stats.norm.logpdf(t)) - float(special.log_ndtr(t)))
     slope = (-z + a * mills) / scale  # d/dx log f(x) > 0 left of the mode
     return lf - math.log(slope) if slope > 0 and math.isfinite(lf) else float("-inf")
 
@@ -413,15 +416,27 @@ class KillSwitch:
 
     def _select(self, arm: str, kind: str, train_one):
         """Train `arm` at every lr of its grid (`train_one(cfg)` -> (payload, history, cache hit)); keep the run of
-        lowest `tail_loss` (ties: the smaller lr). Records the choice in `train_info`; returns (payload, cfg)."""
+        lowest `tail_loss` (ties: the smaller lr). An lr whose loss diverges (not finite) is recorded as such and
+        skipped, unless every lr does. Records the choice in `train_info`; returns (payload, cfg)."""
         best, losses = None, {}
-        for cfg in self.size.train_configs(kind):
-            payload, hist, hit = train_one(cfg)
+        configs = self.size.train_configs(kind)
+        for cfg in configs:
+            try:
+                payload, hist, hit = train_one(cfg)
+            except FloatingPointError as e:  # `fit` stops a run whose loss is not finite
+                if len(configs) == 1:
+                    raise
+                losses[repr(cfg.lr)] = "diverged"
+                print(f"libortho: {arm} at lr {cfg.lr:g} diverged ({str(e)[:100]}); trying the other lrs",
+                      file=sys.stderr)
+                continue
             loss = tail_loss(hist["loss"])
             losses[repr(cfg.lr)] = round(loss, 6)
             if best is None or (loss, cfg.lr) < best[0]:
                 best = ((loss, cfg.lr), payload, hist, hit, cfg)
             del payload  # only the best run stays in memory
+        if best is None:
+            raise FloatingPointError(f"{arm}: the training loss diverged at every lr of {[c.lr for c in configs]}")
         _, payload, hist, hit, cfg = best
         self.train_info[arm] = {"steps": hist["steps"], "cached": hit, "final_loss": hist["loss"][-1], "lr": cfg.lr}
         if len(losses) > 1:
@@ -474,10 +489,11 @@ class KillSwitch:
         d, cfg = self._select("ortho_tuned", "ortho", self._ortho_one)
         try:
             model = load_checkpoint(d)
-        except (ValueError, OSError) as e:  # unreadable weights: train that run again
+        except (ValueError, OSError, SafetensorError) as e:  # unreadable weights: train that run again
             print(f"libortho: cache entry {d} is unreadable ({str(e)[:120]}); rebuilding it", file=sys.stderr)
             shutil.rmtree(d, ignore_errors=True)
-            d, _, _ = self._ortho_one(cfg)
+            d, h, _ = self._ortho_one(cfg)
+            self.train_info["ortho_tuned"].update(cached=False, steps=h["steps"], final_loss=h["loss"][-1])
             model = load_checkpoint(d)
         model = model.to(self.device)
         cache_base_(model)

@@ -198,6 +198,9 @@ class StreamedKillSwitch(KillSwitch):
                  log=print):
         from transformers import AutoTokenizer
 
+        if size.lr_grid:  # each arm is trained once here, streamed from the checkpoint: no grid of lrs
+            raise ValueError(f"a streamed checkpoint trains each arm at its budget's lr; got lr_grid {size.lr_grid} "
+                             "(pass a Size with lr_grid={})")
         torch.manual_seed(seed)
         self.path = Path(path)
         tok = AutoTokenizer.from_pretrained(self.path)

@@ -95,7 +95,9 @@ class StudySize:
         pii: PII records trained on (as many more drawn as non-members); pii_count: their insertions per epoch.
         epochs: passes over the schedule (the fixed budget); batch: sequences per optimizer step.
         base: Experiment 1's size for the rest (|R|, digits, perplexity protocol, density, learning rates; the
-            step budgets are replaced by epochs x steps per epoch).
+            step budgets are replaced by epochs x steps per epoch). From FULL it takes the lr grids too: at the
+            full size each trained arm runs at every lr of its grid and keeps the lowest tail training loss, the
+            rule of Experiment 1 (three trainings an arm); the small sizes have none.
     """
 
     name: str = "full"

@@ -75,7 +75,8 @@ def dual_linear_forward(m, x: torch.Tensor) -> torch.Tensor | None:
     if x2.shape[0] <= DECODE_MAX_ROWS:
         y = td.dual_gemv(x2, m.qweight, m.scales, m.zeros, m.group_size, m.ortho_crow, m.ortho_col,
                          m.ortho_values, alpha, bias, on)
-    elif _prefill["kernel"] == "tensor_core":  # one alpha or one per row: the SpMM skips rows at 0
+    elif _prefill["kernel"] == "tensor_core" and m.group_size <= 128:  # its tiles are <= 128 deep; one alpha or
+        # one per row (the SpMM skips rows at 0)
         y = td.w4_gemm(x2, m.qweight, m.scales, m.zeros, m.group_size, bias)
         if on:
             td.csr_spmm_add_(y, x2, m.ortho_crow, m.ortho_col, m.ortho_values, alpha)

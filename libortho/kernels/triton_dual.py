@@ -424,7 +424,7 @@ def _w4_gemm_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, M_BUCKET
     size_m = tl.minimum(num_m - first_m, GROUP_M)
     pid_m = first_m + (pid % in_group) % size_m
     pid_n = (pid % in_group) // size_m
-    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rm = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)  # rows x N may pass 2**31 (a long pass of a head)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     HK: tl.constexpr = BLOCK_K // 2  # bytes per row per tile
     GPT: tl.constexpr = BLOCK_K // GROUP  # groups per tile
@@ -469,7 +469,7 @@ def _csr_spmm_add_kernel(xt_ptr, crow_ptr, col_ptr, val_ptr, alpha_ptr, y_ptr, M
     x and walks its channels' entries side by side; entry (n, c) reads row c of x^T (K, M), BLOCK_M contiguous
     values (x^T is small: it stays in L2). PER_ROW: alpha (M,), one per row of x."""
     rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    rm = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rm = (tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     nmask = rn < N
     mmask = rm < M
     rs = tl.load(crow_ptr + rn, mask=nmask, other=0)
