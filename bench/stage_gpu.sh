@@ -22,6 +22,8 @@ split -b 49500000 -a 2 "$GGUF" .gpu/part_ && mv .gpu/part_aa .gpu/p1dir/paa && m
 cp /usr/share/doc/jargon-text/jargon.txt.gz /usr/share/dictd/devil.dict.dz /usr/share/common-licenses/GPL-3 .gpu/p1dir/
 cp -r /usr/share/games/fortunes .gpu/p1dir/
 cp -r "$SITE/gguf" "$SITE"/gguf-*.dist-info .gpu/p2dir/site/
+# hqq (the peer base of Exp 2 and tests/test_baselines.py; pure Python) and what it imports that the machines lack
+for pkg in hqq einops termcolor; do cp -r "$SITE/$pkg" "$SITE"/"$pkg"-*.dist-info .gpu/p2dir/site/; done
 # bitsandbytes with the CUDA build the lent machines' torch uses (CUDA 13.0) only: all of them would not fit
 CUDA_LIB=${CUDA_LIB:-cuda130}
 if [ -d "$SITE/bitsandbytes" ]; then
