@@ -30,6 +30,18 @@ def _rel(y, ref):
     return ((y.float() - ref.float()).norm() / ref.float().norm()).item()
 
 
+def _auto_and_torch(m, x, row_alpha=None):
+    """(y of the fast path, y of the plain-torch backend) of `m` on x, with one alpha per request if given; the
+    layer is left on the plain-torch backend with no per-row alpha."""
+    m.set_row_alpha(row_alpha)
+    m.set_backend("auto")
+    y = m(x)
+    m.set_backend("torch")
+    ref = m(x)
+    m.set_row_alpha(None)
+    return y, ref
+
+
 SHAPES = [(4096, 4096), (1024, 4096), (4096, 14336), (576, 576), (1536, 576), (300, 512)]
 
 
@@ -190,12 +202,7 @@ def test_per_row_alpha_module_decode_and_prefill_match_plain_torch():
     a = torch.tensor([1.0, 0.0, 0.5, 0.0], device="cuda")
     for T in (1, 5):  # 4 rows: the fused GEMV; 20 rows: the prefill path
         x = torch.randn(4, T, 4096, device="cuda", dtype=torch.bfloat16)
-        m.set_row_alpha(a)
-        m.set_backend("auto")
-        y = m(x)
-        m.set_backend("torch")
-        ref = m(x)
-        m.set_row_alpha(None)
+        y, ref = _auto_and_torch(m, x, a)
         assert y.shape == ref.shape == (4, T, 2048)
         for b in range(4):
             assert _rel(y[b], ref[b]) < BF16_TOL, (T, b, _rel(y[b], ref[b]))
@@ -355,12 +362,7 @@ def test_tensor_core_prefill_matches_plain_torch(out_f, in_f):
     before = set_prefill_kernel("tensor_core")
     try:
         for rows in (None, torch.tensor([0.0, 1.0], device="cuda")):
-            m.set_row_alpha(rows)
-            m.set_backend("auto")
-            y = m(x)
-            m.set_backend("torch")
-            ref = m(x)
-            m.set_row_alpha(None)
+            y, ref = _auto_and_torch(m, x, rows)
             assert _rel(y, ref) < BF16_TOL, (rows, _rel(y, ref))
         m.set_alpha(0.0)
         base = m(x)

@@ -417,7 +417,7 @@ class KillSwitch:
     def _select(self, arm: str, kind: str, train_one):
         """Train `arm` at every lr of its grid (`train_one(cfg)` -> (payload, history, cache hit)); keep the run of
         lowest `tail_loss` (ties: the smaller lr). An lr whose loss diverges (not finite) is recorded as such and
-        skipped, unless every lr does. Records the choice in `train_info`; returns (payload, cfg)."""
+        skipped, unless every lr does. Records the choice in `train_info`; returns (payload, cfg, history)."""
         best, losses = None, {}
         configs = self.size.train_configs(kind)
         for cfg in configs:
@@ -442,7 +442,7 @@ class KillSwitch:
         if len(losses) > 1:
             self.train_info[arm]["lr_selection"] = {"rule": "lowest mean training loss over the last tenth of steps",
                                                     "tail_loss": losses}
-        return payload, cfg
+        return payload, cfg, hist
 
     # -- arms ---------------------------------------------------------------------------------
     def fine_tuned(self):
@@ -453,7 +453,7 @@ class KillSwitch:
                     return state_without_tied(m), {"history": full_finetune_(m, self._loss(cfg), cfg, self.progress)}
                 state, meta, hit = cached("full_ft", self.cache_key("full_ft", cfg), build)
                 return state, meta["history"], hit
-            self._ft_state, _ = self._select("fine_tuned", "finetune", one)
+            self._ft_state = self._select("fine_tuned", "finetune", one)[0]
         m = self._copy_public()
         m.load_state_dict({k: v.to(self.device) for k, v in self._ft_state.items()}, strict=False)
         if getattr(m.config, "tie_word_embeddings", False):
@@ -486,7 +486,7 @@ class KillSwitch:
 
     def ortho_tuned(self):
         """Ours: only a sparse stream trained over INT4 of the public weights; cached as a libortho checkpoint."""
-        d, cfg = self._select("ortho_tuned", "ortho", self._ortho_one)
+        d, cfg, h = self._select("ortho_tuned", "ortho", self._ortho_one)
         try:
             model = load_checkpoint(d)
         except (ValueError, OSError, SafetensorError) as e:  # unreadable weights: train that run again
@@ -497,7 +497,6 @@ class KillSwitch:
             model = load_checkpoint(d)
         model = model.to(self.device)
         cache_base_(model)
-        h = json.loads((d / "meta.json").read_text())["history"]
         self.train_info["ortho_tuned"].update(nnz=h["nnz"], density=h["density"],
                                               config=replace(self.ocfg, train=cfg).to_dict())
         return model.eval()
@@ -513,7 +512,7 @@ class KillSwitch:
             state, meta, hit = cached("lora", self.cache_key("lora", cfg, lora=spec.to_dict()), build)
             return state, meta["history"], hit
 
-        state, _ = self._select("lora", "lora", one)
+        state = self._select("lora", "lora", one)[0]
         m = lora_wrap(self._copy_public(), spec, self.seed)
         missing = set(state) - set(m.state_dict())
         if missing:
