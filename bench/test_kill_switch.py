@@ -206,7 +206,7 @@ def test_lr_grid_skips_a_diverged_lr_and_fails_when_every_lr_diverges():
             raise FloatingPointError("loss is nan")
         return f"weights@{cfg.lr}", {"loss": losses[cfg.lr], "steps": 2}, False
 
-    stub = SimpleNamespace(size=size, train_info={})
+    stub = SimpleNamespace(size=size, train_info={}, seed=0)
     payload, cfg, _ = KS._select(stub, "lora", "lora", one)
     assert payload == "weights@0.01" and cfg.lr == 1e-2
     assert stub.train_info["lora"]["lr_selection"]["tail_loss"] == {"0.001": 2.0, "0.01": 1.0, "0.1": "diverged"}

@@ -442,6 +442,7 @@ class KillSwitch:
         if len(losses) > 1:
             self.train_info[arm]["lr_selection"] = {"rule": "lowest mean training loss over the last tenth of steps",
                                                     "tail_loss": losses}
+            print(f"libortho: seed {self.seed} {arm}: lr {cfg.lr:g} kept (tail loss by lr {losses})", file=sys.stderr)
         return payload, cfg, hist
 
     # -- arms ---------------------------------------------------------------------------------
@@ -676,8 +677,13 @@ class KillSwitch:
             for a in todo:
                 if setter is not None:
                     setter(model, a)
+                t1 = time.perf_counter()
                 entry = self.evaluate(model, n)
                 done[str(float(a))] = entry
+                # one line per measurement: what a cut run had reached is in its log
+                print(f"libortho: seed {self.seed} {arm} alpha {a:g} |R| {n}: extracted {sum(entry['extracted'])}/"
+                      f"{len(entry['extracted'])}, exposure {entry['mean_exposure']:.2f} bits, ppl {entry['ppl']:.2f}"
+                      f" ({time.perf_counter() - t1:.0f} s)", file=sys.stderr)
                 if self.measure_cache:
                     p = self._measure_key(arm, a, n)
                     p.parent.mkdir(parents=True, exist_ok=True)
