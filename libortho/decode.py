@@ -167,6 +167,12 @@ class StaticDecoder:
         fuse_attention: a decode step's attention as one kernel.
         share: the fused layers' parts become views of their fused copy (no second copy of q|k|v and gate|up);
             False keeps both (the A/B of bench/profile_decode.py --share both).
+        embed_gather: where a decode step finds its embedding row when the table is in host memory (a
+            HostEmbedding, e.g. the gtx4050 profile): "device" pins the table (in place, no second copy) and the
+            GPU reads the row over the bus inside the graph, no token on the host and no sync per token; "host"
+            copies the token to the host, gathers there and copies the row back; "auto" (default) is "device"
+            where the GPU reads back two probe rows equal to the host's, else "host" (with a warning). Ignored
+            when the table is on the decoder's device.
 
     Example:
         >>> dec = StaticDecoder(model, max_seq=1024)          # doctest: +SKIP
@@ -177,11 +183,14 @@ class StaticDecoder:
 
     def __init__(self, model, max_seq: int = 1024, dtype: torch.dtype = torch.bfloat16, device="cuda",
                  use_graph: bool = True, batch: int = 1, ranges: bool = False, fuse: bool = True,
-                 fuse_elementwise: bool = True, fuse_attention: bool = True, share: bool = True):
+                 fuse_elementwise: bool = True, fuse_attention: bool = True, share: bool = True,
+                 embed_gather: str = "auto"):
         from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
         if not (isinstance(batch, int) and batch >= 1):
             raise ValueError(f"batch must be a positive int, got {batch!r}")
+        if embed_gather not in ("auto", "device", "host"):
+            raise ValueError(f"embed_gather must be 'auto', 'device' or 'host', got {embed_gather!r}")
         cfg = model.config
         self.model, self.cfg, self.max_seq, self.dtype, self.device = model, cfg, max_seq, dtype, torch.device(device)
         self.B = batch
@@ -192,6 +201,7 @@ class StaticDecoder:
         self.layers = list(inner.layers)
         self.embed = inner.embed_tokens.weight
         self.embed_on_device = self.embed.device == self.device or (self.embed.is_cuda and self.device.type == "cuda")
+        self.gather_on_device = self._device_gather(embed_gather)  # rows read from pinned host memory by the GPU
         self.H = cfg.hidden_size
         self.nh, self.nkv = cfg.num_attention_heads, cfg.num_key_value_heads
         self.hd = getattr(cfg, "head_dim", None) or self.H // self.nh
@@ -368,8 +378,39 @@ class StaticDecoder:
         with self._r("embedding"):
             return self.embed[ids].to(self.device, self.dtype, non_blocking=True)
 
+    def _device_gather(self, mode: str) -> bool:
+        """Whether decode steps read their embedding rows from the host table on the GPU (see `embed_gather`)."""
+        if self.embed_on_device or mode == "host":
+            return False
+        why = None
+        if self.device.type != "cuda":
+            why = f"the decoder runs on {self.device.type}, not a CUDA GPU"
+        elif td.triton is None:
+            why = "Triton is not importable"
+        else:
+            w = self.embed
+            if not w.is_pinned():  # in place: the model's own table moves to page-locked memory, no second copy
+                w.data = w.data.pin_memory()
+            ids = torch.tensor([0, w.shape[0] - 1], device=self.device)
+            got = torch.empty(2, w.shape[1], dtype=self.dtype, device=self.device)
+            try:
+                td.host_rows_(got, w, ids)
+                if not torch.equal(got.cpu(), w[[0, -1]].to(self.dtype)):
+                    why = "the GPU read rows different from the host's"
+            except Exception as e:  # e.g. a driver that does not map pinned memory into the device's space
+                why = f"the GPU cannot read the pinned table ({type(e).__name__}: {str(e)[:120]})"
+        if why is None:
+            return True
+        if mode == "device":
+            raise ValueError(f"embed_gather='device': {why}; use 'host' or 'auto'")
+        if self.device.type == "cuda":
+            warnings.warn(f"StaticDecoder: embedding rows go through the host every token ({why})", stacklevel=3)
+        return False
+
     def _step(self):  # one decode token, all on the device: the part that is captured
         with self._r("embedding"):
+            if self.gather_on_device:  # the GPU reads the row from the pinned host table: no sync, inside the graph
+                td.host_rows_(self.emb_in.view(self.B, self.H), self.embed, self.tok.view(self.B))
             x = self.embed[self.tok] if self.embed_on_device else self.emb_in  # (B, 1, H)
         if not self.fuse_attention:  # the fused kernel reads pos itself
             with self._r("attention"):
@@ -453,7 +494,7 @@ class StaticDecoder:
         s.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(s):  # warm-up: Triton compiles and autotunes here, outside the capture
             for _ in range(3):
-                if not self.embed_on_device:
+                if not (self.embed_on_device or self.gather_on_device):
                     self.emb_in.copy_(self._embed(self.tok.cpu() if not self.embed.is_cuda else self.tok))
                 self._step()
         torch.cuda.current_stream().wait_stream(s)
@@ -486,7 +527,7 @@ class StaticDecoder:
         out = torch.empty(self.B, n, dtype=torch.long, device=self.device)
         for t in range(n):
             out[:, t] = self.tok[:, 0]
-            if not self.embed_on_device:  # one row from host memory; needs the token id on the host
+            if not (self.embed_on_device or self.gather_on_device):  # one row through the host: a sync per token
                 self.emb_in.copy_(self._embed(self.tok.cpu()), non_blocking=True)
             if self.graph is not None:
                 self.graph.replay()

@@ -267,3 +267,40 @@ def test_unshared_fused_copy_generates_the_same_and_leaves_the_parts_their_own()
     shared = StaticDecoder(m, max_seq=32, dtype=torch.float32, device="cpu", fuse=True)
     assert shared.generate(IDS[:1], NEW).tolist() == toks.tolist() and rel(shared.logits, own.logits) < 1e-6
     assert in_larger_storage(ortho_modules(m)["model.layers.0.self_attn.q_proj"].qweight)
+
+
+def test_embed_gather_is_checked_and_needs_a_cuda_decoder(model):
+    with pytest.raises(ValueError, match="embed_gather must be"):
+        StaticDecoder(model, max_seq=32, dtype=torch.float32, device="cpu", embed_gather="gpu")
+    # on a CPU the table is on the decoder's device: nothing to gather through the host, whatever the mode
+    for mode in ("auto", "device", "host"):
+        assert not StaticDecoder(model, max_seq=32, dtype=torch.float32, device="cpu",
+                                 embed_gather=mode).gather_on_device
+
+
+@pytest.mark.gpu
+def test_host_table_rows_read_by_the_gpu_decode_as_through_the_host():
+    """A host embedding table (the gtx4050 placement): the GPU reading rows from the pinned table decodes the same
+    tokens and logits, bit for bit, as the row copied through the host, and no decode step copies the token to the
+    host (control: the host path copies it down at every step)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from libortho.modules import HostEmbedding
+
+    m = orthogonalize_(tiny_llama(vocab_size=256), OrthoConfig(score="magnitude", group_size=32, density=0.1),
+                       progress=False).to("cuda", torch.bfloat16)
+    m.model.embed_tokens = HostEmbedding.from_embedding(m.model.embed_tokens, "cuda")
+    ids = torch.randint(0, 255, (2, 6), generator=torch.Generator().manual_seed(0)).cuda()
+    runs, d2h = {}, {}
+    for mode in ("host", "device"):
+        dec = StaticDecoder(m, max_seq=48, batch=2, embed_gather=mode)
+        assert dec.gather_on_device == (mode == "device") and not dec.embed_on_device
+        runs[mode] = (dec.generate(ids, 8).tolist(), dec.logits.float().cpu())
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:  # the graph replays: only transfers are seen
+            dec.decode(4)
+            torch.cuda.synchronize()
+        d2h[mode] = sum(1 for e in prof.events() if "DtoH" in e.name or "Device -> Pageable" in e.name)
+    assert m.model.embed_tokens.weight.is_pinned()  # pinned in place by the device mode
+    assert runs["device"][0] == runs["host"][0] and torch.equal(runs["device"][1], runs["host"][1])
+    # decode() reads the position once per call (its bounds check); the host path adds one copy per token
+    assert d2h["device"] <= 1 and d2h["host"] >= d2h["device"] + 4, d2h

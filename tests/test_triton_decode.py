@@ -150,6 +150,24 @@ def _decoder_runs(device: str, dtype, combos=ALL) -> dict:
     return runs
 
 
+def _host_rows_cases(device: str) -> dict:
+    """`host_rows_` against the table's own rows ("equal"), the padding of a strided `out` untouched, and the
+    control: the rows one index off ("ctl_equal", must be False). On CUDA the table is pinned (what the kernel reads)."""
+    out = {}
+    for C in (300, 1500):  # one block of columns and two (BLOCK 512 and 1024)
+        table = torch.randn(97, C, generator=torch.Generator().manual_seed(C)).to(torch.bfloat16)
+        table = table.pin_memory() if device == "cuda" else table
+        ids = torch.tensor([96, 0, 5, 5])  # the last row, the first, a repeat
+        for dt in (torch.bfloat16, torch.float32):
+            big = torch.zeros(4, C + 8, dtype=dt, device=device)
+            td.host_rows_(big[:, :C], table, ids.to(device))  # row stride C + 8
+            got = big[:, :C].cpu()
+            out[f"C{C}-{str(dt).removeprefix('torch.')}"] = dict(
+                equal=torch.equal(got, table[ids].to(dt)), pad_untouched=bool((big[:, C:] == 0).all()),
+                ctl_equal=torch.equal(got, table[(ids + 1) % 97].to(dt)))
+    return out
+
+
 def _interpreted() -> dict:
     """What the interpreter process reports: the kernel cases and the decoder runs on CPU (fp32)."""
     # every kernel, with fused q|k|v (its column views go to the rotary kernel); attention alone (the torch
@@ -157,7 +175,8 @@ def _interpreted() -> dict:
     runs = _decoder_runs("cpu", torch.float32, (ALL[0], ALL[4], ALL[5]))
     ref = runs["fe0-fuse1-fa0"][1]
     dec = {k: dict(toks=t, rel=_rel(lg, ref)) for k, (t, lg) in runs.items()}
-    return dict(cases=_cases("cpu"), decoder=dec, applies=td.applies(torch.zeros(1)))
+    return dict(cases=_cases("cpu"), decoder=dec, applies=td.applies(torch.zeros(1)),
+                host_rows=_host_rows_cases("cpu"))
 
 
 @pytest.fixture(scope="module")
@@ -204,6 +223,28 @@ def test_decoder_with_fused_elementwise_kernels_generates_as_without(interp):
         assert r["rel"] < 1e-5, (k, r["rel"])
 
 
+def _check_host_rows(cases: dict):
+    assert len(cases) == 4
+    for k, c in cases.items():
+        assert c["equal"] and c["pad_untouched"], (k, c)
+        assert not c["ctl_equal"], k  # the check can fail: a gather one row off is told apart
+
+
+@needs_triton
+def test_host_rows_gathers_the_exact_rows_under_the_interpreter(interp):
+    _check_host_rows(interp["host_rows"])
+
+
+def test_host_rows_checks_shapes_and_its_twin_gathers():
+    table, ids = torch.arange(12.0).view(4, 3), torch.tensor([3, 1])
+    out = torch.empty(2, 3)
+    assert torch.equal(td.host_rows_ref_(out, table, ids), table[ids])
+    for bad_out, bad_ids in ((torch.empty(2, 4), ids), (out, ids[None]), (torch.empty(3, 3), ids)):
+        with pytest.raises(ValueError, match="host_rows_"):
+            td.host_rows_(bad_out, table, bad_ids)
+    assert torch.equal(td.host_rows_(out, table, ids), table[ids])  # the control: good shapes pass
+
+
 # -- the twins inside the decoder (CPU, no Triton needed: what CI without Triton runs) ------------------------
 
 def test_twins_run_off_cuda_and_decode_as_the_unfused_ops():
@@ -242,6 +283,7 @@ KERNEL_SIGNATURES = {
                                          {"HD": 128, "BLOCK": 128, "BLOCK_S": 64, "PARTIAL": True}),
     "_decode_attention_combine_kernel": (["*fp32"] * 3 + ["*bf16"] + [_I32] * 2,
                                          {"HD": 128, "BLOCK": 128, "BLOCK_N": 32}),
+    "_host_rows_kernel": (["*bf16", "*i64", "*bf16", _I32, _I32], {"BLOCK": 1024}),
 }
 
 
@@ -300,6 +342,16 @@ def test_control_compile_check_rejects_a_branch_type_mismatch():
 @needs_triton
 def test_kernels_match_their_twins_on_cuda():
     _check(_cases("cuda"))
+
+
+@pytest.mark.gpu
+@needs_triton
+def test_host_rows_on_cuda_read_the_pinned_table():
+    """The GPU reads pinned host memory through the mapped pointer; a pageable table takes the twin (same rows)."""
+    _check_host_rows(_host_rows_cases("cuda"))
+    table = torch.randn(10, 64).to(torch.bfloat16)  # pageable: the kernel cannot read it, the twin runs
+    out = torch.empty(2, 64, dtype=torch.bfloat16, device="cuda")
+    assert torch.equal(td.host_rows_(out, table, torch.tensor([9, 2], device="cuda")).cpu(), table[[9, 2]])
 
 
 @pytest.mark.gpu

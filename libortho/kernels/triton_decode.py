@@ -11,6 +11,11 @@
   for a cache of more than 1,024 positions: splits of the positions in parallel, then their combine, as
   flash-decoding does).
 
+- `host_rows_(out, table, ids)`: out[b] = table[ids[b]] where `table` lives in pinned host memory and `ids`
+  and `out` on the GPU: the GPU reads the rows over the bus itself (pinned memory is mapped into the device's
+  address space), so a decode step with its embedding table in host memory needs no token on the host, no sync,
+  and can sit inside the CUDA graph.
+
 Each public function runs the Triton kernel where it applies (CUDA tensors, or any tensor under Triton's CPU
 interpreter, TRITON_INTERPRET=1) and its twin (`*_ref`) elsewhere. The kernels round where the twins round
 (bf16 results of each torch op), so in fp32 they agree to float error and in bf16 to a unit in the last place.
@@ -95,6 +100,18 @@ def decode_attention_ref(q, k_cache, v_cache, pos):
     return torch.matmul(p, v_cache).view(B, nh, 1, hd)
 
 
+def host_rows_ref_(out: torch.Tensor, table: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """out[b] = table[ids[b]] through the host: the ids copied to the table's device (a sync when they are on a
+    GPU), the rows gathered there, copied into `out` (what StaticDecoder did every token).
+
+    Args:
+        out: (B, C) destination; table: (V, C); ids: (B,) long.
+    Returns:
+        out.
+    """
+    return out.copy_(table[ids.to(table.device)], non_blocking=True)
+
+
 # -- dispatch ------------------------------------------------------------------------------------------------
 
 @functools.lru_cache(maxsize=None)
@@ -156,6 +173,22 @@ def rope_kv_(q, k, v, cos, sin_signed, pos, k_cache, v_cache):
                                        q2.stride(0), k2.stride(0), v2.stride(0), nh, nkv, S, HD=hd,
                                        BLOCK=triton.next_power_of_2(hd))
     return qr
+
+
+def host_rows_(out: torch.Tensor, table: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """out[b] = table[ids[b]] read by the GPU from pinned host memory (its twin where it does not apply: `out` off
+    CUDA, or `table` pageable). Row indices are not bounds-checked on the device (a check would need the sync
+    this kernel exists to avoid): they must be < len(table), as a decoder's argmax over the vocabulary is."""
+    if out.dim() != 2 or table.dim() != 2 or ids.dim() != 1 or out.shape != (ids.shape[0], table.shape[1]):
+        raise ValueError(f"host_rows_: need out (B, C), table (V, C), ids (B,); got {tuple(out.shape)}, "
+                         f"{tuple(table.shape)}, {tuple(ids.shape)}")
+    if not (applies(out) and (_interpret() or (table.is_pinned() and ids.is_cuda))) or out.stride(-1) != 1 \
+            or not table.is_contiguous():
+        return host_rows_ref_(out, table, ids)
+    C = table.shape[1]
+    BLOCK = min(1024, triton.next_power_of_2(C))
+    _host_rows_kernel[(ids.shape[0], triton.cdiv(C, BLOCK))](table, ids, out, C, out.stride(0), BLOCK=BLOCK)
+    return out
 
 
 def decode_attention(q, k_cache, v_cache, pos, block_s: int = 64, split: int = 1024):
@@ -317,3 +350,13 @@ if triton is not None:
         acc = tl.load(acc_ptr + (row + n)[:, None] * HD + d[None, :], mask=nm[:, None] & dm[None, :], other=0.0)
         out = tl.sum(w[:, None] * acc, axis=0) / tl.sum(w * l, axis=0)
         tl.store(o_ptr + (b * NH + j) * HD + d, out.to(o_ptr.dtype.element_ty), mask=dm)
+
+    @triton.jit
+    def _host_rows_kernel(t_ptr, ids_ptr, o_ptr, C, stride_o, BLOCK: tl.constexpr):
+        # one program per (row, block of columns); the table pointer is pinned host memory, read over the bus
+        b = tl.program_id(0)
+        offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        m = offs < C
+        row = tl.load(ids_ptr + b).to(tl.int64)  # int64: a 128k x 4096 table overflows int32 offsets
+        v = tl.load(t_ptr + row * C + offs, mask=m, other=0.0)
+        tl.store(o_ptr + b * stride_o + offs, v.to(o_ptr.dtype.element_ty), mask=m)
