@@ -209,7 +209,7 @@ def _timed_decode(dec: StaticDecoder, prompt, steps: int) -> float:
 
 def profile_alpha(model, alpha: float, steps: int, batch: int, device: torch.device, dtype, bandwidth: float,
                   fuse: bool = False, fuse_elementwise: bool = False, fuse_attention: bool = False,
-                  share: bool = True) -> dict:
+                  share: bool = True, embed_gather: str = "auto") -> dict:
     """The breakdown at one alpha (every OrthoLinear at `alpha`), with the decoder's fused projections or not, and
     its fused elementwise kernels or not."""
     from torch.profiler import ProfilerActivity, profile
@@ -223,17 +223,21 @@ def profile_alpha(model, alpha: float, steps: int, batch: int, device: torch.dev
     prompt = prompt.to(model.model.embed_tokens.weight.device)
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     labelled = StaticDecoder(model, max_seq, dtype, device, use_graph=False, batch=batch, ranges=True, fuse=fuse,
-                             fuse_elementwise=fuse_elementwise, fuse_attention=fuse_attention, share=share)
+                             fuse_elementwise=fuse_elementwise, fuse_attention=fuse_attention, share=share,
+                             embed_gather=embed_gather)
     eager_s = _timed_decode(labelled, prompt, steps)  # also compiles and tunes every kernel before profiling
     prof, profiled_s = _profiled(labelled, prompt, steps, acts, device)
-    run = dict(alpha=alpha, fuse=labelled.fuse, share=share if labelled.fuse else None,
+    # where the decode step's embedding row comes from: the device's own table, or a host table read by the GPU
+    # ("device") or copied through the host with a sync per token ("host")
+    gather = "on device" if labelled.embed_on_device else ("device" if labelled.gather_on_device else "host")
+    run = dict(alpha=alpha, fuse=labelled.fuse, share=share if labelled.fuse else None, embed_gather=gather,
                fuse_elementwise=fuse_elementwise, fuse_attention=fuse_attention, **breakdown(_trace(prof), steps, device.type, profiled_s))
     wall = dict(eager=eager_s * 1e6, eager_profiled=profiled_s / steps * 1e6, graph=None)
     graph_kernels = None
     del labelled
     if device.type == "cuda":
         dec = StaticDecoder(model, max_seq, dtype, device, batch=batch, fuse=fuse, fuse_elementwise=fuse_elementwise,
-                            fuse_attention=fuse_attention, share=share)
+                            fuse_attention=fuse_attention, share=share, embed_gather=embed_gather)
         wall["graph"] = _timed_decode(dec, prompt, steps) * 1e6
         gprof, _ = _profiled(dec, prompt, steps, acts, device)
         n = sum(1 for e in _trace(gprof)["traceEvents"] if e.get("ph") == "X" and e.get("cat") in DEVICE_CATS)
@@ -251,9 +255,11 @@ def profile_alpha(model, alpha: float, steps: int, batch: int, device: torch.dev
 
 def profile_decode(model_name: str = "llama3-8b", device: str | None = None, steps: int = 32,
                    alphas=(1.0, 0.0), batch: int = 1, density: float = 0.01, out: str | None = None,
-                   fuse=(False,), fuse_elementwise=(False,), fuse_attention=(False,), share=(True,)) -> dict:
+                   fuse=(False,), fuse_elementwise=(False,), fuse_attention=(False,), share=(True,),
+                   embed_gather=("auto",)) -> dict:
     """Build the model, profile each alpha (for each of `fuse`: the decoder's fused projections off / on; within
-    it each of `fuse_elementwise`, within that each of `fuse_attention`, and of `share` for fused runs), write profile_decode.json / .md under
+    it each of `fuse_elementwise`, within that each of `fuse_attention`, of `share` for fused runs, and of
+    `embed_gather`), write profile_decode.json / .md under
     `out` (if given).
 
     Returns:
@@ -273,9 +279,9 @@ def profile_decode(model_name: str = "llama3-8b", device: str | None = None, ste
     try:
         model = build_model(model_name, density, str(dev), dtype)
         bw = copy_bandwidth(dev)
-        runs = [profile_alpha(model, float(a), steps, batch, dev, dtype, bw, f, fe, fa, sh)
+        runs = [profile_alpha(model, float(a), steps, batch, dev, dtype, bw, f, fe, fa, sh, g)
                 for f in fuse for fe in fuse_elementwise for fa in fuse_attention
-                for sh in (share if f else (True,)) for a in alphas]
+                for sh in (share if f else (True,)) for g in embed_gather for a in alphas]
     finally:
         torch.set_num_threads(threads)
     rec = dict(model=model_name, weights="shape_only", density=density, dtype=str(dtype).removeprefix("torch."),
@@ -297,7 +303,8 @@ def _label(r: dict, fused_any: bool, ew_any: bool = False, attn_any: bool = Fals
     return f"alpha {r['alpha']:g}" + ((" fused" if r.get("fuse") else " unfused") if fused_any else "") + \
         ((" +ew" if r.get("fuse_elementwise") else " -ew") if ew_any else "") + \
         ((" +attn" if r.get("fuse_attention") else " -attn") if attn_any else "") + \
-        (" copy" if r.get("share") is False else "")  # fused with a second copy of the parts (share=False)
+        (" copy" if r.get("share") is False else "") + \
+        (" host-row" if r.get("embed_gather") == "host" else "")  # the row through the host, a sync per token
 
 
 def markdown(rec: dict) -> str:
@@ -363,6 +370,9 @@ def main(argv=None) -> int:
     p.add_argument("--share", default="on", choices=("off", "on", "both"),
                    help="fused runs: the parts as views of their fused copy (the decoder's default: on), a second "
                         "copy (off), or both")
+    p.add_argument("--embed-gather", default="auto", choices=("auto", "device", "host", "both"),
+                   help="a host embedding table's row per token: read by the GPU from pinned memory (device), "
+                        "through the host with a sync (host), the decoder's choice (auto), or device then host")
     p.add_argument("--out", default=os.environ.get("LIBORTHO_RESULTS_DIR", "results/profile"))
     a = p.parse_args(argv)
     try:
@@ -373,7 +383,8 @@ def main(argv=None) -> int:
     fe = {"off": (False,), "on": (True,), "both": (False, True)}[a.fuse_elementwise]
     fa = {"off": (False,), "on": (True,), "both": (False, True)}[a.fuse_attention]
     sh = {"off": (False,), "on": (True,), "both": (True, False)}[a.share]
-    rec = profile_decode(a.model, a.device, a.tokens, alphas, a.batch, a.density, a.out, fuse, fe, fa, sh)
+    eg = ("device", "host") if a.embed_gather == "both" else (a.embed_gather,)
+    rec = profile_decode(a.model, a.device, a.tokens, alphas, a.batch, a.density, a.out, fuse, fe, fa, sh, eg)
     print(markdown(rec))
     print(f"wrote {os.path.join(a.out, 'profile_decode.json')} and profile_decode.md", file=sys.stderr)
     return 0
