@@ -46,7 +46,7 @@ echo "$PART: rc=$rc in $(( $(date +%s) - s )) s on $NGPU GPU(s), ${WORKERS} work
 [ $rc = 124 ] && echo "$PART: cut by the time limit; run the same command again (the cache keeps what finished)"
 tr '\r' '\n' < "$OUT/$PART.log" | grep -E "passed|failed|Error|claims|exp1 arms" | grep -v -i warn | tail -8
 # every measurement and lr choice of every call so far, also of seeds a limit cut (one line each)
-tr '\r' '\n' < "$OUT/$PART.log" | grep -E "^libortho: seed" >> /tmp/lo/progress-$PART.log
+tr '\r' '\n' < "$OUT/$PART.log" | grep -oE "libortho: seed .*" >> /tmp/lo/progress-$PART.log  # after a bar too
 cp /tmp/lo/progress-$PART.log "$OUT"/ 2>/dev/null && echo "progress lines so far: $(wc -l < "$OUT/progress-$PART.log")"
 cp "$LIBORTHO_RESULTS_DIR"/*.json "$LIBORTHO_RESULTS_DIR"/*.png "$OUT"/ 2>/dev/null
 ls /tmp/lo/cache/exp1/measure 2>/dev/null | wc -l | sed 's/^/measurements cached: /'
