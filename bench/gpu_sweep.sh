@@ -6,6 +6,8 @@
 #   call 2, carry .gpu/p2dir:  bash bench/gpu_sweep.sh exp1                       (within the 30 s idle window)
 #   call 3.., carry .gpu/p2dir: bash bench/gpu_sweep.sh exp1    again, until it prints "exp1: done"
 #                              bash bench/gpu_sweep.sh secrets / utility          likewise
+#   (SEEDS_FROM=results/gpu/h200x2-2026-11-30c-exp1-lr-grid WORKERS=2 bash bench/gpu_sweep.sh exp1: seed 0 of that
+#    run is read, seeds 1 and 2 run one per GPU, then the pooled claims)
 #
 # Between calls the warm machine keeps /tmp/lo (GGUF, texts, LIBORTHO_CACHE with every trained arm and every
 # measurement), not .gpu/p2dir (an ignored folder not carried is removed there: carry it on every call). A part
@@ -25,6 +27,14 @@ OUT=${OUT:-out/gpu}; mkdir -p "$OUT"
 # shellcheck disable=SC1091
 source .gpu/p2dir/setup.sh
 export LIBORTHO_RESULTS_DIR=/tmp/lo/res; mkdir -p "$LIBORTHO_RESULTS_DIR"
+# SEEDS_FROM=DIR: seeds a committed run finished (DIR/exp1_kill_switch_seed<N>.json at FULL's size) are read, not
+# rerun (a seed JSON of another size is ignored and the seed runs); the pooled claims then need the rest only
+if [ -n "${SEEDS_FROM:-}" ] && [ "$PART" = exp1 ]; then
+  for f in "$SEEDS_FROM"/exp1_kill_switch_seed*.json; do
+    [ -f "$f" ] && [ ! -f "$LIBORTHO_RESULTS_DIR/$(basename "$f")" ] && cp "$f" "$LIBORTHO_RESULTS_DIR/" \
+      && echo "read, not rerun: $(basename "$f") from $SEEDS_FROM"
+  done
+fi
 NGPU=$(nvidia-smi -L 2>/dev/null | wc -l)
 # workers: one per GPU, or WORKERS (e.g. 3 seeds on 2 GPUs: a GPU shared by two seeds' processes, assigned round
 # robin, overlaps one's CPU work with the other's kernels)
