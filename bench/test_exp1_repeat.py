@@ -1,0 +1,43 @@
+"""bench/exp1_repeat.py: a committed seed's arms measured again compare equal, and a changed number is caught."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from bench import exp1_repeat
+from libortho.experiments.kill_switch import SMALL, KillSwitch
+
+
+@pytest.fixture(scope="module")
+def seed_json(tmp_path_factory):
+    """A seed JSON of the tiny model with one arm (about 10 s a measurement on 2 cores)."""
+    size = SMALL["tiny"]
+    exp = KillSwitch("tiny", size, seed=0, progress=False, measure_cache=False)
+    exp.measure_arm("never_trained")
+    inner = {"arms": exp.results, "size": size.to_dict(), "seed": 0, "canary_format": "plain"}
+    path = tmp_path_factory.mktemp("repeat") / "exp1_kill_switch_seed0.json"
+    path.write_text(json.dumps({"exp1_kill_switch": inner}, default=str))
+    return path
+
+
+def test_repeat_is_identical_and_a_changed_number_is_caught(seed_json, tmp_path):
+    path = tmp_path / seed_json.name
+    path.write_text(seed_json.read_text())
+    args = ["--model", "tiny", "--device", "cpu", "--arms", "never_trained"]
+    assert exp1_repeat.main([str(path), *args, "--out", str(tmp_path / "same.json")]) == 0
+    assert json.loads((tmp_path / "same.json").read_text())["identical"]
+    # the control: one candidate's log-probability moved by 1e-12 must be found
+    d = json.loads(path.read_text())
+    d["exp1_kill_switch"]["arms"]["never_trained"]["1.0"]["logp_true"][3] += 1e-12
+    path.write_text(json.dumps(d))
+    assert exp1_repeat.main([str(path), *args, "--out", str(tmp_path / "diff.json")]) == 1
+    rep = json.loads((tmp_path / "diff.json").read_text())["arms"]["never_trained"]["1.0"]
+    assert not rep["identical"] and rep["first_differences"][0][0] == ".logp_true[3]"
+
+
+def test_repeat_refuses_bad_input(seed_json, tmp_path):
+    path = seed_json
+    assert exp1_repeat.main([str(path), "--model", "tiny", "--device", "cpu", "--arms", "lora"]) == 2  # not in it
+    (tmp_path / "x.json").write_text("{}")
+    assert exp1_repeat.main([str(tmp_path / "x.json"), "--device", "cpu"]) == 2
