@@ -55,7 +55,8 @@ def main(argv=None) -> int:
     path = Path(a.seed_json)
     try:
         inner = json.loads(path.read_text())["exp1_kill_switch"]
-    except (OSError, ValueError, KeyError) as e:
+        seed, fmt, size_d, name = inner["seed"], inner["canary_format"], inner["size"], inner.get("model")
+    except (OSError, ValueError, KeyError, TypeError) as e:
         print(f"exp1_repeat: {path} is not an Experiment 1 seed JSON ({e})", file=sys.stderr)
         return 2
     arms = [x.strip() for x in a.arms.split(",") if x.strip()]
@@ -65,7 +66,7 @@ def main(argv=None) -> int:
               file=sys.stderr)
         return 2
     sizes = {"full": FULL, **{k: v for k, v in SMALL.items()}}
-    size = next((s for s in sizes.values() if json.loads(json.dumps(s.to_dict(), default=str)) == inner["size"]), None)
+    size = next((s for s in sizes.values() if json.loads(json.dumps(s.to_dict(), default=str)) == size_d), None)
     if size is None:
         print(f"exp1_repeat: {path} was run at a size this code does not define (FULL or SMALL); nothing to repeat",
               file=sys.stderr)
@@ -74,13 +75,21 @@ def main(argv=None) -> int:
     if device.startswith("cuda"):  # as `kill_switch.run` sets them
         torch.use_deterministic_algorithms(True, warn_only=True)
         torch.set_float32_matmul_precision(size.matmul_precision)
-    exp = KillSwitch(a.model, size, inner["seed"], inner["canary_format"], device=device, progress=True,
-                     measure_cache=False)
+    exp = KillSwitch(a.model, size, seed, fmt, device=device, progress=True, measure_cache=False)
+    if name is not None and exp.name != name:
+        print(f"exp1_repeat: {path} measured {name}; --model {a.model} loads {exp.name}", file=sys.stderr)
+        return 2
     report, total = {}, 0
     for arm in arms:
         report[arm] = {}
+        by_n = {}  # one build of the arm per |R|: measure_arm rebuilds (or retrains) it each call
         for alpha, entry in inner["arms"][arm].items():
-            got = exp.measure_arm(arm, (float(alpha),), entry["n_candidates"])[str(float(alpha))]
+            by_n.setdefault(entry["n_candidates"], []).append(float(alpha))
+        got_all = {}
+        for n, alphas in by_n.items():
+            got_all.update(exp.measure_arm(arm, tuple(alphas), n))
+        for alpha, entry in inner["arms"][arm].items():
+            got = json.loads(json.dumps(got_all[str(float(alpha))], default=str))  # as write_json stores it
             diffs = differences(entry, got)
             total += len(diffs)
             report[arm][alpha] = {"identical": not diffs, "n_candidates": entry["n_candidates"],

@@ -30,10 +30,15 @@ export LIBORTHO_RESULTS_DIR=/tmp/lo/res; mkdir -p "$LIBORTHO_RESULTS_DIR"
 # SEEDS_FROM=DIR: seeds a committed run finished (DIR/exp1_kill_switch_seed<N>.json at FULL's size) are read, not
 # rerun (a seed JSON of another size is ignored and the seed runs); the pooled claims then need the rest only
 if [ -n "${SEEDS_FROM:-}" ] && [ "$PART" = exp1 ]; then
+  [ -d "$SEEDS_FROM" ] || { echo "SEEDS_FROM=$SEEDS_FROM: no such folder"; exit 2; }
+  n=0
   for f in "$SEEDS_FROM"/exp1_kill_switch_seed*.json; do
-    [ -f "$f" ] && [ ! -f "$LIBORTHO_RESULTS_DIR/$(basename "$f")" ] && cp "$f" "$LIBORTHO_RESULTS_DIR/" \
-      && echo "read, not rerun: $(basename "$f") from $SEEDS_FROM"
+    [ -f "$f" ] || continue
+    b=$(basename "$f"); n=$((n + 1))
+    if [ -f "$LIBORTHO_RESULTS_DIR/$b" ]; then echo "kept: $b already on this machine"
+    else cp "$f" "$LIBORTHO_RESULTS_DIR/" && echo "read, not rerun: $b from $SEEDS_FROM (its git_commit says which run)"; fi
   done
+  [ "$n" = 0 ] && echo "SEEDS_FROM=$SEEDS_FROM holds no exp1_kill_switch_seed*.json: every seed runs"
 fi
 NGPU=$(nvidia-smi -L 2>/dev/null | wc -l)
 # workers: one per GPU, or WORKERS (e.g. 3 seeds on 2 GPUs: a GPU shared by two seeds' processes, assigned round
@@ -57,6 +62,8 @@ echo "$PART: rc=$rc in $(( $(date +%s) - s )) s on $NGPU GPU(s), ${WORKERS} work
 tr '\r' '\n' < "$OUT/$PART.log" | grep -E "passed|failed|Error|claims|exp1 arms" | grep -v -i warn | tail -8
 # every measurement and lr choice of every call so far, also of seeds a limit cut (one line each)
 tr '\r' '\n' < "$OUT/$PART.log" | grep -oE "libortho: seed .*" >> /tmp/lo/progress-$PART.log  # after a bar too
+# one line each (an arm rebuilt after a cut prints its lr choice again)
+sort -u /tmp/lo/progress-$PART.log -o /tmp/lo/progress-$PART.log
 cp /tmp/lo/progress-$PART.log "$OUT"/ 2>/dev/null && echo "progress lines so far: $(wc -l < "$OUT/progress-$PART.log")"
 cp "$LIBORTHO_RESULTS_DIR"/*.json "$LIBORTHO_RESULTS_DIR"/*.png "$OUT"/ 2>/dev/null
 ls /tmp/lo/cache/exp1/measure 2>/dev/null | wc -l | sed 's/^/measurements cached: /'

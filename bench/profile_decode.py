@@ -279,6 +279,11 @@ def profile_decode(model_name: str = "llama3-8b", device: str | None = None, ste
     try:
         model = build_model(model_name, density, str(dev), dtype)
         bw = copy_bandwidth(dev)
+        table = model.model.embed_tokens.weight
+        if len(embed_gather) > 1 and (table.device == dev or (table.is_cuda and dev.type == "cuda")):
+            print("profile_decode: the embedding table is on the device; --embed-gather has nothing to compare, one "
+                  "run", file=sys.stderr)
+            embed_gather = embed_gather[:1]
         runs = [profile_alpha(model, float(a), steps, batch, dev, dtype, bw, f, fe, fa, sh, g)
                 for f in fuse for fe in fuse_elementwise for fa in fuse_attention
                 for sh in (share if f else (True,)) for g in embed_gather for a in alphas]

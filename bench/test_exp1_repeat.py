@@ -9,13 +9,16 @@ from bench import exp1_repeat
 from libortho.experiments.kill_switch import SMALL, KillSwitch
 
 
+pytestmark = pytest.mark.slow  # about 35 s: three measurements of the tiny model
+
+
 @pytest.fixture(scope="module")
 def seed_json(tmp_path_factory):
     """A seed JSON of the tiny model with one arm (about 10 s a measurement on 2 cores)."""
     size = SMALL["tiny"]
     exp = KillSwitch("tiny", size, seed=0, progress=False, measure_cache=False)
     exp.measure_arm("never_trained")
-    inner = {"arms": exp.results, "size": size.to_dict(), "seed": 0, "canary_format": "plain"}
+    inner = {"arms": exp.results, "size": size.to_dict(), "seed": 0, "canary_format": "plain", "model": exp.name}
     path = tmp_path_factory.mktemp("repeat") / "exp1_kill_switch_seed0.json"
     path.write_text(json.dumps({"exp1_kill_switch": inner}, default=str))
     return path
@@ -39,5 +42,10 @@ def test_repeat_is_identical_and_a_changed_number_is_caught(seed_json, tmp_path)
 def test_repeat_refuses_bad_input(seed_json, tmp_path):
     path = seed_json
     assert exp1_repeat.main([str(path), "--model", "tiny", "--device", "cpu", "--arms", "lora"]) == 2  # not in it
+    d = json.loads(path.read_text())
+    d["exp1_kill_switch"]["model"] = "another model"
+    (tmp_path / "other.json").write_text(json.dumps(d))
+    assert exp1_repeat.main([str(tmp_path / "other.json"), "--model", "tiny", "--device", "cpu",
+                             "--arms", "never_trained"]) == 2  # refused after loading: the names differ
     (tmp_path / "x.json").write_text("{}")
     assert exp1_repeat.main([str(tmp_path / "x.json"), "--device", "cpu"]) == 2

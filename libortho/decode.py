@@ -201,6 +201,7 @@ class StaticDecoder:
         self.layers = list(inner.layers)
         self.embed = inner.embed_tokens.weight
         self.embed_on_device = self.embed.device == self.device or (self.embed.is_cuda and self.device.type == "cuda")
+        self._embed_mode = embed_gather
         self.gather_on_device = self._device_gather(embed_gather)  # rows read from pinned host memory by the GPU
         self.H = cfg.hidden_size
         self.nh, self.nkv = cfg.num_attention_heads, cfg.num_key_value_heads
@@ -379,27 +380,32 @@ class StaticDecoder:
             return self.embed[ids].to(self.device, self.dtype, non_blocking=True)
 
     def _device_gather(self, mode: str) -> bool:
-        """Whether decode steps read their embedding rows from the host table on the GPU (see `embed_gather`)."""
+        """Whether decode steps read their embedding rows from the host table on the GPU (see `embed_gather`).
+        Decided before any capture: a probe of two pinned rows first, then the whole table pinned."""
+        self._gather_table = None
         if self.embed_on_device or mode == "host":
             return False
-        why = None
+        why, w = None, self.embed
+        head = getattr(self.model, "lm_head", None)
         if self.device.type != "cuda":
             why = f"the decoder runs on {self.device.type}, not a CUDA GPU"
         elif td.triton is None:
             why = "Triton is not importable"
+        elif getattr(head, "out_features", 0) > w.shape[0]:  # argmax may name a row the table lacks: no device check
+            why = f"lm_head has {head.out_features} outputs for a table of {w.shape[0]} rows"
         else:
-            w = self.embed
-            if not w.is_pinned():  # in place: the model's own table moves to page-locked memory, no second copy
-                w.data = w.data.pin_memory()
-            ids = torch.tensor([0, w.shape[0] - 1], device=self.device)
-            got = torch.empty(2, w.shape[1], dtype=self.dtype, device=self.device)
             try:
-                td.host_rows_(got, w, ids)
-                if not torch.equal(got.cpu(), w[[0, -1]].to(self.dtype)):
+                rows = w[[0, -1]].to(self.dtype).pin_memory()  # (2, H): can the GPU read pinned memory at all?
+                got = torch.empty(2, w.shape[1], dtype=self.dtype, device=self.device)
+                td.host_rows_(got, rows, torch.tensor([1, 0], device=self.device), strict=True)
+                if not torch.equal(got.cpu(), rows[[1, 0]]):
                     why = "the GPU read rows different from the host's"
-            except Exception as e:  # e.g. a driver that does not map pinned memory into the device's space
-                why = f"the GPU cannot read the pinned table ({type(e).__name__}: {str(e)[:120]})"
+                elif not w.is_pinned():  # in place: the model's own table becomes page-locked (no copy kept)
+                    w.data = w.data.contiguous().pin_memory()
+            except Exception as e:  # a driver that does not map pinned memory, or no page-locked memory left
+                why = f"the GPU cannot read pinned host memory here ({type(e).__name__}: {str(e)[:120]})"
         if why is None:
+            self._gather_table = (w.data_ptr(), w.dtype)
             return True
         if mode == "device":
             raise ValueError(f"embed_gather='device': {why}; use 'host' or 'auto'")
@@ -410,7 +416,7 @@ class StaticDecoder:
     def _step(self):  # one decode token, all on the device: the part that is captured
         with self._r("embedding"):
             if self.gather_on_device:  # the GPU reads the row from the pinned host table: no sync, inside the graph
-                td.host_rows_(self.emb_in.view(self.B, self.H), self.embed, self.tok.view(self.B))
+                td.host_rows_(self.emb_in.view(self.B, self.H), self.embed, self.tok.view(self.B), strict=True)
             x = self.embed[self.tok] if self.embed_on_device else self.emb_in  # (B, 1, H)
         if not self.fuse_attention:  # the fused kernel reads pos itself
             with self._r("attention"):
@@ -537,6 +543,11 @@ class StaticDecoder:
 
     def prepare(self):
         """Read the alpha pattern; capture the decode graph again if it changed. Call before prefill."""
+        # the table the graph reads: a cast of the model (HostEmbedding makes a new tensor, a Parameter's data is
+        # swapped) leaves a captured pointer to freed pinned memory; decide the gather again on the new one
+        self.embed = self.model.model.embed_tokens.weight
+        if self._gather_table is not None and self._gather_table != (self.embed.data_ptr(), self.embed.dtype):
+            self.gather_on_device = self._device_gather(self._embed_mode)
         sig, vals = self._signature()
         self._plan_fused(sig, vals)
         self._set_hints(sig)
@@ -547,7 +558,8 @@ class StaticDecoder:
 
         key = (sig, tuple(None if m.row_alpha is None else m.row_alpha.data_ptr() for m in self.ortho),
                tuple((f.active, f.module.qweight.data_ptr(), f.stamp) for f in self._fused_list()),
-               _prefill["kernel"])  # a batch over 8 requests runs the prefill kernel in its decode step
+               _prefill["kernel"],  # a batch over 8 requests runs the prefill kernel in its decode step
+               self._gather_table)  # the host table the GPU reads rows from (pointer, dtype)
         if self.use_graph and (self.graph is None or key != self.graph_sig):
             pos0 = int(self.pos.item())
             self._capture()

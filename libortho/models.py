@@ -86,7 +86,8 @@ def embedded_dir() -> Path:
     from safetensors.torch import save_file
 
     # transformers refuses to re-save a GGUF-loaded model; the weights are plain fp32, so write them directly.
-    tmp = out.with_name(out.name + ".tmp")
+    # One temporary folder per process: two processes converting at once (pytest -n 2) never write the same files.
+    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
     tmp.mkdir(parents=True, exist_ok=True)
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
     if model.config.tie_word_embeddings:
@@ -96,7 +97,14 @@ def embedded_dir() -> Path:
     cfg.pop("quantization_config", None)
     type(model.config).from_dict(cfg).save_pretrained(tmp)
     tok.save_pretrained(tmp)
-    tmp.rename(out)  # atomic: a half-written cache never looks complete
+    try:
+        tmp.rename(out)  # atomic: a half-written cache never looks complete
+    except OSError:  # a concurrent converter renamed its copy first: keep theirs
+        if not (out / "model.safetensors").is_file():
+            raise
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 

@@ -278,6 +278,33 @@ def test_embed_gather_is_checked_and_needs_a_cuda_decoder(model):
                                  embed_gather=mode).gather_on_device
 
 
+def test_embed_gather_device_mode_says_why_it_cannot(monkeypatch):
+    """The checks before any probe, on any machine: a CPU decoder, no Triton, a head wider than the table (its
+    argmax could name a row the GPU would read past the table). "device" raises with the reason; "auto" falls
+    back, warning on a CUDA decoder only."""
+    from types import SimpleNamespace
+
+    from libortho.kernels import triton_decode as td
+
+    stub = SimpleNamespace(embed_on_device=False, embed=torch.zeros(10, 4), device=torch.device("cpu"),
+                           dtype=torch.float32, model=SimpleNamespace(lm_head=torch.nn.Linear(4, 10)))
+    with pytest.raises(ValueError, match="runs on cpu, not a CUDA GPU"):
+        StaticDecoder._device_gather(stub, "device")
+    assert StaticDecoder._device_gather(stub, "auto") is False
+    assert StaticDecoder._device_gather(stub, "host") is False
+    stub.device = torch.device("cuda")  # never used: each check below refuses before the probe
+    with monkeypatch.context() as mp:
+        mp.setattr(td, "triton", None)
+        with pytest.raises(ValueError, match="Triton is not importable"):
+            StaticDecoder._device_gather(stub, "device")
+        with pytest.warns(UserWarning, match="through the host every token"):
+            assert StaticDecoder._device_gather(stub, "auto") is False
+    if td.triton is not None:
+        stub.model.lm_head = torch.nn.Linear(4, 12)
+        with pytest.raises(ValueError, match="12 outputs for a table of 10 rows"):
+            StaticDecoder._device_gather(stub, "device")
+
+
 @pytest.mark.gpu
 def test_host_table_rows_read_by_the_gpu_decode_as_through_the_host():
     """A host embedding table (the gtx4050 placement): the GPU reading rows from the pinned table decodes the same
@@ -302,5 +329,12 @@ def test_host_table_rows_read_by_the_gpu_decode_as_through_the_host():
         d2h[mode] = sum(1 for e in prof.events() if "DtoH" in e.name or "Device -> Pageable" in e.name)
     assert m.model.embed_tokens.weight.is_pinned()  # pinned in place by the device mode
     assert runs["device"][0] == runs["host"][0] and torch.equal(runs["device"][1], runs["host"][1])
+    # a cast of the model gives the table new (pageable) storage: the decoder pins and reads that one, never the
+    # pointer it captured before (control: the old pointer differs)
+    old = dec._gather_table
+    m.model.embed_tokens.float()  # bf16 -> fp32 holds every value: the same rows
+    assert dec.generate(ids, 8).tolist() == runs["host"][0]
+    w = m.model.embed_tokens.weight
+    assert w.dtype == torch.float32 and w.is_pinned() and dec._gather_table == (w.data_ptr(), w.dtype) != old
     # decode() reads the position once per call (its bounds check); the host path adds one copy per token
     assert d2h["device"] <= 1 and d2h["host"] >= d2h["device"] + 4, d2h

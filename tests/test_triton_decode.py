@@ -154,16 +154,20 @@ def _host_rows_cases(device: str) -> dict:
     """`host_rows_` against the table's own rows ("equal"), the padding of a strided `out` untouched, and the
     control: the rows one index off ("ctl_equal", must be False). On CUDA the table is pinned (what the kernel reads)."""
     out = {}
-    for C in (300, 1500):  # one block of columns and two (BLOCK 512 and 1024)
-        table = torch.randn(97, C, generator=torch.Generator().manual_seed(C)).to(torch.bfloat16)
+    # one block of columns and two (BLOCK 512 and 1024), a bf16 table into bf16 and fp32 rows; an fp32 table cast
+    # down to bf16 by the kernel itself
+    for C, tdt, dts in ((300, torch.bfloat16, (torch.bfloat16, torch.float32)),
+                        (1500, torch.bfloat16, (torch.bfloat16, torch.float32)), (300, torch.float32, (torch.bfloat16,))):
+        table = torch.randn(97, C, generator=torch.Generator().manual_seed(C)).to(tdt)
         table = table.pin_memory() if device == "cuda" else table
         ids = torch.tensor([96, 0, 5, 5])  # the last row, the first, a repeat
-        for dt in (torch.bfloat16, torch.float32):
+        for dt in dts:
             big = torch.zeros(4, C + 8, dtype=dt, device=device)
             td.host_rows_(big[:, :C], table, ids.to(device))  # row stride C + 8
             got = big[:, :C].cpu()
-            out[f"C{C}-{str(dt).removeprefix('torch.')}"] = dict(
-                equal=torch.equal(got, table[ids].to(dt)), pad_untouched=bool((big[:, C:] == 0).all()),
+            out[f"C{C}-{str(tdt).removeprefix('torch.')}-{str(dt).removeprefix('torch.')}"] = dict(
+                equal=torch.equal(got, table[ids].to(dt)), pad_untouched=bool((big[:, C:] == 0).all()), cast=tdt != dt,
+                ulp_close=torch.allclose(got.float(), table[ids].to(dt).float(), rtol=2 ** -7, atol=0),
                 ctl_equal=torch.equal(got, table[(ids + 1) % 97].to(dt)))
     return out
 
@@ -223,26 +227,31 @@ def test_decoder_with_fused_elementwise_kernels_generates_as_without(interp):
         assert r["rel"] < 1e-5, (k, r["rel"])
 
 
-def _check_host_rows(cases: dict):
-    assert len(cases) == 4
+def _check_host_rows(cases: dict, exact_casts: bool = True):
+    """Rows equal bit for bit; a row the kernel casts down (fp32 -> bf16) within an ulp where `exact_casts` is off
+    (Triton's interpreter rounds that cast toward zero, the GPU and torch to nearest)."""
+    assert len(cases) == 5
     for k, c in cases.items():
-        assert c["equal"] and c["pad_untouched"], (k, c)
+        assert (c["equal"] or (c["cast"] and not exact_casts and c["ulp_close"])) and c["pad_untouched"], (k, c)
         assert not c["ctl_equal"], k  # the check can fail: a gather one row off is told apart
 
 
 @needs_triton
 def test_host_rows_gathers_the_exact_rows_under_the_interpreter(interp):
-    _check_host_rows(interp["host_rows"])
+    _check_host_rows(interp["host_rows"], exact_casts=False)
 
 
 def test_host_rows_checks_shapes_and_its_twin_gathers():
     table, ids = torch.arange(12.0).view(4, 3), torch.tensor([3, 1])
     out = torch.empty(2, 3)
     assert torch.equal(td.host_rows_ref_(out, table, ids), table[ids])
-    for bad_out, bad_ids in ((torch.empty(2, 4), ids), (out, ids[None]), (torch.empty(3, 3), ids)):
+    for bad_out, bad_ids in ((torch.empty(2, 4), ids), (out, ids[None]), (torch.empty(3, 3), ids), (out, ids * 1.0)):
         with pytest.raises(ValueError, match="host_rows_"):
             td.host_rows_(bad_out, table, bad_ids)
     assert torch.equal(td.host_rows_(out, table, ids), table[ids])  # the control: good shapes pass
+    if not td._interpret():  # strict: where the kernel cannot run, say why instead of the twin's host copy
+        with pytest.raises(ValueError, match="cannot gather these rows itself: out is torch.float32 on cpu"):
+            td.host_rows_(out, table, ids, strict=True)
 
 
 # -- the twins inside the decoder (CPU, no Triton needed: what CI without Triton runs) ------------------------
@@ -346,12 +355,18 @@ def test_kernels_match_their_twins_on_cuda():
 
 @pytest.mark.gpu
 @needs_triton
-def test_host_rows_on_cuda_read_the_pinned_table():
-    """The GPU reads pinned host memory through the mapped pointer; a pageable table takes the twin (same rows)."""
-    _check_host_rows(_host_rows_cases("cuda"))
+def test_host_rows_on_cuda_read_the_pinned_table(monkeypatch):
+    """The GPU reads pinned host memory through the mapped pointer (the twin made to raise: the kernel ran); a
+    pageable table takes the twin (same rows), or with strict=True is refused."""
+    with monkeypatch.context() as mp:
+        mp.setattr(td, "host_rows_ref_", lambda *a: (_ for _ in ()).throw(AssertionError("the twin ran")))
+        _check_host_rows(_host_rows_cases("cuda"))
     table = torch.randn(10, 64).to(torch.bfloat16)  # pageable: the kernel cannot read it, the twin runs
     out = torch.empty(2, 64, dtype=torch.bfloat16, device="cuda")
-    assert torch.equal(td.host_rows_(out, table, torch.tensor([9, 2], device="cuda")).cpu(), table[[9, 2]])
+    ids = torch.tensor([9, 2], device="cuda")
+    assert torch.equal(td.host_rows_(out, table, ids).cpu(), table[[9, 2]])
+    with pytest.raises(ValueError, match="table pinned: False"):
+        td.host_rows_(out, table, ids, strict=True)
 
 
 @pytest.mark.gpu

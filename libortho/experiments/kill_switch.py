@@ -427,7 +427,7 @@ class KillSwitch:
                 if len(configs) == 1:
                     raise
                 losses[repr(cfg.lr)] = "diverged"
-                print(f"libortho: {arm} at lr {cfg.lr:g} diverged ({str(e)[:100]}); trying the other lrs",
+                print(f"libortho: seed {self.seed} {arm} at lr {cfg.lr:g} diverged ({str(e)[:100]}); trying the other lrs",
                       file=sys.stderr)
                 continue
             loss = tail_loss(hist["loss"])

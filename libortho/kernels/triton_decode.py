@@ -175,15 +175,26 @@ def rope_kv_(q, k, v, cos, sin_signed, pos, k_cache, v_cache):
     return qr
 
 
-def host_rows_(out: torch.Tensor, table: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    """out[b] = table[ids[b]] read by the GPU from pinned host memory (its twin where it does not apply: `out` off
-    CUDA, or `table` pageable). Row indices are not bounds-checked on the device (a check would need the sync
-    this kernel exists to avoid): they must be < len(table), as a decoder's argmax over the vocabulary is."""
+def host_rows_(out: torch.Tensor, table: torch.Tensor, ids: torch.Tensor, strict: bool = False) -> torch.Tensor:
+    """out[b] = table[ids[b]] read by the GPU from pinned host memory (its twin where the kernel does not apply:
+    `out` off CUDA, `table` pageable or strided; with `strict`, a ValueError saying why instead of the twin, whose
+    copy to the host would sync, and fail inside a CUDA graph capture). Row indices are not bounds-checked on the
+    device (a check would need the sync this kernel exists to avoid): they must be < len(table)."""
     if out.dim() != 2 or table.dim() != 2 or ids.dim() != 1 or out.shape != (ids.shape[0], table.shape[1]):
         raise ValueError(f"host_rows_: need out (B, C), table (V, C), ids (B,); got {tuple(out.shape)}, "
                          f"{tuple(table.shape)}, {tuple(ids.shape)}")
-    if not (applies(out) and (_interpret() or (table.is_pinned() and ids.is_cuda))) or out.stride(-1) != 1 \
-            or not table.is_contiguous():
+    if ids.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"host_rows_: ids must be int32 or int64, got {ids.dtype}")
+    why = None
+    if not applies(out):
+        why = f"out is {out.dtype} on {out.device} (the kernel writes fp32/fp16/bf16 on CUDA)"
+    elif not _interpret() and not (ids.device == out.device and table.is_pinned()):
+        why = f"ids on {ids.device} for out on {out.device}, table pinned: {table.is_pinned()}"
+    elif out.stride(-1) != 1 or not table.is_contiguous():
+        why = "out's rows or the table are not dense"
+    if why is not None:
+        if strict:
+            raise ValueError(f"host_rows_: the GPU cannot gather these rows itself: {why}")
         return host_rows_ref_(out, table, ids)
     C = table.shape[1]
     BLOCK = min(1024, triton.next_power_of_2(C))
