@@ -161,3 +161,38 @@ def test_truncated_embedded_cache_is_detected(tmp_path):
     assert not _readable_safetensors(f)
     f.write_bytes(b"\x00" * 4)
     assert not _readable_safetensors(f)
+
+
+def test_two_converters_at_once_keep_one_whole_copy(tmp_path, monkeypatch):
+    """embedded_dir in two processes at once (pytest -n 2 on a cold cache): this one converts in a folder of its
+    own, and when the other renames its whole copy in first, that copy is kept. The control: a competitor's copy
+    without weights is an error, never taken for a cache."""
+    import os
+    from pathlib import Path
+
+    import transformers
+
+    monkeypatch.setenv("LIBORTHO_CACHE", str(tmp_path))
+    out = tmp_path / "smollm2-135m-instruct"
+    weights = {"theirs": b"their weights"}
+
+    class Tok:  # the GGUF tokenizer; its save is the last write, where the other process wins the race
+        def save_pretrained(self, d):
+            assert Path(d).name == f"{out.name}.tmp{os.getpid()}"  # fails on a folder shared between processes
+            out.mkdir()
+            (out / "config.json").write_text("{}")
+            if weights["theirs"]:
+                (out / "model.safetensors").write_bytes(weights["theirs"])
+
+    monkeypatch.setattr(models, "embedded_gguf", lambda: tmp_path / "model.gguf")
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", lambda *a, **k: Tok())
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", lambda *a, **k: tiny_llama())
+    assert embedded_dir() == out
+    assert (out / "model.safetensors").read_bytes() == b"their weights"  # theirs kept, not overwritten
+    assert sorted(p.name for p in tmp_path.iterdir()) == [out.name]  # this process's folder removed
+    import shutil
+
+    shutil.rmtree(out)
+    weights["theirs"] = None  # control: the folder in the way holds no weights
+    with pytest.raises(OSError):
+        embedded_dir()
