@@ -47,7 +47,9 @@ WORKERS=${WORKERS:-$NGPU}
 XDIST=""; [ "$WORKERS" -gt 1 ] && python3 -c "import xdist" 2>/dev/null && XDIST="-n $WORKERS"
 [ "$WORKERS" -gt 1 ] && [ -z "$XDIST" ] && echo "pytest-xdist is not importable: the seeds run one after another"
 case "$PART" in
-  exp1) TESTS="bench/test_kill_switch.py" ;;
+  # each seed's arm groups in PROCS processes (run(procs=...): one trains fine_tuned and its arms, one LoRA and the
+  # public controls, the seed's own process the candidate), through the shared measurement cache
+  exp1) TESTS="bench/test_kill_switch.py"; export LIBORTHO_EXP1_PROCS=${PROCS:-3} ;;
   secrets) TESTS="bench/test_secrets_study.py" ;;
   utility) TESTS="bench/test_utility.py" ;;
   *) echo "unknown part $PART: exp1, secrets or utility"; exit 2 ;;

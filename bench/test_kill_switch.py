@@ -22,6 +22,7 @@ from __future__ import annotations
 import fcntl
 import json
 import math
+import os
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -317,6 +318,14 @@ def _locked(path: Path):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
+def _procs() -> int:
+    """Processes per seed (`run(procs=...)`): LIBORTHO_EXP1_PROCS, default 1 (bench/gpu_sweep.sh sets 3)."""
+    v = os.environ.get("LIBORTHO_EXP1_PROCS", "1")
+    if not v.isdigit() or int(v) < 1:
+        raise ValueError(f"LIBORTHO_EXP1_PROCS must be a positive integer, got {v!r}")
+    return int(v)
+
+
 def _seed_section(seed: int) -> dict:
     """Experiment 1 at FULL size for one seed, every arm and every candidate's decisive |R|; written to
     results/exp1_kill_switch_seed<seed>.json once (a later call, or another worker, reads it)."""
@@ -329,7 +338,7 @@ def _seed_section(seed: int) -> dict:
         device = "cuda" if torch.cuda.is_available() else "cpu"
         ctx = RunContext(model=SMOL, output_dir=RESULTS, seed=seed, device=device, progress=True, size="full",
                          run_id=f"exp1_seed{seed}")
-        inner = run(ctx, size=FULL, candidate="ortho_tuned", thresholds=TABLE)
+        inner = run(ctx, size=FULL, candidate="ortho_tuned", thresholds=TABLE, procs=_procs())
         write_json(path, {"exp1_kill_switch": inner})
         return inner
 
@@ -374,3 +383,32 @@ def test_full_size_claims(candidate):
             assert summarize_claims(by_arm[arm])["passed"], _show(arm, by_arm[arm])
     for arm in MUST_FAIL:  # fails if the suite could not tell a negative control from a switch
         assert not summarize_claims(by_arm[arm])["passed"], _show(arm, by_arm[arm])
+
+
+def test_helper_processes_give_the_numbers_of_one_process(tmp_path, monkeypatch, capfd):
+    """run(procs=3): the arm groups measured in helper processes through the measurement cache give the JSON of one
+    process, number for number. The helper's own line shows it did the work: without it a failed helper would leave
+    its arms to the parent and the comparison would hold trivially."""
+    from dataclasses import replace
+
+    from libortho.experiments import RunContext
+    from libortho.models import embedded_dir
+
+    tokenizer = embedded_dir()  # the tiny model's tokenizer, converted once into the suite's cache and shared
+    # fine_tuned the candidate (its control never_trained): the parent trains it, a helper measures the public arms
+    tiny = SMALL["tiny"]  # 5 training steps: the comparison needs trained weights, not memorized canaries
+    size = replace(tiny, relearn=None, finetune=replace(tiny.finetune, max_steps=5),
+                   arms=("never_trained", "int4_of_public", "nf4_of_public", "fine_tuned"))
+    out = {}
+    for procs in (1, 3):
+        cache = tmp_path / f"cache{procs}"  # no trained weights and no measurement shared between the two
+        cache.mkdir()
+        (cache / tokenizer.name).symlink_to(tokenizer)
+        monkeypatch.setenv("LIBORTHO_CACHE", str(cache))
+        ctx = RunContext(model="tiny", output_dir=tmp_path / f"out{procs}", seed=0, device="cpu", progress=False)
+        out[procs] = run(ctx, size=size, candidate="fine_tuned", procs=procs)
+    err = capfd.readouterr().err
+    assert "measured int4_of_public, nf4_of_public" in err and "exited with" not in err, err[-2000:]
+    assert out[3]["arms"] == out[1]["arms"] and out[3]["claims"] == out[1]["claims"]
+    with pytest.raises(ValueError, match="procs must be a positive int"):
+        run(RunContext(model="tiny", device="cpu"), size=size, procs=0)

@@ -978,15 +978,65 @@ def plot(inner: dict, path: Path) -> Path:
     return save_figure(fig, path, dpi=110)
 
 
+# Arms that share trained weights (or none): what one helper process of `run(procs > 1)` measures, so no two
+# processes ever train the same model. The candidate's group stays in the parent with the candidate's claims.
+ARM_GROUPS = (("fine_tuned", "int4_of_fine_tuned", "nf4_of_fine_tuned", "posthoc_hessian", "posthoc_magnitude",
+               "posthoc_random", "delta"), ("lora",), ("ortho_tuned",), ("never_trained", "int4_of_public",
+                                                                         "nf4_of_public"))
+
+
+def _measure_in_helper() -> None:
+    """A helper process of `run(procs > 1)`: reads (model, size, seed, fmt, text, device, bits, precision, arms)
+    pickled on stdin and measures those arms into the measurement cache, where the parent reads them back."""
+    import pickle
+
+    model, size, seed, fmt, text, device, bits, precision, arms = pickle.loads(sys.stdin.buffer.read())
+    if str(device).startswith("cuda"):  # as `run` sets them: the same cache keys, the same numbers
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.set_float32_matmul_precision(precision)
+    exp = KillSwitch(model, size, seed, fmt, text, device, progress=False, bits=bits)
+    for arm in arms:
+        exp.measure_arm(arm)
+    print(f"libortho: seed {seed}: helper process {os.getpid()} measured {', '.join(arms)}", file=sys.stderr)
+
+
+def _start_helpers(ctx: RunContext, size: Size, arms: tuple[str, ...], candidate: str, procs: int) -> list:
+    """Start up to procs - 1 helper processes over the groups of `arms` that hold neither the candidate nor its
+    control (the parent measures those, and the candidate's claims, meanwhile). Returns the Popen objects."""
+    import pickle
+    import subprocess
+
+    mine = {candidate, CONTROL_OF[candidate], *next(g for g in ARM_GROUPS if candidate in g)}
+    groups = [g for g in (tuple(a for a in grp if a in arms and a not in mine) for grp in ARM_GROUPS) if g]
+    buckets = [[] for _ in range(min(procs - 1, len(groups)))]
+    for i, g in enumerate(groups):  # largest group first (ARM_GROUPS order), round robin
+        buckets[i % len(buckets)].extend(g)
+    code = "from libortho.experiments.kill_switch import _measure_in_helper; _measure_in_helper()"
+    out = []
+    for b in buckets:
+        p = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE)
+        p.stdin.write(pickle.dumps((ctx.model, size, ctx.seed, ctx.canary_format, ctx.text, ctx.device,
+                                    ctx.load_bits, size.matmul_precision, tuple(b))))
+        p.stdin.close()
+        out.append((p, tuple(b)))
+    return out
+
+
 def run(ctx: RunContext, size: Size | None = None, arms: tuple[str, ...] | None = None,
-        candidate: str | None = None, thresholds: dict | None = None) -> dict:
+        candidate: str | None = None, thresholds: dict | None = None, procs: int = 1) -> dict:
     """Build and measure the arms of the size (plus what the candidate's claims need); decide the claims of
     `candidate` (default `ctx.extra["candidate"]`, else ortho_tuned) against `thresholds` (a table like
     `THRESHOLDS`, its default); write the plot; return the JSON section. `run --experiment 1` goes through
-    `kill_switch_stream.run`, which sends a checkpoint that only fits streamed to `run_checkpoint` instead."""
+    `kill_switch_stream.run`, which sends a checkpoint that only fits streamed to `run_checkpoint` instead.
+
+    `procs` > 1 measures the arm groups (`ARM_GROUPS`) in that many processes at once, through the measurement
+    cache (the same numbers as one process: every measurement is keyed by weights, size, seed and code); a helper
+    that fails leaves its arms to this process. Each process holds its own models: for a GPU with room for them."""
     candidate = candidate or ctx.extra.get("candidate") or "ortho_tuned"
     if candidate not in CANDIDATES:
         raise ValueError(f"--candidate {candidate}: not a candidate arm; choose from {', '.join(CANDIDATES)}")
+    if not (isinstance(procs, int) and procs >= 1):
+        raise ValueError(f"procs must be a positive int, got {procs!r}")
     size = size or (FULL if ctx.full_size else SMALL.get(ctx.model, SMALL["smollm2-135m"]))
     if ctx.num_canaries:
         n = ctx.num_canaries
@@ -997,10 +1047,18 @@ def run(ctx: RunContext, size: Size | None = None, arms: tuple[str, ...] | None 
         torch.set_float32_matmul_precision(size.matmul_precision)
     try:
         exp = KillSwitch(ctx.model, size, ctx.seed, ctx.canary_format, ctx.text, ctx.device, ctx.progress,
-                         ctx.load_bits)
+                         ctx.load_bits)  # first: a derived public model is cached before any helper loads it
+        helpers = _start_helpers(ctx, size, tuple(arms or size.arms), candidate, procs) if procs > 1 else []
         exp.measure_candidate(candidate)
-        for arm in tqdm(arms or size.arms, desc="exp1 arms", disable=not ctx.progress):
+        busy = {a for _, b in helpers for a in b}
+        for arm in [a for a in (arms or size.arms) if a not in busy]:  # this process's share, while they run
             exp.measure_arm(arm)
+        for p, b in helpers:
+            if p.wait() != 0:
+                print(f"libortho: seed {ctx.seed}: the helper process measuring {', '.join(b)} exited with "
+                      f"{p.returncode}; measuring them here", file=sys.stderr)
+        for arm in tqdm(arms or size.arms, desc="exp1 arms", disable=not ctx.progress):
+            exp.measure_arm(arm)  # the helpers' arms read back from the cache (or measured here if one failed)
         inner = exp.report(candidate, thresholds_for(size.name, thresholds))
     finally:  # the process's other work (benchmarks after a run in one pytest session) keeps its precision
         torch.set_float32_matmul_precision(precision)
