@@ -986,11 +986,12 @@ ARM_GROUPS = (("fine_tuned", "int4_of_fine_tuned", "nf4_of_fine_tuned", "posthoc
 
 
 def _measure_in_helper() -> None:
-    """A helper process of `run(procs > 1)`: reads (model, size, seed, fmt, text, device, bits, precision, arms)
-    pickled on stdin and measures those arms into the measurement cache, where the parent reads them back."""
+    """A helper process of `run(procs > 1)`: reads (model, size, seed, fmt, text, device, bits, precision, arms,
+    threads) pickled on stdin and measures those arms into the measurement cache, where the parent reads them back."""
     import pickle
 
-    model, size, seed, fmt, text, device, bits, precision, arms = pickle.loads(sys.stdin.buffer.read())
+    model, size, seed, fmt, text, device, bits, precision, arms, threads = pickle.loads(sys.stdin.buffer.read())
+    torch.set_num_threads(threads)  # a share of the parent's: not one thread per core in every helper
     if str(device).startswith("cuda"):  # as `run` sets them: the same cache keys, the same numbers
         torch.use_deterministic_algorithms(True, warn_only=True)
         torch.set_float32_matmul_precision(precision)
@@ -1016,7 +1017,8 @@ def _start_helpers(ctx: RunContext, size: Size, arms: tuple[str, ...], candidate
     for b in buckets:
         p = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE)
         p.stdin.write(pickle.dumps((ctx.model, size, ctx.seed, ctx.canary_format, ctx.text, ctx.device,
-                                    ctx.load_bits, size.matmul_precision, tuple(b))))
+                                    ctx.load_bits, size.matmul_precision, tuple(b),
+                                    max(1, torch.get_num_threads() // procs))))
         p.stdin.close()
         out.append((p, tuple(b)))
     return out
