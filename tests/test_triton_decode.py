@@ -9,15 +9,13 @@ the cache written one position late, attention reading one position too few or t
 import functools
 import importlib.util
 import itertools
-import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
 from libortho.kernels import triton_decode as td
+from tests.interpreted import run_interpreted
 
 needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None,
                                   reason="Triton is not installed (pip install triton runs its interpreter on CPU)")
@@ -186,18 +184,7 @@ def _interpreted() -> dict:
 @pytest.fixture(scope="module")
 def interp() -> dict:
     """The numbers `_interpreted` reports, from one TRITON_INTERPRET=1 process (about 15 s)."""
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    code = ("import json, torch, tests.test_triton_decode as t; torch.set_num_threads(1); "
-            "print('CASES' + json.dumps(t._interpreted()))")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    run = subprocess.run([sys.executable, "-c", code], env=env, cwd=root, capture_output=True, text=True,
-                         timeout=600)
-    if run.returncode and "only 0-dimensional arrays can be converted" in run.stderr:
-        import triton  # an interpreter limit, not a kernel bug: the compiled kernels are checked on a GPU
-        pytest.skip(f"Triton {triton.__version__}'s interpreter cannot bound a loop by a loaded value (attention's "
-                    "positions 0..pos; fixed in later Triton); the compiled kernels run in the gpu tests")
-    assert run.returncode == 0, run.stderr[-3000:]
-    return json.loads(next(s for s in run.stdout.splitlines() if s.startswith("CASES"))[5:])
+    return run_interpreted("tests.test_triton_decode:t._interpreted()", "attention's positions 0..pos")
 
 
 def _check(cases: dict, bf16_tol: float = TOL["bfloat16"]):

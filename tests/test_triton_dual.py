@@ -5,13 +5,11 @@ report numbers that the tests below check. Skipped with a reason where Triton is
 on a GPU, compiled, are in tests/test_kernels.py.
 """
 import importlib.util
-import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
+
+from tests.interpreted import run_interpreted
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None,
                                 reason="Triton is not installed (pip install triton runs its interpreter on CPU)")
@@ -122,14 +120,7 @@ def _tensor_core_cases() -> dict:
 @pytest.fixture(scope="module")
 def cases() -> dict:
     """The numbers `_cases` reports, from one interpreter process (about 15 s)."""
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    code = "import json, tests.test_triton_dual as t; print('CASES' + json.dumps(t._cases()))"
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    run = subprocess.run([sys.executable, "-c", code], env=env, cwd=root, capture_output=True, text=True,
-                         timeout=600)
-    assert run.returncode == 0, run.stderr[-3000:]
-    line = next(s for s in run.stdout.splitlines() if s.startswith("CASES"))
-    return json.loads(line[5:])
+    return run_interpreted("tests.test_triton_dual:t._cases()", "the CSR row range of each output row")
 
 
 def test_every_tile_kind_applies_each_rows_own_alpha(cases):
