@@ -56,12 +56,14 @@ case "$PART" in
 esac
 s=$(date +%s)
 # shellcheck disable=SC2086
-timeout "$LIMIT" python3 -m pytest $TESTS -m real -x -s -p no:randomly -p no:cacheprovider $XDIST \
+# SIGINT at the limit (KILL 30 s later): pytest stops as on Ctrl-C and still prints which tests failed and why
+# (-rfE); a plain kill left two sessions' logs with an unexplained "F" at the start of the first call
+timeout -s INT -k 30 "$LIMIT" python3 -m pytest $TESTS -m real -x -s -rfE -p no:randomly -p no:cacheprovider $XDIST \
   > "$OUT/$PART.log" 2>&1
 rc=$?
 echo "$PART: rc=$rc in $(( $(date +%s) - s )) s on $NGPU GPU(s), ${WORKERS} worker(s)$([ $rc = 0 ] && echo ', done')"
 [ $rc = 124 ] && echo "$PART: cut by the time limit; run the same command again (the cache keeps what finished)"
-tr '\r' '\n' < "$OUT/$PART.log" | grep -E "passed|failed|Error|claims|exp1 arms" | grep -v -i warn | tail -8
+tr '\r' '\n' < "$OUT/$PART.log" | grep -E "passed|failed|Error|claims|exp1 arms|^FAILED|^ERROR" | grep -v -i warn | tail -12
 # every measurement and lr choice of every call so far, also of seeds a limit cut (one line each)
 tr '\r' '\n' < "$OUT/$PART.log" | grep -oE "libortho: seed .*" >> /tmp/lo/progress-$PART.log  # after a bar too
 # one line each (an arm rebuilt after a cut prints its lr choice again)
