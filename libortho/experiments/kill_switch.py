@@ -1051,10 +1051,15 @@ def run(ctx: RunContext, size: Size | None = None, arms: tuple[str, ...] | None 
         exp = KillSwitch(ctx.model, size, ctx.seed, ctx.canary_format, ctx.text, ctx.device, ctx.progress,
                          ctx.load_bits)  # first: a derived public model is cached before any helper loads it
         helpers = _start_helpers(ctx, size, tuple(arms or size.arms), candidate, procs) if procs > 1 else []
-        exp.measure_candidate(candidate)
-        busy = {a for _, b in helpers for a in b}
-        for arm in [a for a in (arms or size.arms) if a not in busy]:  # this process's share, while they run
-            exp.measure_arm(arm)
+        try:
+            exp.measure_candidate(candidate)
+            busy = {a for _, b in helpers for a in b}
+            for arm in [a for a in (arms or size.arms) if a not in busy]:  # this process's share, while they run
+                exp.measure_arm(arm)
+        except BaseException:  # no helper outlives a failed or interrupted run (it would write a cache nobody reads)
+            for p, _ in helpers:
+                p.terminate()
+            raise
         for p, b in helpers:
             if p.wait() != 0:
                 print(f"libortho: seed {ctx.seed}: the helper process measuring {', '.join(b)} exited with "
