@@ -8,9 +8,7 @@ TORCH_SPEC ?= torch==2.13.0
 TEXT_PKGS := jargon-text fortunes dict-devil
 TEXT_FILE := /usr/share/doc/jargon-text/jargon.txt.gz
 OUT ?= out
-# two workers, one torch thread each; the modules that train SmolLM2 on the derived public model stay on one worker
-# in order (conftest.py CHAIN: it derives the model once, the others read it), everything else on the other
-PYTEST_ARGS ?= -m "not real" -n 2 --dist loadgroup
+PYTEST_ARGS ?= -m "not real"
 
 .PHONY: run test setup texts clean
 

@@ -23,21 +23,9 @@ def pytest_addoption(parser):
                           "int4_of_fine_tuned, nf4_of_fine_tuned, posthoc_*: claims fail)")
 
 
-# `make test` runs two xdist workers (--dist loadgroup): these modules derive the off-grid public model (about 90 s)
-# and train SmolLM2 arms on it, so they run on one worker, in this order, and the model is derived once
-CHAIN = ("tests/test_public_model.py", "bench/test_kill_switch.py", "bench/test_secrets_study.py",
-         "bench/test_null_test.py", "bench/test_utility.py")
-
-
 def pytest_configure(config):
     for name, p in gpu_profiles().items():
         config.addinivalue_line("markers", f"{name}: GPU profile, {p['vram_gib']:g} GiB budget -- {p['description']}")
-    worker = getattr(config, "workerinput", None)
-    if worker is not None:  # an xdist worker: its share of the cores, not a torch thread per core in every worker
-        import os
-
-        share = max(1, (os.cpu_count() or 1) // max(1, int(worker.get("workercount", 1))))
-        torch.set_num_threads(min(torch.get_num_threads(), share))
 
 
 def _marked_profiles(item, profiles) -> list[str]:
@@ -47,12 +35,6 @@ def _marked_profiles(item, profiles) -> list[str]:
 def pytest_collection_modifyitems(config, items):
     """GPU tests are collected and skipped (never deselected) on machines that cannot run them, so
     `pytest -m gtx4050 bench/` on a CPU reports each skip with its reason and exits 0."""
-    for item in items:
-        path = item.nodeid.split("::")[0]
-        if path in CHAIN:
-            item.add_marker(pytest.mark.xdist_group("smollm2-chain"))
-    items.sort(key=lambda it: CHAIN.index(it.nodeid.split("::")[0]) if it.nodeid.split("::")[0] in CHAIN
-               else len(CHAIN))  # the chain first (a stable sort keeps every module's own order)
     profiles = gpu_profiles()
     cuda = torch.cuda.is_available()
     total = torch.cuda.get_device_properties(0).total_memory / 2**30 if cuda else 0.0

@@ -36,7 +36,14 @@ def pytest_configure(config):
     gpus = [g for g in os.environ.get("LIBORTHO_XDIST_GPUS", "").split(",") if g]
     if gpus:  # one GPU per worker, round robin
         os.environ["CUDA_VISIBLE_DEVICES"] = gpus[int(worker["workerid"].removeprefix("gw")) % len(gpus)]
-    # (each worker's share of torch threads: the root conftest.py, for every xdist run)
+    # each worker's share of the cores: torch would start one thread per core in every worker, and the workers'
+    # CPU work (fits, statistics, tokenizing) would then fight over them. A suspect, not a measured cause: on
+    # 2026-11-30 (3 workers, a 32-core host, 2 GPUs) the same |R| 10,000 scoring took 63 s in seed 0's process
+    # and 112-125 s in the two others'; the next sweep's progress lines show whether this changes it
+    import torch
+
+    share = max(1, (os.cpu_count() or 1) // max(1, int(worker.get("workercount", 1))))
+    torch.set_num_threads(min(torch.get_num_threads(), share))
 
 
 @pytest.fixture(scope="session")
