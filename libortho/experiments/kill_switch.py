@@ -1003,7 +1003,7 @@ def _measure_in_helper() -> None:
 
 def _start_helpers(ctx: RunContext, size: Size, arms: tuple[str, ...], candidate: str, procs: int) -> list:
     """Start up to procs - 1 helper processes over the groups of `arms` that hold neither the candidate nor its
-    control (the parent measures those, and the candidate's claims, meanwhile). Returns the Popen objects."""
+    control (the parent measures those, and the candidate's claims, meanwhile). Returns [(Popen, its arms)]."""
     import pickle
     import subprocess
 
