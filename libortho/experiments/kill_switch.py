@@ -1051,10 +1051,11 @@ def run(ctx: RunContext, size: Size | None = None, arms: tuple[str, ...] | None 
         exp = KillSwitch(ctx.model, size, ctx.seed, ctx.canary_format, ctx.text, ctx.device, ctx.progress,
                          ctx.load_bits)  # first: a derived public model is cached before any helper loads it
         helpers = _start_helpers(ctx, size, tuple(arms or size.arms), candidate, procs) if procs > 1 else []
+        busy = [a for _, b in helpers for a in b]
         try:
             exp.measure_candidate(candidate)
-            busy = {a for _, b in helpers for a in b}
-            for arm in [a for a in (arms or size.arms) if a not in busy]:  # this process's share, while they run
+            mine = [a for a in (arms or size.arms) if a not in busy]  # this process's share, while the helpers run
+            for arm in tqdm(mine, desc="exp1 arms", disable=not ctx.progress):
                 exp.measure_arm(arm)
         except BaseException:  # no helper outlives a failed or interrupted run (it would write a cache nobody reads)
             for p, _ in helpers:
@@ -1064,8 +1065,8 @@ def run(ctx: RunContext, size: Size | None = None, arms: tuple[str, ...] | None 
             if p.wait() != 0:
                 print(f"libortho: seed {ctx.seed}: the helper process measuring {', '.join(b)} exited with "
                       f"{p.returncode}; measuring them here", file=sys.stderr)
-        for arm in tqdm(arms or size.arms, desc="exp1 arms", disable=not ctx.progress):
-            exp.measure_arm(arm)  # the helpers' arms read back from the cache (or measured here if one failed)
+        for arm in busy:
+            exp.measure_arm(arm)  # read back from the cache (or measured here if its helper failed)
         inner = exp.report(candidate, thresholds_for(size.name, thresholds))
     finally:  # the process's other work (benchmarks after a run in one pytest session) keeps its precision
         torch.set_float32_matmul_precision(precision)
