@@ -36,7 +36,7 @@ from collections import defaultdict
 
 import torch
 
-from libortho.decode import RANGES, StaticDecoder, weight_bytes_per_token
+from libortho.decode import RANGES, StaticDecoder, table_on_device, weight_bytes_per_token
 
 PROMPT = 16
 WARMUP = 4
@@ -279,8 +279,7 @@ def profile_decode(model_name: str = "llama3-8b", device: str | None = None, ste
     try:
         model = build_model(model_name, density, str(dev), dtype)
         bw = copy_bandwidth(dev)
-        table = model.model.embed_tokens.weight
-        if len(embed_gather) > 1 and (table.device == dev or (table.is_cuda and dev.type == "cuda")):
+        if len(embed_gather) > 1 and table_on_device(model.model.embed_tokens.weight, dev):
             print("profile_decode: the embedding table is on the device; --embed-gather has nothing to compare, one "
                   "run", file=sys.stderr)
             embed_gather = embed_gather[:1]

@@ -153,6 +153,13 @@ def apply_rope(x, cos, sin_signed):
     return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, -1), sin_signed)
 
 
+def table_on_device(table: torch.Tensor, device) -> bool:
+    """Whether a decoder on `device` reads embedding rows from `table` where it is (any GPU index counts for a CUDA
+    decoder), rather than through the host (a HostEmbedding)."""
+    device = torch.device(device)
+    return table.device == device or (table.is_cuda and device.type == "cuda")
+
+
 class StaticDecoder:
     """Greedy generation of `batch` requests over a static KV cache of `max_seq` positions.
 
@@ -200,7 +207,7 @@ class StaticDecoder:
         inner = model.model
         self.layers = list(inner.layers)
         self.embed = inner.embed_tokens.weight
-        self.embed_on_device = self.embed.device == self.device or (self.embed.is_cuda and self.device.type == "cuda")
+        self.embed_on_device = table_on_device(self.embed, self.device)
         self._embed_mode = embed_gather
         self.gather_on_device = self._device_gather(embed_gather)  # rows read from pinned host memory by the GPU
         self.H = cfg.hidden_size
