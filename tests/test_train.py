@@ -231,3 +231,70 @@ def test_gradient_checkpointing_trains_the_same_stream(tiny_model, data):
         outs.append(torch.cat([x.ortho_values for x in ortho_modules(m).values()]))
     assert outs[0].abs().sum() > 0
     torch.testing.assert_close(outs[0], outs[1])
+
+
+GPU = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none found): determinism of GPU "
+                         "kernels; on a CPU every kernel already sums in one order")
+
+
+@GPU
+def test_memory_efficient_attention_backward_repeats_only_under_deterministic():
+    """The premise of `train.deterministic`: attention's memory-efficient backward sums in a varying order under
+    warn_only=True (what Exp 1 ran with), and in one order inside `deterministic()`. If the first half ever fails,
+    torch made that kernel deterministic by default and the guard is no longer what makes training repeat."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from libortho.train import deterministic
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v, dy = (torch.randn(2, 9, 1024, 64, device="cuda", generator=g) for _ in range(4))  # (B, H, T, D) fp32
+
+    def grads(n: int) -> set:
+        out = set()
+        for _ in range(n):
+            qq = q.clone().requires_grad_(True)
+            with sdpa_kernel(SDPBackend.EFFICIENT_ATTENTION):
+                torch.nn.functional.scaled_dot_product_attention(qq, k, v, is_causal=True).backward(dy)
+            out.add(hash(qq.grad.cpu().numpy().tobytes()))
+        return out
+
+    before = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        import warnings
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            assert len(grads(20)) > 1, "warn_only=True gave 20 identical gradients: the atomics are gone"
+        with deterministic():
+            assert len(grads(20)) == 1
+    finally:
+        torch.use_deterministic_algorithms(before[0], warn_only=before[1])
+    assert torch.are_deterministic_algorithms_enabled() == before[0]  # restored on exit
+
+
+@GPU
+def test_training_on_a_gpu_repeats_bit_for_bit(tokenizer):
+    """Same seed, same weights on a GPU, for each trainer Exp 1 uses (the stream with its saliency mask, full
+    fine-tuning, LoRA), with sequences long enough for attention's backward to split its sums."""
+    from libortho.models import tiny_llama
+
+    g = torch.Generator().manual_seed(0)
+    general = torch.randint(0, len(tokenizer), (8192,), generator=g)
+    calib = [torch.randint(0, len(tokenizer), (1, 256), generator=g) for _ in range(2)]
+    cs = make_canaries(tokenizer, 4, seed=0, groups=(3, 3))
+    cfg = TrainConfig(lr=3e-3, max_steps=6, check_every=6, general_chunks=4, general_length=1024, target=None)
+    loss = canary_loss(cs, general, cfg, 0)
+    runs = {"ortho": [], "full": [], "lora": []}
+    for _ in range(2):
+        m = tiny_llama(seed=0, vocab_size=len(tokenizer), hidden_size=256, layers=2).cuda()
+        orthogonalize_(m, OrthoTuneConfig(density=0.02, group_size=32, train=cfg),
+                       calibration=calib, loss_fn=loss, progress=False)
+        runs["ortho"].append([t.cpu() for t in m.state_dict().values()])
+        m = tiny_llama(seed=0, vocab_size=len(tokenizer), hidden_size=256, layers=2).cuda()
+        full_finetune_(m, loss, cfg, progress=False)
+        runs["full"].append([t.cpu() for t in m.state_dict().values()])
+        m = lora_wrap(tiny_llama(seed=0, vocab_size=len(tokenizer), hidden_size=256, layers=2).cuda(), seed=0)
+        lora_finetune_(m, loss, cfg, progress=False)
+        runs["lora"].append([p.detach().cpu() for p in m.parameters() if p.requires_grad])
+    for name, (a, b) in runs.items():
+        assert len(a) == len(b) > 0
+        assert all(torch.equal(x, y) for x, y in zip(a, b)), f"{name}: two runs of one seed differ"
