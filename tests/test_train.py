@@ -272,27 +272,31 @@ def test_memory_efficient_attention_backward_repeats_only_under_deterministic():
 
 
 @GPU
-def test_training_on_a_gpu_repeats_bit_for_bit(tokenizer):
+def test_training_on_a_gpu_repeats_bit_for_bit():
     """Same seed, same weights on a GPU, for each trainer Exp 1 uses (the stream with its saliency mask, full
-    fine-tuning, LoRA), with sequences long enough for attention's backward to split its sums."""
+    fine-tuning, LoRA), with sequences long enough for attention's backward to split its sums. Token ids only
+    (no tokenizer: a GPU machine need not have the embedded model)."""
     from libortho.models import tiny_llama
+    from libortho.privacy import Canary
 
+    V = 512
     g = torch.Generator().manual_seed(0)
-    general = torch.randint(0, len(tokenizer), (8192,), generator=g)
-    calib = [torch.randint(0, len(tokenizer), (1, 256), generator=g) for _ in range(2)]
-    cs = make_canaries(tokenizer, 4, seed=0, groups=(3, 3))
+    general = torch.randint(0, V, (8192,), generator=g)
+    calib = [torch.randint(0, V, (1, 256), generator=g) for _ in range(2)]
+    cs = [Canary("u", "s", "plain", tuple(torch.randint(0, V, (12,), generator=g).tolist()),
+                 tuple(torch.randint(0, V, (6,), generator=g).tolist())) for _ in range(4)]
     cfg = TrainConfig(lr=3e-3, max_steps=6, check_every=6, general_chunks=4, general_length=1024, target=None)
     loss = canary_loss(cs, general, cfg, 0)
     runs = {"ortho": [], "full": [], "lora": []}
     for _ in range(2):
-        m = tiny_llama(seed=0, vocab_size=len(tokenizer), hidden_size=256, layers=2).cuda()
+        m = tiny_llama(seed=0, vocab_size=V, hidden_size=256, layers=2).cuda()
         orthogonalize_(m, OrthoTuneConfig(density=0.02, group_size=32, train=cfg),
                        calibration=calib, loss_fn=loss, progress=False)
         runs["ortho"].append([t.cpu() for t in m.state_dict().values()])
-        m = tiny_llama(seed=0, vocab_size=len(tokenizer), hidden_size=256, layers=2).cuda()
+        m = tiny_llama(seed=0, vocab_size=V, hidden_size=256, layers=2).cuda()
         full_finetune_(m, loss, cfg, progress=False)
         runs["full"].append([t.cpu() for t in m.state_dict().values()])
-        m = lora_wrap(tiny_llama(seed=0, vocab_size=len(tokenizer), hidden_size=256, layers=2).cuda(), seed=0)
+        m = lora_wrap(tiny_llama(seed=0, vocab_size=V, hidden_size=256, layers=2).cuda(), seed=0)
         lora_finetune_(m, loss, cfg, progress=False)
         runs["lora"].append([p.detach().cpu() for p in m.parameters() if p.requires_grad])
     for name, (a, b) in runs.items():
