@@ -179,8 +179,11 @@ def token_nll(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, labels: t
         logits = head(h).float()  # on the head's device (another GPU when the model is placed across several)
         return nn.functional.cross_entropy(logits, t.to(logits.device), ignore_index=-100, reduction="none")
 
-    grad = torch.is_grad_enabled()
-    out = [checkpoint(chunk_nll, flat_h[s:s + step], flat_t[s:s + step], use_reentrant=False) if grad
+    # recompute in backward unless every chunk's logits together are small for host memory (a CPU, at most 8 x
+    # LOGIT_BYTES): there the recompute is only a second head forward a step, 25 s of the tiny secrets study's 104
+    recompute = torch.is_grad_enabled() and (
+        hidden.device.type != "cpu" or flat_h.shape[0] * head.out_features * 4 > 8 * LOGIT_BYTES)
+    out = [checkpoint(chunk_nll, flat_h[s:s + step], flat_t[s:s + step], use_reentrant=False) if recompute
            else chunk_nll(flat_h[s:s + step], flat_t[s:s + step]) for s in range(0, flat_h.shape[0], step)]
     return torch.cat(out).view(B, T1)
 

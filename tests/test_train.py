@@ -183,17 +183,24 @@ def test_truncated_cache_entry_is_rebuilt(tmp_path, monkeypatch, capsys):
     assert cached("unit", {"a": 1}, build)[2]  # the rebuilt entry is whole again
 
 
-def test_token_nll_in_chunks_is_the_models_loss_and_gradient(tiny_model, monkeypatch):
+@pytest.mark.parametrize("per_chunk,recomputed", [(5, True), (6, False)])
+def test_token_nll_in_chunks_is_the_models_loss_and_gradient(tiny_model, monkeypatch, per_chunk, recomputed):
     """The loss through the head in chunks of positions (logits never whole) equals HF's loss over full logits,
-    value and gradient; the control: dropping one chunk (a wrong reassembly) is caught."""
+    value and gradient, with each chunk recomputed in backward (46 positions over 8 chunks' worth) and kept (46
+    within 8 chunks' worth: the CPU's case); the control: chunks reassembled in the wrong order are caught."""
+    import torch.utils.checkpoint as ckpt
     import libortho.train as tr
+
+    calls = []
+    real_checkpoint = ckpt.checkpoint
+    monkeypatch.setattr(ckpt, "checkpoint", lambda *a, **k: (calls.append(1), real_checkpoint(*a, **k))[1])
 
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(0, tiny_model.config.vocab_size, (2, 24), generator=g)
     mask = torch.ones_like(ids)
     mask[1, 20:] = 0
     labels = ids.masked_fill(mask == 0, -100)
-    monkeypatch.setattr(tr, "LOGIT_BYTES", 4 * tiny_model.config.vocab_size * 5)  # 5 positions per chunk
+    monkeypatch.setattr(tr, "LOGIT_BYTES", 4 * tiny_model.config.vocab_size * per_chunk)
     w = tiny_model.model.layers[0].mlp.up_proj.weight
     w.requires_grad_(True)
     ref = tiny_model(input_ids=ids, attention_mask=mask, labels=labels).loss
@@ -205,6 +212,7 @@ def test_token_nll_in_chunks_is_the_models_loss_and_gradient(tiny_model, monkeyp
     w.requires_grad_(False)
     torch.testing.assert_close(loss, ref)
     torch.testing.assert_close(g_chunk, g_ref)
+    assert bool(calls) == recomputed  # the path this case is about was taken
     # the control: a reassembly in the wrong order (chunks reversed) is caught per position
     real_cat = torch.cat
     monkeypatch.setattr(torch, "cat", lambda ts, *a, **k: real_cat(list(ts)[::-1], *a, **k))
