@@ -6,8 +6,9 @@
 #   call 2, carry .gpu/p2dir:  bash bench/gpu_sweep.sh exp1                       (within the 30 s idle window)
 #   call 3.., carry .gpu/p2dir: bash bench/gpu_sweep.sh exp1    again, until it prints "exp1: done"
 #                              bash bench/gpu_sweep.sh secrets / utility          likewise
-#   (SEEDS_FROM=results/gpu/h200x2-2026-11-30c-exp1-lr-grid WORKERS=2 bash bench/gpu_sweep.sh exp1: seed 0 of that
-#    run is read, seeds 1 and 2 run one per GPU, then the pooled claims)
+#   (SEEDS_FROM=DIR WORKERS=2 bash bench/gpu_sweep.sh exp1: the seeds DIR holds are read, the others run one per
+#    GPU, then the pooled claims. The seeds committed on 2026-11-30 were trained before libortho.train.deterministic
+#    (their trained arms do not repeat): rerun every seed, WORKERS=3, rather than read them)
 #
 # Between calls the warm machine keeps /tmp/lo (GGUF, texts, LIBORTHO_CACHE with every trained arm and every
 # measurement), not .gpu/p2dir (an ignored folder not carried is removed there: carry it on every call). A part
@@ -64,6 +65,10 @@ rc=$?
 echo "$PART: rc=$rc in $(( $(date +%s) - s )) s on $NGPU GPU(s), ${WORKERS} worker(s)$([ $rc = 0 ] && echo ', done')"
 [ $rc = 124 ] && echo "$PART: cut by the time limit; run the same command again (the cache keeps what finished)"
 tr '\r' '\n' < "$OUT/$PART.log" | grep -E "passed|failed|Error|claims|exp1 arms|^FAILED|^ERROR" | grep -v -i warn | tail -12
+# a kernel that ran non-deterministically makes the trained arms unrepeatable (2026-11-30: memory-efficient attention
+# under warn_only; training now runs strict, libortho.train.deterministic): say so beside the numbers
+nd=$(tr '\r' '\n' < "$OUT/$PART.log" | grep -c -i "non-deterministic\|nondeterministic")
+[ "$nd" -gt 0 ] && echo "$PART: WARNING: $nd non-deterministic kernel warning(s) in the log: the same seed may not repeat"
 # every measurement and lr choice of every call so far, also of seeds a limit cut (one line each)
 tr '\r' '\n' < "$OUT/$PART.log" | grep -oE "libortho: seed .*" >> /tmp/lo/progress-$PART.log  # after a bar too
 # one line each (an arm rebuilt after a cut prints its lr choice again)

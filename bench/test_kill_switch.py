@@ -410,5 +410,8 @@ def test_helper_processes_give_the_numbers_of_one_process(tmp_path, monkeypatch,
     here = KillSwitch("tiny", size, seed=0, progress=False, measure_cache=False)
     for arm in ("int4_of_public", "nf4_of_public"):
         assert json.loads(json.dumps(here.measure_arm(arm))) == inner["arms"][arm], arm
+    # the control: a helper that measured another seed's canaries would be caught by the comparison above
+    other = KillSwitch("tiny", size, seed=1, progress=False, measure_cache=False)
+    assert json.loads(json.dumps(other.measure_arm("int4_of_public"))) != inner["arms"]["int4_of_public"]
     with pytest.raises(ValueError, match="procs must be a positive int"):
         run(RunContext(model="tiny", device="cpu"), size=size, procs=0)
