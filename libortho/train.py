@@ -234,7 +234,7 @@ def deterministic():
     Strict, then: an op without a deterministic kernel raises at its first call, naming itself."""
     prev, prev_warn = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
     env = os.environ.get("CUBLAS_WORKSPACE_CONFIG")
-    if env is None:  # what cuBLAS needs for a fixed reduction order (torch warns without it)
+    if env is None:  # strict mode refuses cuBLAS calls without it (cuBLAS reads it when torch makes a handle)
         os.environ["CUBLAS_WORKSPACE_CONFIG"] = ":4096:8"
     torch.use_deterministic_algorithms(True)
     try:
