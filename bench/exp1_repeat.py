@@ -16,7 +16,10 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
@@ -49,8 +52,11 @@ def main(argv=None) -> int:
     p.add_argument("--model", default="smollm2-135m", help="the experiment's model key (its JSON holds the display name)")
     p.add_argument("--device", default=None, help="cuda | cpu (default: cuda when there is one)")
     p.add_argument("--out", default=None, help="write the comparison here (JSON)")
+    p.add_argument("--retrain", action="store_true",
+                   help="train the trained arms again from an empty training cache (the public and embedded models "
+                        "are reused): whether training itself repeats, not only the measurement")
     a = p.parse_args(argv)
-    from libortho.experiments.kill_switch import ARMS, FULL, KillSwitch, SMALL
+    from libortho.experiments.kill_switch import ARMS, FULL, SMALL
 
     path = Path(a.seed_json)
     try:
@@ -75,6 +81,35 @@ def main(argv=None) -> int:
     if device.startswith("cuda"):  # as `kill_switch.run` sets them
         torch.use_deterministic_algorithms(True, warn_only=True)
         torch.set_float32_matmul_precision(size.matmul_precision)
+    before = os.environ.get("LIBORTHO_CACHE")
+    fresh = _fresh_training_cache() if a.retrain else None
+    try:
+        return _repeat(a, path, inner, arms, size, seed, fmt, name, device, fresh)
+    finally:
+        if fresh is not None:
+            shutil.rmtree(fresh, ignore_errors=True)  # its links only: the entries they point at stay
+            if before is None:
+                os.environ.pop("LIBORTHO_CACHE", None)
+            else:
+                os.environ["LIBORTHO_CACHE"] = before
+
+
+def _fresh_training_cache() -> Path:
+    """A cache dir holding links to every entry of the current one except exp1/ (the trained arms and measurements),
+    made the cache for this process: the public model is read, every trained arm is trained again."""
+    from libortho.models import cache_dir
+
+    src, fresh = cache_dir(), Path(tempfile.mkdtemp(prefix="exp1_repeat_cache_"))
+    for e in (src.iterdir() if src.is_dir() else ()):
+        if e.name != "exp1":
+            (fresh / e.name).symlink_to(e.resolve())
+    os.environ["LIBORTHO_CACHE"] = str(fresh)
+    return fresh
+
+
+def _repeat(a, path, inner, arms, size, seed, fmt, name, device, fresh) -> int:
+    from libortho.experiments.kill_switch import KillSwitch
+
     exp = KillSwitch(a.model, size, seed, fmt, device=device, progress=True, measure_cache=False)
     if name is not None and exp.name != name:
         print(f"exp1_repeat: {path} measured {name}; --model {a.model} loads {exp.name}", file=sys.stderr)
@@ -100,7 +135,9 @@ def main(argv=None) -> int:
     from libortho.results import environment, write_json
 
     rec = {"seed_json": str(path), "seed": inner["seed"], "ran_at": inner.get("environment", {}),
-           "repeated_at": environment(device), "arms": report, "identical": total == 0}
+           "repeated_at": environment(device), "arms": report, "identical": total == 0,
+           "retrained": fresh is not None,  # with it, each trained arm's "cached" below is false
+           "training": {arm: exp.train_info[arm] for arm in arms if arm in exp.train_info}}
     if a.out:
         write_json(a.out, rec)
     return 0 if total == 0 else 1

@@ -48,3 +48,24 @@ def test_repeat_refuses_bad_input(seed_json, tmp_path):
                              "--arms", "never_trained"]) == 2  # refused after loading: the names differ
     (tmp_path / "x.json").write_text("{}")
     assert exp1_repeat.main([str(tmp_path / "x.json"), "--device", "cpu"]) == 2
+
+
+def test_retrain_trains_again_and_gives_the_same_numbers(tmp_path):
+    """--retrain: fine_tuned trained afresh (an empty training cache, not the entry the JSON's run left) measures
+    number for number as the JSON says; the control: without --retrain the cached weights are read (cached true)."""
+    import os
+
+    size = SMALL["tiny"]
+    exp = KillSwitch("tiny", size, seed=0, progress=False, measure_cache=False)
+    exp.measure_arm("fine_tuned")
+    inner = {"arms": exp.results, "size": size.to_dict(), "seed": 0, "canary_format": "plain", "model": exp.name}
+    path = tmp_path / "exp1_kill_switch_seed0.json"
+    path.write_text(json.dumps({"exp1_kill_switch": inner}, default=str))
+    before = os.environ.get("LIBORTHO_CACHE")
+    args = [str(path), "--model", "tiny", "--device", "cpu", "--arms", "fine_tuned"]
+    for retrain, out in ((True, "again.json"), (False, "cached.json")):
+        assert exp1_repeat.main([*args, *(["--retrain"] if retrain else []), "--out", str(tmp_path / out)]) == 0
+        rec = json.loads((tmp_path / out).read_text())
+        assert rec["identical"] and rec["retrained"] is retrain
+        assert rec["training"]["fine_tuned"]["cached"] is not retrain, rec["training"]
+    assert os.environ.get("LIBORTHO_CACHE") == before  # the fresh cache was the run's only
