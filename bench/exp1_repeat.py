@@ -137,7 +137,7 @@ def _repeat(a, path, inner, arms, size, seed, fmt, name, device, fresh) -> int:
     rec = {"seed_json": str(path), "seed": inner["seed"], "ran_at": inner.get("environment", {}),
            "repeated_at": environment(device), "arms": report, "identical": total == 0,
            "retrained": fresh is not None,  # with it, each trained arm's "cached" below is false
-           "training": {arm: exp.train_info[arm] for arm in arms if arm in exp.train_info}}
+           "training": dict(exp.train_info)}  # by trainer: int4_of_fine_tuned's training is fine_tuned's
     if a.out:
         write_json(a.out, rec)
     return 0 if total == 0 else 1

@@ -67,7 +67,7 @@ echo "$PART: rc=$rc in $(( $(date +%s) - s )) s on $NGPU GPU(s), ${WORKERS} work
 tr '\r' '\n' < "$OUT/$PART.log" | grep -E "passed|failed|Error|claims|exp1 arms|^FAILED|^ERROR" | grep -v -i warn | tail -12
 # a kernel that ran non-deterministically makes the trained arms unrepeatable (2026-11-30: memory-efficient attention
 # under warn_only; training now runs strict, libortho.train.deterministic): say so beside the numbers
-nd=$(tr '\r' '\n' < "$OUT/$PART.log" | grep -c -i "non-deterministic\|nondeterministic")
+nd=$(tr '\r' '\n' < "$OUT/$PART.log" | grep -c -i -E "non-?deterministic|does not have a deterministic implementation")
 [ "$nd" -gt 0 ] && echo "$PART: WARNING: $nd non-deterministic kernel warning(s) in the log: the same seed may not repeat"
 # every measurement and lr choice of every call so far, also of seeds a limit cut (one line each)
 tr '\r' '\n' < "$OUT/$PART.log" | grep -oE "libortho: seed .*" >> /tmp/lo/progress-$PART.log  # after a bar too

@@ -13,7 +13,12 @@ first use (transformers alone takes seconds to import; the command line answers 
 registration happens as soon as transformers loads its quantizers, whichever of the two is imported first.
 """
 import importlib
+import os
 import sys
+
+# cuBLAS's fixed-order workspaces, which training's deterministic mode needs (libortho.train.deterministic); read
+# when CUDA starts, so set on import. A user's own value is kept
+os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 
 _PUBLIC = {
     "OrthoConfig": ".config", "Mode": ".config", "Score": ".config", "Quantizer": ".config", "Backend": ".config",

@@ -165,7 +165,7 @@ def token_nll(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, labels: t
     The full logits of a batch are (B, T, V) floats: at Llama-3's 128K vocabulary, 512 tokens are 0.25 GiB per
     copy and the loss keeps several. Here the decoder runs once and the head plus cross-entropy run over
     chunks of positions, each recomputed in backward (`torch.utils.checkpoint`), so at most LOGIT_BYTES of
-    logits exist at any time.
+    logits exist at any time (on a CPU, chunks totalling at most 8 x LOGIT_BYTES are kept instead of recomputed).
     """
     from torch.utils.checkpoint import checkpoint
 
@@ -233,16 +233,14 @@ def deterministic():
     under `warn_only=True`, which leaves memory-efficient attention's backward on its atomic (fast) algorithm.
     Strict, then: an op without a deterministic kernel raises at its first call, naming itself."""
     prev, prev_warn = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
-    env = os.environ.get("CUBLAS_WORKSPACE_CONFIG")
-    if env is None:  # strict mode refuses cuBLAS calls without it (cuBLAS reads it when torch makes a handle)
-        os.environ["CUBLAS_WORKSPACE_CONFIG"] = ":4096:8"
+    # strict mode refuses cuBLAS calls without it; libortho's import sets it (before CUDA starts, where cuBLAS reads
+    # it), this covers a process that cleared it since. Never removed: unsetenv beside threads calling getenv races
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     torch.use_deterministic_algorithms(True)
     try:
         yield
     finally:
         torch.use_deterministic_algorithms(prev, warn_only=prev_warn)
-        if env is None:
-            os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
 
 
 @contextlib.contextmanager

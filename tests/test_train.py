@@ -274,6 +274,8 @@ def test_memory_efficient_attention_backward_repeats_only_under_deterministic():
             assert len(grads(20)) > 1, "warn_only=True gave 20 identical gradients: the atomics are gone"
         with deterministic():
             assert len(grads(20)) == 1
+        # deterministic() gave back the mode it found (warn_only)
+        assert torch.are_deterministic_algorithms_enabled() and torch.is_deterministic_algorithms_warn_only_enabled()
     finally:
         torch.use_deterministic_algorithms(before[0], warn_only=before[1])
     assert torch.are_deterministic_algorithms_enabled() == before[0]  # restored on exit
