@@ -1,4 +1,4 @@
-"""Does FULL's lr rule find an ortho stream that memorizes? A quick check on a CPU (a script, not a test).
+"""Does FULL's lr rule find an ortho stream that memorizes? A quick check on a CPU or GPU (a script, not a test).
 
     python bench/ortho_lr_check.py results/exp1_ortho_lr_check_cpu.json [--canaries 20] [--steps 50] [--lrs 1e-3,1e-2]
 
@@ -35,6 +35,8 @@ def main(argv=None) -> None:
     torch.manual_seed(a.seed)
     size = replace(FULL, num_canaries=a.canaries, num_holdout=a.canaries,
                    ortho=replace(FULL.ortho, max_steps=a.steps, check_every=a.steps), lr_grid={"ortho": lrs})
+    if device == "cuda":  # as `run` does: the precision is in the cache key, so the sweep reads these arms back
+        torch.set_float32_matmul_precision(size.matmul_precision)
     t = time.time()
     exp = KillSwitch("smollm2-135m", size, seed=a.seed, device=device, progress=False, measure_cache=False)
     exp.ortho_tuned()  # trains every lr of the grid (or reads it from the cache) and keeps one
@@ -48,7 +50,7 @@ def main(argv=None) -> None:
     write_json(a.out, {"exp1_ortho_lr_check": {
         "what": f"ortho_tuned at FULL's settings but {a.canaries} canaries and {a.steps} steps, one run per lr; "
                 "kept_lr is what the lr rule (lowest tail training loss) keeps",
-        "kept_lr": info["lr"], "runs": runs, "seed": a.seed, "device": device,
+        "kept_lr": info["lr"], "runs": runs, "seed": a.seed, "device": device, "density": size.density,
         "kept_run_read_from_cache": info["cached"],  # then "seconds" is the reading and measuring only
         "seconds": round(time.time() - t), "environment": environment(device)}})
     print(json.dumps(runs, indent=1), "\nkept lr", info["lr"])
