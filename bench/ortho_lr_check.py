@@ -16,7 +16,7 @@ from dataclasses import replace
 import torch
 
 sys.path.insert(0, ".")
-from libortho.experiments.kill_switch import FULL, KillSwitch  # noqa: E402
+from libortho.experiments.kill_switch import FULL, KillSwitch, tail_loss  # noqa: E402
 from libortho.hf import load as load_checkpoint  # noqa: E402
 from libortho.privacy import extraction_rate  # noqa: E402
 from libortho.results import environment, write_json  # noqa: E402
@@ -45,7 +45,7 @@ def main(argv=None) -> None:
     for cfg in size.train_configs("ortho"):
         hist = json.loads((exp.ortho_cache(cfg) / "meta.json").read_text())["history"]
         model = load_checkpoint(exp.ortho_cache(cfg)).to(device).eval()
-        runs[repr(cfg.lr)] = {"tail_loss": info["lr_selection"]["tail_loss"][repr(cfg.lr)],
+        runs[repr(cfg.lr)] = {"tail_loss": round(tail_loss(hist["loss"]), 6),  # what the lr rule compares
                               "final_loss": hist["loss"][-1], "extraction_rate_alpha1": extraction_rate(model, exp.canaries)}
     write_json(a.out, {"exp1_ortho_lr_check": {
         "what": f"ortho_tuned at FULL's settings but {a.canaries} canaries and {a.steps} steps, one run per lr; "

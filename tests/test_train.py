@@ -282,7 +282,8 @@ def test_memory_efficient_attention_backward_repeats_only_under_deterministic():
 
 
 @GPU
-def test_training_on_a_gpu_repeats_bit_for_bit():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])  # bf16 attention takes the flash backward
+def test_training_on_a_gpu_repeats_bit_for_bit(dtype):
     """Same seed, same weights on a GPU, for each trainer Exp 1 uses (the stream with its saliency mask, full
     fine-tuning, LoRA), with sequences long enough for attention's backward to split its sums. Token ids only
     (no tokenizer: a GPU machine need not have the embedded model)."""
@@ -299,14 +300,14 @@ def test_training_on_a_gpu_repeats_bit_for_bit():
     loss = canary_loss(cs, general, cfg, 0)
     runs = {"ortho": [], "full": [], "lora": []}
     for _ in range(2):
-        m = tiny_llama(seed=0, vocab_size=V, hidden_size=256, layers=2).cuda()
+        m = tiny_llama(seed=0, vocab_size=V, hidden_size=256, layers=2).cuda().to(dtype)
         orthogonalize_(m, OrthoTuneConfig(density=0.02, group_size=32, train=cfg),
                        calibration=calib, loss_fn=loss, progress=False)
         runs["ortho"].append([t.cpu() for t in m.state_dict().values()])
-        m = tiny_llama(seed=0, vocab_size=V, hidden_size=256, layers=2).cuda()
+        m = tiny_llama(seed=0, vocab_size=V, hidden_size=256, layers=2).cuda().to(dtype)
         full_finetune_(m, loss, cfg, progress=False)
         runs["full"].append([t.cpu() for t in m.state_dict().values()])
-        m = lora_wrap(tiny_llama(seed=0, vocab_size=V, hidden_size=256, layers=2).cuda(), seed=0)
+        m = lora_wrap(tiny_llama(seed=0, vocab_size=V, hidden_size=256, layers=2).cuda().to(dtype), seed=0)
         lora_finetune_(m, loss, cfg, progress=False)
         runs["lora"].append([p.detach().cpu() for p in m.parameters() if p.requires_grad])
     for name, (a, b) in runs.items():
