@@ -59,7 +59,7 @@ esac
 # CPU threads per process: the seeds' processes (WORKERS x PROCS) share the cores. Each at torch's default (every
 # core) stalled on 2026-11-30: two and three processes deriving the public model (20 fp32 CPU steps) at once were
 # still in its training after 240 and 540 s, where one alone took 41 s (results/gpu/h200x2-2026-11-30e-ortho-density/)
-NPROC=$(( WORKERS * ${LIBORTHO_EXP1_PROCS:-1} ))
+NPROC=$(( WORKERS * ${LIBORTHO_EXP1_PROCS:-1} )); [ "$NPROC" -gt 0 ] || NPROC=1
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( $(nproc) / NPROC > 0 ? $(nproc) / NPROC : 1 ))}
 # the public model once, with every core, before the seeds' processes start (each would otherwise derive it)
 OMP_NUM_THREADS=$(nproc) python3 -c "from libortho.public_model import derive; derive(progress=True)" 2>&1 | grep -v -E "Converting|Loading|Writing" \
