@@ -4,7 +4,7 @@ A converted model is an ordinary `PreTrainedModel` whose target linears are Orth
 a Hugging Face folder:
 
     config.json          the model config, with `quantization_config` = {"quant_method": "libortho", the
-                         OrthoConfig, every layer's shape, the sha256 of each base weight file}
+                         OrthoConfig, every layer's shape, the content sha256 of each base weight file}
     model.safetensors    the base: packed INT4 codes, scales, embeddings, norms (HF's own writer; sharded
                          with an index when large)
     ortho.safetensors    the ortho stream, whose metadata names the hash of the base it belongs to
@@ -51,8 +51,8 @@ class LibOrthoConfig(QuantizationConfigMixin):
     Args:
         ortho_config: the `OrthoConfig.to_dict()` the model was converted with.
         layers: {module name: OrthoLinear.spec() plus "dtype"}, the skeleton to load into.
-        base_sha256: {weight file name: sha256} of the base files, filled in at save time.
-        ortho_sha256: sha256 of `ortho.safetensors` when it was saved, or None (saved base-only).
+        base_sha256: {weight file name: content sha256 (`sha256`)} of the base files, filled in at save time.
+        ortho_sha256: content sha256 of `ortho.safetensors` when it was saved, or None (saved base-only).
     """
 
     REQUIRED = ("ortho_config", "layers")
@@ -220,6 +220,26 @@ def base_files(directory: Path) -> list[Path]:
 
 
 def sha256(path: Path) -> str:
+    """sha256 of a safetensors file's content: its header with every key sorted, then its data. safetensors writes
+    the metadata dict in a varying order (a Rust HashMap), so two saves of the same tensors differ in bytes; this
+    hash does not. A file whose header cannot be read is hashed as raw bytes (it then matches no recorded hash)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        try:
+            n = int.from_bytes(f.read(8), "little")
+            if not 0 < n <= Path(path).stat().st_size - 8:
+                raise ValueError(f"header length {n}")
+            header = json.loads(f.read(n))
+            h.update(json.dumps(header, sort_keys=True, separators=(",", ":")).encode())
+        except (ValueError, UnicodeDecodeError):
+            return file_sha256(path)
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def file_sha256(path: Path) -> str:
+    """sha256 of the file's bytes: what checkpoints saved before the content hash recorded."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 22), b""):
@@ -244,10 +264,12 @@ def _finish_load(model: nn.Module, qc: LibOrthoConfig, directory: Path | None, f
     recorded = qc.base_sha256 or {}
     if not recorded:
         raise ValueError(f"{directory}/config.json records no base hash: the save did not finish; save again")
-    actual = {Path(f).name: sha256(Path(f)) for f in files}
+    paths = {Path(f).name: Path(f) for f in files}
+    actual = {n: sha256(f) for n, f in paths.items()}
     if set(actual) != set(recorded):
         raise ValueError(f"{directory}: base files {sorted(actual)} differ from the saved set {sorted(recorded)}")
-    bad = [n for n in sorted(actual) if actual[n] != recorded[n]]
+    # a checkpoint saved before the content hash recorded the file's bytes: accepted when those match
+    bad = [n for n in sorted(actual) if actual[n] != recorded[n] and file_sha256(paths[n]) != recorded[n]]
     if bad:
         raise ValueError(f"{directory / bad[0]} is not the base this checkpoint was saved with (sha256 "
                          f"{actual[bad[0]][:12]}… != recorded {recorded[bad[0]][:12]}…); refusing a swapped base")

@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM
 
 import libortho  # noqa: F401  (registers the "libortho" quantization method)
 from libortho import OrthoConfig, load, orthogonalize_, save, set_alpha
-from libortho.hf import ORTHO_FILE, LibOrthoConfig
+from libortho.hf import ORTHO_FILE, LibOrthoConfig, combined_hash, file_sha256
 from libortho.models import tiny_llama
 from libortho.modules import ortho_modules
 
@@ -99,6 +99,55 @@ def test_swapped_base_refused(tmp_path, with_ortho):
     (a / "model.safetensors").write_bytes((b / "model.safetensors").read_bytes())
     with pytest.raises(ValueError, match="not the base this checkpoint was saved with"):
         load(a, with_ortho=with_ortho)
+
+
+def _reorder_metadata(path):
+    """Rewrite a safetensors file with its header's metadata keys in reverse order, the same tensors and offsets
+    (what a second save of the same model may write: safetensors orders that dict differently run to run)."""
+    b = path.read_bytes()
+    n = int.from_bytes(b[:8], "little")
+    header = json.loads(b[8:8 + n])
+    meta = header.pop("__metadata__")
+    text = json.dumps({"__metadata__": dict(reversed(list(meta.items()))), **header}, separators=(",", ":")).encode()
+    assert len(meta) > 1 and len(text) <= n
+    path.write_bytes(b[:8] + text + b" " * (n - len(text)) + b[8 + n:])  # same header length: offsets unchanged
+
+
+def test_base_with_reordered_metadata_loads_and_a_changed_byte_does_not(tmp_path):
+    """The recorded base hash is of the content, not the bytes: the same base written with its metadata in another
+    order loads (a hash of the file's bytes refused it); the control: one changed byte of the weights is refused."""
+    m = converted()
+    m.save_pretrained(tmp_path)
+    f = tmp_path / "model.safetensors"
+    before = f.read_bytes()
+    _reorder_metadata(f)
+    assert f.read_bytes() != before
+    assert torch.equal(logits(load(tmp_path), 1.0), logits(m, 1.0))
+    b = bytearray(f.read_bytes())
+    b[-1] ^= 1
+    f.write_bytes(bytes(b))
+    with pytest.raises(ValueError, match="not the base this checkpoint was saved with"):
+        load(tmp_path)
+
+
+def test_checkpoint_recording_file_hashes_still_loads(tmp_path):
+    """Checkpoints saved before the content hash recorded each base file's sha256 of bytes (and the stream the
+    combined hash of those): they still load; a swapped base is still refused (test_swapped_base_refused)."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    m = converted()
+    m.save_pretrained(tmp_path)
+    cfg_path = tmp_path / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    raw = {n: file_sha256(tmp_path / n) for n in cfg["quantization_config"]["base_sha256"]}
+    assert raw != cfg["quantization_config"]["base_sha256"]  # the two hashes differ, so this is the old path
+    cfg["quantization_config"]["base_sha256"] = raw
+    cfg_path.write_text(json.dumps(cfg))
+    with safe_open(str(tmp_path / ORTHO_FILE), "pt") as h:
+        tensors, meta = {k: h.get_tensor(k) for k in h.keys()}, h.metadata()
+    save_file(tensors, tmp_path / ORTHO_FILE, metadata={**meta, "base_sha256": combined_hash(raw)})
+    assert torch.equal(logits(load(tmp_path), 1.0), logits(m, 1.0))
 
 
 def test_base_and_ortho_of_another_model_refused(tmp_path):
