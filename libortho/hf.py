@@ -219,6 +219,9 @@ def base_files(directory: Path) -> list[Path]:
     return [single]
 
 
+HEADER_MAX = 100_000_000  # safetensors' own limit on a header's bytes
+
+
 def sha256(path: Path) -> str:
     """sha256 of a safetensors file's content: its header with every key sorted, then its data. safetensors writes
     the metadata dict in a varying order (a Rust HashMap), so two saves of the same tensors differ in bytes; this
@@ -227,11 +230,11 @@ def sha256(path: Path) -> str:
     with open(path, "rb") as f:
         try:
             n = int.from_bytes(f.read(8), "little")
-            if not 0 < n <= Path(path).stat().st_size - 8:
+            if not 0 < n <= min(Path(path).stat().st_size - 8, HEADER_MAX):
                 raise ValueError(f"header length {n}")
             header = json.loads(f.read(n))
             h.update(json.dumps(header, sort_keys=True, separators=(",", ":")).encode())
-        except (ValueError, UnicodeDecodeError):
+        except (ValueError, UnicodeDecodeError, RecursionError):  # RecursionError: a crafted, deeply nested header
             return file_sha256(path)
         for chunk in iter(lambda: f.read(1 << 22), b""):
             h.update(chunk)

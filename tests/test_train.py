@@ -304,12 +304,20 @@ def test_training_on_a_gpu_repeats_bit_for_bit(dtype):
         orthogonalize_(m, OrthoTuneConfig(density=0.02, group_size=32, train=cfg),
                        calibration=calib, loss_fn=loss, progress=False)
         runs["ortho"].append([t.cpu() for t in m.state_dict().values()])
+        trained = {"ortho": [t.cpu() for k, t in m.state_dict().items() if k.endswith("ortho_values")]}
         m = tiny_llama(seed=0, vocab_size=V, hidden_size=256, layers=2).cuda().to(dtype)
         full_finetune_(m, loss, cfg, progress=False)
         runs["full"].append([t.cpu() for t in m.state_dict().values()])
         m = lora_wrap(tiny_llama(seed=0, vocab_size=V, hidden_size=256, layers=2).cuda().to(dtype), seed=0)
         lora_finetune_(m, loss, cfg, progress=False)
         runs["lora"].append([p.detach().cpu() for p in m.parameters() if p.requires_grad])
+        trained["lora"] = [p.detach().cpu() for n, p in m.named_parameters() if "lora_B" in n]
+    # the control: training changed what each trainer trains (a no-op trainer would repeat bit for bit too); the
+    # stream's values and LoRA's B start at zero, full fine-tuning from the seed's initial weights
+    init = [t.cpu() for t in tiny_llama(seed=0, vocab_size=V, hidden_size=256, layers=2).cuda().to(dtype).state_dict().values()]
+    assert trained["ortho"] and any(v.abs().sum() > 0 for v in trained["ortho"])
+    assert trained["lora"] and any(v.abs().sum() > 0 for v in trained["lora"])
+    assert not all(torch.equal(x, y) for x, y in zip(runs["full"][0], init))
     for name, (a, b) in runs.items():
         assert len(a) == len(b) > 0
         assert all(torch.equal(x, y) for x, y in zip(a, b)), f"{name}: two runs of one seed differ"

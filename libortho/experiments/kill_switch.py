@@ -226,9 +226,9 @@ def dense_copy(model):
 # Every trained arm at three lrs, half a decade apart around its former one; each keeps the lr that fits the
 # private records best (`tail_loss`). Measured on the H200 at lr 1e-3 alone (results/gpu/h200x2-2026-11-30b-exp1-
 # seeds/): the ortho stream extracted 0 of 100 canaries in 100 steps (training loss 5.2 against full FT's 3.7).
-# Density 2% (the most thresholds.toml allows): about 2.12M trainable values against LoRA r=8's 2,442,240, matched
+# Density 2% (the most thresholds.toml allows): about twice 1%'s 1,061,760 values against LoRA r=8's 2,442,240, matched
 # on trainable parameters as a fair comparison asks. At 1% (1,061,760) three seeds pooled extracted 0.40 [0.34, 0.46]
-# at alpha 1 with tail losses 4.7-4.9 against LoRA's 4.2-4.3 (results/gpu/h200x2-2026-11-30d-exp1-three-seeds/).
+# at alpha 1 with tail losses 4.59-4.93 against LoRA's 4.24-4.30 (results/gpu/h200x2-2026-11-30d-exp1-three-seeds/).
 FULL = Size(density=0.02,
             lr_grid={"finetune": (3e-5, 1e-4, 3e-4), "ortho": (1e-3, 3e-3, 1e-2), "lora": (3e-4, 1e-3, 3e-3)})
 
