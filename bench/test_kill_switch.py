@@ -19,11 +19,9 @@ comment, what would make it fail.
 """
 from __future__ import annotations
 
-import fcntl
 import json
 import math
 import os
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -301,21 +299,13 @@ def test_negative_control_fails_make_test_size(experiment):
 SEEDS = (0, 1, 2)
 
 
-@contextmanager
 def _locked(path: Path):
-    """An exclusive lock on `path`: one process (xdist worker) computes a seed, the others wait for it. The lock
-    file lives in the cache, not beside the results (nothing to clean up or commit by mistake)."""
-    from libortho.models import cache_dir
+    """An exclusive lock for `path`: one process (xdist worker) computes a seed, the others wait for it and read its
+    JSON. The lock file lives in the cache, not beside the results (nothing to clean up or commit by mistake)."""
+    from libortho.models import cache_lock
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    lock = cache_dir() / "locks" / f"{path.name}.lock"
-    lock.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock, "w") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+    return cache_lock(path.name)
 
 
 def _procs() -> int:

@@ -39,7 +39,9 @@ from .sparse import CSR
 
 QUANT_METHOD = "libortho"
 ORTHO_FILE = "ortho.safetensors"
-FORMAT_VERSION = "2"
+# 3: base hashes over the content (`sha256`); 2 recorded the files' bytes (still read). A libortho meets a newer
+# format with a clear refusal rather than a failed hash check that reads as a swapped base.
+FORMAT_VERSION = "3"
 _WITH_ORTHO: contextvars.ContextVar[bool] = contextvars.ContextVar("libortho_with_ortho", default=True)
 _DTYPES = {str(d).removeprefix("torch."): d for d in (torch.float32, torch.float16, torch.bfloat16)}
 
@@ -72,6 +74,10 @@ class LibOrthoConfig(QuantizationConfigMixin):
         if missing:
             raise ValueError(f"the libortho quantization_config in config.json lacks {missing}: the checkpoint was "
                              "not written by libortho's save_pretrained, or was edited")
+        version = str(config_dict.get("format_version", "1"))
+        if not version.isdigit() or int(version) > int(FORMAT_VERSION):
+            raise ValueError(f"this checkpoint has libortho format {version!r}; this libortho reads formats up to "
+                             f"{FORMAT_VERSION}: upgrade libortho to load it")
         known = {"ortho_config", "layers", "base_sha256", "ortho_sha256", "format_version"}
         config = cls(**{k: v for k, v in config_dict.items() if k in known})
         return (config, kwargs) if return_unused_kwargs else config
@@ -184,6 +190,7 @@ def _save_pretrained(self: nn.Module, save_directory, *args, **kwargs):
     qc = self.config.quantization_config
     qc.layers = _layers(self)  # as the model is now (a .to(dtype) since conversion changes the scales' dtype)
     qc.base_sha256, qc.ortho_sha256 = None, None
+    qc.format_version = FORMAT_VERSION  # a checkpoint loaded from an older format is saved in this one
     type(self).save_pretrained(self, d, *args, **kwargs)  # HF writes config.json and the base
     base = base_files(d)
     qc.base_sha256 = {f.name: sha256(f) for f in base}

@@ -30,6 +30,19 @@ def cache_dir() -> Path:
     return Path(os.environ.get("LIBORTHO_CACHE", Path.home() / ".cache" / "libortho"))
 
 
+def cache_lock(name: str):
+    """An exclusive lock named `name` under the cache (a context manager): one process builds a cache entry, the
+    others wait for it and read it, rather than each building its own copy. Three processes deriving the public
+    model at once on a GPU machine were all still training after 540 s where one alone took 41 s; pytest-xdist
+    workers and `run(procs=...)` helpers share entries the same way. The lock file lives under the cache, never
+    beside results, and stays behind empty (filelock, a dependency of torch, frees the lock on close or exit)."""
+    from filelock import FileLock
+
+    d = cache_dir() / "locks"
+    d.mkdir(parents=True, exist_ok=True)
+    return FileLock(str(d / f"{name}.lock"))
+
+
 @dataclass
 class Loaded:
     model: "torch.nn.Module"
@@ -67,15 +80,28 @@ def _readable_safetensors(path: Path) -> bool:
 def embedded_dir() -> Path:
     """Safetensors copy of the embedded default, converted from GGUF once (about 40 s) and cached."""
     out = cache_dir() / "smollm2-135m-instruct"
+    if _embedded_ready(out):
+        return out
+    with cache_lock(out.name):  # a concurrent converter finishes first; then its copy is read
+        if _embedded_ready(out):
+            return out
+        return _convert_embedded(out)
+
+
+def _embedded_ready(out: Path) -> bool:
     if (out / "config.json").is_file() and (out / "model.safetensors").is_file():
         if _readable_safetensors(out / "model.safetensors"):
-            return out
+            return True
         import shutil
         import sys
 
         print(f"libortho: the cached embedded model {out} is truncated or unreadable; rebuilding it from the GGUF",
               file=sys.stderr)
         shutil.rmtree(out, ignore_errors=True)
+    return False
+
+
+def _convert_embedded(out: Path) -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     gguf = embedded_gguf()

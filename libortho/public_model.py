@@ -39,7 +39,7 @@ import torch
 from torch import nn
 
 from .data import DEVIL, _read, prose
-from .models import EMBEDDED, Loaded, cache_dir, load_model
+from .models import EMBEDDED, Loaded, cache_dir, cache_lock, load_model
 from .modules import target_linears
 from .quant import _grouped, quantize
 
@@ -188,15 +188,18 @@ def derive(recipe: Recipe = DEFAULT, progress: bool = False):
         raise ValueError(f"the recipe derives from {EMBEDDED} (the embedded Q4_1 model), got source {recipe.source!r}")
     d = public_dir(recipe)
     if not (d / "recipe.json").is_file():
-        _build(recipe, d, progress)
+        with cache_lock(d.name):  # one process derives (every core), the others wait and read its copy
+            if not (d / "recipe.json").is_file():
+                _build(recipe, d, progress)
     try:
         model = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32)
         tok = AutoTokenizer.from_pretrained(d)
         facts = json.loads((d / "recipe.json").read_text())
     except (OSError, ValueError) as e:  # a truncated entry: rebuild it once
         print(f"libortho: public model cache {d} is unreadable ({str(e)[:120]}); rebuilding it", file=sys.stderr)
-        shutil.rmtree(d, ignore_errors=True)
-        _build(recipe, d, progress)
+        with cache_lock(d.name):
+            shutil.rmtree(d, ignore_errors=True)
+            _build(recipe, d, progress)
         model = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32)
         tok = AutoTokenizer.from_pretrained(d)
         facts = json.loads((d / "recipe.json").read_text())

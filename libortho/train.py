@@ -588,15 +588,33 @@ def cached(kind: str, config: dict, build: Callable[[], tuple[dict[str, torch.Te
     """Tensors and metadata from the cache, or from `build()` (then written atomically). Returns (.., hit).
 
     An entry that cannot be read (a truncated file) is removed and rebuilt, with a note on stderr."""
+    from .models import cache_lock
+
     d = cache_path(kind, config)
+    hit = _read_entry(d)
+    if hit is not None:
+        return (*hit, True)
+    with cache_lock(d.name):  # a process training the same entry finishes first; then its entry is read
+        hit = _read_entry(d)
+        if hit is not None:
+            return (*hit, True)
+        return _build_entry(d, config, build)
+
+
+def _read_entry(d: Path) -> tuple[dict[str, torch.Tensor], dict] | None:
+    """A cache entry's tensors and metadata, or None (absent; an unreadable one is removed, with a note)."""
     if (d / "weights.safetensors").is_file() and (d / "meta.json").is_file():
         try:
-            return load_file(d / "weights.safetensors"), json.loads((d / "meta.json").read_text()), True
+            return load_file(d / "weights.safetensors"), json.loads((d / "meta.json").read_text())
         except (SafetensorError, OSError, ValueError) as e:  # JSONDecodeError is a ValueError
             import sys
 
             print(f"libortho: cache entry {d} is unreadable ({type(e).__name__}); rebuilding it", file=sys.stderr)
             shutil.rmtree(d, ignore_errors=True)
+    return None
+
+
+def _build_entry(d: Path, config: dict, build) -> tuple[dict[str, torch.Tensor], dict, bool]:
     tensors, meta = build()
     tmp = d.with_name(d.name + f".tmp{os.getpid()}")
     tmp.mkdir(parents=True, exist_ok=True)

@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM
 
 import libortho  # noqa: F401  (registers the "libortho" quantization method)
 from libortho import OrthoConfig, load, orthogonalize_, save, set_alpha
-from libortho.hf import ORTHO_FILE, LibOrthoConfig, combined_hash, file_sha256
+from libortho.hf import FORMAT_VERSION, ORTHO_FILE, LibOrthoConfig, combined_hash, file_sha256
 from libortho.models import tiny_llama
 from libortho.modules import ortho_modules
 
@@ -146,8 +146,29 @@ def test_checkpoint_recording_file_hashes_still_loads(tmp_path):
     cfg_path.write_text(json.dumps(cfg))
     with safe_open(str(tmp_path / ORTHO_FILE), "pt") as h:
         tensors, meta = {k: h.get_tensor(k) for k in h.keys()}, h.metadata()
-    save_file(tensors, tmp_path / ORTHO_FILE, metadata={**meta, "base_sha256": combined_hash(raw)})
-    assert torch.equal(logits(load(tmp_path), 1.0), logits(m, 1.0))
+    cfg["quantization_config"]["format_version"] = "2"  # as those checkpoints say
+    cfg_path.write_text(json.dumps(cfg))
+    save_file(tensors, tmp_path / ORTHO_FILE, metadata={**meta, "base_sha256": combined_hash(raw), "version": "2"})
+    old = load(tmp_path)
+    assert torch.equal(logits(old, 1.0), logits(m, 1.0))
+    old.save_pretrained(tmp_path / "again")  # saved again: in this format, content hashes
+    again = json.loads((tmp_path / "again" / "config.json").read_text())["quantization_config"]
+    assert again["format_version"] == FORMAT_VERSION and again["base_sha256"] != raw
+
+
+def test_newer_format_refused_by_name(tmp_path):
+    """A checkpoint of a format this libortho does not know is refused as such, before any hash check (which would
+    otherwise call it a swapped base). Saying FORMAT_VERSION itself loads (the control)."""
+    m = converted()
+    m.save_pretrained(tmp_path)
+    cfg_path = tmp_path / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    assert cfg["quantization_config"]["format_version"] == FORMAT_VERSION
+    load(tmp_path)
+    cfg["quantization_config"]["format_version"] = str(int(FORMAT_VERSION) + 1)
+    cfg_path.write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="upgrade libortho"):
+        load(tmp_path)
 
 
 def test_base_and_ortho_of_another_model_refused(tmp_path):

@@ -158,7 +158,7 @@ def test_cache_is_safetensors_and_skips_the_build(tmp_path, monkeypatch):
     t2, m2, hit2 = cached("unit", {"a": 1}, build)
     assert (hit1, hit2) == (False, True) and len(calls) == 1 and torch.equal(t1["w"], t2["w"])
     assert m2["config"] == {"a": 1}
-    files = sorted(p.name for p in tmp_path.rglob("*") if p.is_file())
+    files = sorted(p.name for p in tmp_path.rglob("*") if p.is_file() and "locks" not in p.relative_to(tmp_path).parts)
     assert files == ["meta.json", "weights.safetensors"]
     cached("unit", {"a": 2}, build)
     assert len(calls) == 2  # another configuration, another key
@@ -181,6 +181,34 @@ def test_truncated_cache_entry_is_rebuilt(tmp_path, monkeypatch, capsys):
     assert not hit and len(calls) == 2 and torch.equal(t["w"], torch.arange(4.0))
     assert "unreadable" in capsys.readouterr().err
     assert cached("unit", {"a": 1}, build)[2]  # the rebuilt entry is whole again
+
+
+def test_concurrent_callers_build_a_cache_entry_once(tmp_path, monkeypatch):
+    """Two callers of one key at once (xdist workers, run(procs) helpers, two CLI runs): one builds, the other waits
+    and reads its entry. Without the lock in `cached` both build (the premise below shows they overlap)."""
+    import threading
+    import time
+
+    monkeypatch.setenv("LIBORTHO_CACHE", str(tmp_path))
+    started, calls, hits = threading.Barrier(2), [], []
+
+    def build():
+        calls.append(threading.get_ident())
+        time.sleep(0.5)  # long enough that an unlocked second caller would find no entry and build too
+        return {"w": torch.arange(4.0)}, {"history": {"steps": 1}}
+
+    def call():
+        started.wait()
+        hits.append(cached("unit", {"a": 1}, build)[2])
+
+    threads = [threading.Thread(target=call) for _ in range(2)]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(calls) == 1 and sorted(hits) == [False, True]
+    assert time.perf_counter() - t0 >= 0.5  # the reader waited for the build rather than missing the entry
 
 
 @pytest.mark.parametrize("per_chunk,recomputed", [(5, True), (6, False)])

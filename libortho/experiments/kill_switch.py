@@ -64,6 +64,7 @@ from ..convert import orthogonalize_
 from ..data import calibration_batches, load_text
 from ..hf import load as load_checkpoint
 from ..mia import attack_metrics, auc_claim, record_scores, token_stats
+from ..models import cache_lock
 from ..modules import cache_base_, set_alpha, state_without_tied
 from ..perplexity import Protocol, encode, perplexity
 from ..privacy import exposure_from_logprobs, extrapolated_exposure, make_canaries, measure, prepare_candidates
@@ -102,6 +103,18 @@ ALPHA0_IS_CONTROL = {
 BUDGETS = ("finetune", "ortho", "lora")  # the trained arms' budgets in `Size` (fine_tuned, ortho_tuned, lora)
 MIA_ATTACKS = ("ref_ratio", "min_k_pp", "loss")  # kept per record in the JSON; the claim uses the first
 MIA_FPR = 0.01
+
+
+def _ortho_history(d: Path) -> dict | None:
+    """An ortho-tune cache entry's training history, or None (absent; an unreadable one is removed, with a note)."""
+    meta_path = d / "meta.json"
+    if meta_path.is_file():
+        try:
+            return json.loads(meta_path.read_text())["history"]
+        except (ValueError, OSError, KeyError) as e:  # a truncated entry: rebuild it
+            print(f"libortho: cache entry {d} is unreadable ({str(e)[:120]}); rebuilding it", file=sys.stderr)
+            shutil.rmtree(d, ignore_errors=True)
+    return None
 
 
 @dataclass(frozen=True)
@@ -468,13 +481,16 @@ class KillSwitch:
     def _ortho_one(self, cfg: TrainConfig) -> tuple[Path, dict, bool]:
         """The ortho-tuned checkpoint trained with `cfg`, from the cache or trained now: (its dir, history, hit)."""
         d = self.ortho_cache(cfg)
-        meta_path = d / "meta.json"
-        if meta_path.is_file():
-            try:
-                return d, json.loads(meta_path.read_text())["history"], True
-            except (ValueError, OSError, KeyError) as e:  # a truncated entry: rebuild it
-                print(f"libortho: cache entry {d} is unreadable ({str(e)[:120]}); rebuilding it", file=sys.stderr)
-                shutil.rmtree(d, ignore_errors=True)
+        hist = _ortho_history(d)
+        if hist is not None:
+            return d, hist, True
+        with cache_lock(d.name):  # a process training the same run finishes first; then its entry is read
+            hist = _ortho_history(d)
+            if hist is not None:
+                return d, hist, True
+            return self._ortho_train(d, cfg)
+
+    def _ortho_train(self, d: Path, cfg: TrainConfig) -> tuple[Path, dict, bool]:
         ocfg = replace(self.ocfg, train=cfg)
         model = self._copy_public()
         orthogonalize_(model, ocfg, calibration=self.calib, loss_fn=self._loss(cfg), progress=self.progress)
