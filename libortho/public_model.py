@@ -147,8 +147,10 @@ def dither_(model: nn.Module, amplitude: float = 1.0, group_size: int = 32, seed
     return model
 
 
-def _train(model: nn.Module, ids: torch.Tensor, recipe: Recipe) -> list[float]:
+def _train(model: nn.Module, ids: torch.Tensor, recipe: Recipe, progress: bool = False) -> list[float]:
     """Continued pre-training: next-token loss on seeded windows of `ids`, AdamW on every parameter."""
+    from tqdm.auto import tqdm
+
     params = list(model.parameters())
     for p in params:
         p.requires_grad_(True)
@@ -158,7 +160,8 @@ def _train(model: nn.Module, ids: torch.Tensor, recipe: Recipe) -> list[float]:
     model.train()
     try:
         with torch.enable_grad():
-            for _ in range(recipe.steps):
+            for _ in tqdm(range(recipe.steps), desc="public model", unit="step", disable=not progress,
+                          leave=False):
                 starts = torch.randint(0, ids.numel() - recipe.length - 1, (recipe.batch,), generator=gen)
                 x = torch.stack([ids[s:s + recipe.length] for s in starts.tolist()])  # (B, T)
                 loss = model(input_ids=x, labels=x).loss
@@ -222,7 +225,7 @@ def _build(recipe: Recipe, d, progress: bool) -> None:
     if progress:
         print(f"libortho: deriving the off-grid public model ({recipe.steps} steps on the Devil's Dictionary)",
               file=sys.stderr)
-    losses = _train(model, ids, recipe) if recipe.steps else []
+    losses = _train(model, ids, recipe, progress) if recipe.steps else []
     facts = {"name": "SmolLM2-135M-Instruct-offgrid", "recipe": recipe.to_dict(), "key": recipe.key(),
              "text_tokens": int(ids.numel()), "losses": losses,
              "grid_offset": {"source_q4_1": before, "after_dither": dithered,
