@@ -214,6 +214,22 @@ def test_lr_grid_skips_a_diverged_lr_and_fails_when_every_lr_diverges():
         KS._select(stub, "lora", "lora", one)
 
 
+def test_a_finite_blow_up_is_flagged(capsys):
+    """A run that stays finite but ends above where it started (LoRA at lr 1e-2 on SmolLM2, 20 steps: loss 14.9)
+    is kept when it is the only lr, but flagged in the JSON's training info and on stderr; a run whose loss fell
+    is not (the control)."""
+    from dataclasses import replace
+    from types import SimpleNamespace
+
+    from libortho.experiments.kill_switch import KillSwitch as KS
+
+    for losses, flagged in (([7.0, 9.0, 14.9], True), ([7.0, 6.0, 5.0], False)):
+        stub = SimpleNamespace(size=replace(SMALL["tiny"]), train_info={}, seed=0)
+        KS._select(stub, "lora", "lora", lambda cfg: ("w", {"loss": losses, "steps": 3}, False))
+        assert ("loss_rose" in stub.train_info["lora"]) == flagged
+        assert ("loss rose" in capsys.readouterr().err) == flagged
+
+
 # ---------------------------------------------------------------------------------------------
 # claims: the decision rule on fabricated arms (fast), then on SmolLM2 at the make-test size
 

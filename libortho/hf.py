@@ -42,6 +42,9 @@ ORTHO_FILE = "ortho.safetensors"
 # 3: base hashes over the content (`sha256`); 2 recorded the files' bytes (still read). A libortho meets a newer
 # format with a clear refusal rather than a failed hash check that reads as a swapped base.
 FORMAT_VERSION = "3"
+# the model config's fields that decide which tensors exist and their shapes (recorded at save, checked on load)
+ARCHITECTURE_KEYS = ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                     "num_key_value_heads", "head_dim", "vocab_size", "tie_word_embeddings")
 _WITH_ORTHO: contextvars.ContextVar[bool] = contextvars.ContextVar("libortho_with_ortho", default=True)
 _DTYPES = {str(d).removeprefix("torch."): d for d in (torch.float32, torch.float16, torch.bfloat16)}
 
@@ -55,18 +58,22 @@ class LibOrthoConfig(QuantizationConfigMixin):
         layers: {module name: OrthoLinear.spec() plus "dtype"}, the skeleton to load into.
         base_sha256: {weight file name: content sha256 (`sha256`)} of the base files, filled in at save time.
         ortho_sha256: content sha256 of `ortho.safetensors` when it was saved, or None (saved base-only).
+        architecture: the model config's shape-defining fields at save time (`ARCHITECTURE_KEYS`): an edited
+            config.json (a layer more, another width) is refused on load instead of loading random weights.
     """
 
     REQUIRED = ("ortho_config", "layers")
 
     def __init__(self, ortho_config: dict | None = None, layers: dict | None = None, base_sha256: dict | None = None,
-                 ortho_sha256: str | None = None, format_version: str = FORMAT_VERSION, **kwargs):
+                 ortho_sha256: str | None = None, format_version: str = FORMAT_VERSION,
+                 architecture: dict | None = None, **kwargs):
         self.quant_method = QUANT_METHOD
         self.ortho_config = ortho_config or {}
         self.layers = layers or {}
         self.base_sha256 = base_sha256
         self.ortho_sha256 = ortho_sha256
         self.format_version = format_version
+        self.architecture = architecture
 
     @classmethod
     def from_dict(cls, config_dict: dict, return_unused_kwargs: bool = False, **kwargs):
@@ -78,13 +85,14 @@ class LibOrthoConfig(QuantizationConfigMixin):
         if not version.isdigit() or int(version) > int(FORMAT_VERSION):
             raise ValueError(f"this checkpoint has libortho format {version!r}; this libortho reads formats up to "
                              f"{FORMAT_VERSION}: upgrade libortho to load it")
-        known = {"ortho_config", "layers", "base_sha256", "ortho_sha256", "format_version"}
+        known = {"ortho_config", "layers", "base_sha256", "ortho_sha256", "format_version", "architecture"}
         config = cls(**{k: v for k, v in config_dict.items() if k in known})
         return (config, kwargs) if return_unused_kwargs else config
 
     def to_dict(self) -> dict:
         return {"quant_method": QUANT_METHOD, "format_version": self.format_version, "ortho_config": self.ortho_config,
-                "layers": self.layers, "base_sha256": self.base_sha256, "ortho_sha256": self.ortho_sha256}
+                "layers": self.layers, "base_sha256": self.base_sha256, "ortho_sha256": self.ortho_sha256,
+                "architecture": self.architecture}
 
 
 @register_quantizer(QUANT_METHOD)
@@ -105,6 +113,8 @@ class LibOrthoHfQuantizer(HfQuantizer):
     def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs):
         self.checkpoint_files = [str(f) for f in (checkpoint_files or [])]
         qc = self.quantization_config
+        where = Path(self.checkpoint_files[0]).parent / "config.json" if self.checkpoint_files else "config.json"
+        _check_architecture(model.config, qc, where)  # before any weight is read: HF fills a missing layer randomly
         for name, spec in qc.layers.items():
             convert_for_runtime_(model, {name: spec}, _DTYPES.get(spec.get("dtype"), torch.float32), with_ortho=False)
         # the ortho stream is read from its own file after the base; HF must not report its keys as missing
@@ -191,6 +201,7 @@ def _save_pretrained(self: nn.Module, save_directory, *args, **kwargs):
     qc.layers = _layers(self)  # as the model is now (a .to(dtype) since conversion changes the scales' dtype)
     qc.base_sha256, qc.ortho_sha256 = None, None
     qc.format_version = FORMAT_VERSION  # a checkpoint loaded from an older format is saved in this one
+    qc.architecture = _architecture(self.config)
     type(self).save_pretrained(self, d, *args, **kwargs)  # HF writes config.json and the base
     base = base_files(d)
     qc.base_sha256 = {f.name: sha256(f) for f in base}
@@ -257,6 +268,19 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def _architecture(config) -> dict:
+    return {k: getattr(config, k) for k in ARCHITECTURE_KEYS if getattr(config, k, None) is not None}
+
+
+def _check_architecture(config, qc: LibOrthoConfig, where) -> None:
+    now = _architecture(config)
+    edited = [k for k, v in (qc.architecture or {}).items() if now.get(k) != v]  # format-2 checkpoints record none
+    if edited:
+        k = edited[0]
+        raise ValueError(f"{where} says {k}={now.get(k)!r}, but the checkpoint was saved with "
+                         f"{k}={qc.architecture[k]!r}: config.json was edited; restore it")
+
+
 def combined_hash(hashes: dict[str, str]) -> str:
     """One hash naming a whole (possibly sharded) base: sha256 over 'name:hash' lines in name order."""
     return hashlib.sha256("".join(f"{k}:{hashes[k]}\n" for k in sorted(hashes)).encode()).hexdigest()
@@ -289,6 +313,11 @@ def _finish_load(model: nn.Module, qc: LibOrthoConfig, directory: Path | None, f
                          f"{len(qc.layers)}")
     path = directory / ORTHO_FILE
     ortho = _read_ortho(path, combined_hash(recorded), qc) if with_ortho and path.is_file() else None
+    # a stream of another fine-tune over the same base passes the check above; its recorded hash does not
+    rec = qc.ortho_sha256
+    if ortho is not None and rec and sha256(path) != rec and file_sha256(path) != rec:  # format 2: the bytes
+        raise ValueError(f"{path} is not the stream this checkpoint was saved with (sha256 {sha256(path)[:12]}… != "
+                         f"recorded {qc.ortho_sha256[:12]}…): edited, or copied from another checkpoint; refusing it")
     for name, m in mods.items():
         if ortho is None:
             m.set_ortho_(None)
@@ -338,9 +367,14 @@ def load(directory: str | os.PathLike, with_ortho: bool = True, **kwargs) -> nn.
     if not cfg.is_file():
         raise FileNotFoundError(f"{cfg} not found: {d} is not a saved checkpoint")
     try:
-        qc = json.loads(cfg.read_text()).get("quantization_config") or {}
-    except json.JSONDecodeError as e:
+        raw = json.loads(cfg.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{cfg} is not valid JSON: {e}") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"{cfg} holds a JSON {type(raw).__name__}, not an object: not a model config")
+    qc = raw.get("quantization_config") or {}
+    if not isinstance(qc, dict):
+        raise ValueError(f"{cfg}: quantization_config is not an object")
     if qc.get("quant_method") != QUANT_METHOD:
         raise ValueError(f"{d} is not a libortho checkpoint (quantization_config.quant_method="
                          f"{qc.get('quant_method')!r}); load it with AutoModelForCausalLM.from_pretrained")

@@ -146,9 +146,11 @@ def test_checkpoint_recording_file_hashes_still_loads(tmp_path):
     cfg_path.write_text(json.dumps(cfg))
     with safe_open(str(tmp_path / ORTHO_FILE), "pt") as h:
         tensors, meta = {k: h.get_tensor(k) for k in h.keys()}, h.metadata()
-    cfg["quantization_config"]["format_version"] = "2"  # as those checkpoints say
-    cfg_path.write_text(json.dumps(cfg))
+    cfg["quantization_config"]["format_version"] = "2"  # as those checkpoints say, with no architecture record
+    del cfg["quantization_config"]["architecture"]
     save_file(tensors, tmp_path / ORTHO_FILE, metadata={**meta, "base_sha256": combined_hash(raw), "version": "2"})
+    cfg["quantization_config"]["ortho_sha256"] = file_sha256(tmp_path / ORTHO_FILE)
+    cfg_path.write_text(json.dumps(cfg))
     old = load(tmp_path)
     assert torch.equal(logits(old, 1.0), logits(m, 1.0))
     old.save_pretrained(tmp_path / "again")  # saved again: in this format, content hashes
@@ -189,6 +191,46 @@ def test_ortho_of_another_base_refused(tmp_path):
     with pytest.raises(ValueError, match="belongs to a different base"):
         load(a)
     load(a, with_ortho=False)  # the base itself is intact
+
+
+def test_stream_of_another_checkpoint_on_the_same_base_refused(tmp_path):
+    """Two streams over one base with the same counts per layer (another mask): only the recorded stream hash tells
+    them apart; before it was checked, the other job's stream loaded silently. Edited bytes are refused the same
+    way (they had crashed inside the CSR with an IndexError)."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    ma = converted(0, score="magnitude")
+    ma.save_pretrained(a)
+    converted(0, score="random").save_pretrained(b)
+    assert all(json.loads((d / "config.json").read_text())["quantization_config"]["base_sha256"] ==
+               json.loads((a / "config.json").read_text())["quantization_config"]["base_sha256"] for d in (b,))
+    good = (a / ORTHO_FILE).read_bytes()
+    (a / ORTHO_FILE).write_bytes((b / ORTHO_FILE).read_bytes())
+    with pytest.raises(ValueError, match="not the stream this checkpoint was saved with"):
+        load(a)
+    (a / ORTHO_FILE).write_bytes(good[:-400] + b"\x7f" * 400)
+    with pytest.raises(ValueError, match="not the stream this checkpoint was saved with"):
+        load(a)
+    (a / ORTHO_FILE).write_bytes(good)
+    assert torch.equal(logits(load(a), 1.0), logits(ma, 1.0))  # the control: its own stream loads
+
+
+@pytest.mark.parametrize("key,value", [("num_hidden_layers", 3), ("intermediate_size", 96)])
+def test_edited_architecture_refused_before_loading(tmp_path, key, value):
+    """config.json edited after the save (a layer more: HF would fill it with random weights and generate)."""
+    converted(0).save_pretrained(tmp_path)
+    cfg_path = tmp_path / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    assert cfg[key] != value
+    load(tmp_path)  # the control
+    cfg_path.write_text(json.dumps({**cfg, key: value}))
+    with pytest.raises(ValueError, match=f"says {key}={value}, but the checkpoint was saved with"):
+        load(tmp_path)
+
+
+def test_config_that_is_not_an_object_refused(tmp_path):
+    (tmp_path / "config.json").write_text("[]")
+    with pytest.raises(ValueError, match="not an object"):
+        load(tmp_path)
 
 
 def test_truncated_ortho_and_edited_config_refused(tmp_path):

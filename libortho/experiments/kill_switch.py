@@ -456,6 +456,12 @@ class KillSwitch:
             raise FloatingPointError(f"{arm}: the training loss diverged at every lr of {[c.lr for c in configs]}")
         _, payload, hist, hit, cfg = best
         self.train_info[arm] = {"steps": hist["steps"], "cached": hit, "final_loss": hist["loss"][-1], "lr": cfg.lr}
+        first, tail = hist["loss"][0], tail_loss(hist["loss"])
+        if tail > first:  # finite but blown up: the arm's numbers are a failed training's, not the method's
+            self.train_info[arm]["loss_rose"] = {"first": first, "tail": round(tail, 6)}
+            print(f"libortho: seed {self.seed} {arm}: WARNING: the training loss rose from {first:.3f} to {tail:.3f} "
+                  f"at lr {cfg.lr:g}; the lr is too high for this model and budget, and this arm's numbers are those "
+                  "of a diverged run", file=sys.stderr)
         if len(losses) > 1:
             self.train_info[arm]["lr_selection"] = {"rule": "lowest mean training loss over the last tenth of steps",
                                                     "tail_loss": losses}
