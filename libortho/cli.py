@@ -8,6 +8,8 @@ before any computation); 3 out of memory (saved, status "failed: out of memory i
 from __future__ import annotations
 
 import argparse
+import json
+import math
 import signal
 import sys
 import time
@@ -126,6 +128,16 @@ def _one_line(e: BaseException | str) -> str:
 
 
 # -- plan ----------------------------------------------------------------------------------------------------
+
+def _is_libortho_checkpoint(d: Path) -> bool:
+    """Whether `d`'s config.json names libortho as its quantization method (a checkpoint this tool wrote)."""
+    try:
+        cfg = json.loads((d / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    qc = cfg.get("quantization_config") if isinstance(cfg, dict) else None
+    return isinstance(qc, dict) and qc.get("quant_method") == "libortho"
+
 
 def _profile(name: str):
     from .gpu import profiles
@@ -261,9 +273,13 @@ def prepare(a) -> _Run:
     from .plan import ALIASES, KNOWN_CONFIGS, LlamaShape
     from .results import reserve_results_path
 
-    if a.num_canaries is not None and a.num_canaries <= 0:
-        raise UsageError(f"--num-canaries must be positive, got {a.num_canaries}")
-    profile = _profile(a.profile) if a.profile else None
+    from .config import MAX_CANARIES
+
+    # as many never-trained canaries are drawn beside them (membership inference), from one user id each
+    if a.num_canaries is not None and not 2 <= a.num_canaries <= MAX_CANARIES // 2:
+        raise UsageError(f"--num-canaries must be in [2, {MAX_CANARIES // 2}] (as many held-out canaries are drawn "
+                         f"beside them, {MAX_CANARIES} user ids in all), got {a.num_canaries}")
+    profile = _profile(a.profile) if a.profile is not None else None
     facts: dict = {}
     text = _text(a, facts)
     wanted = list(ORDER) if a.experiment == "all" else [EXPERIMENT_NAMES.get(a.experiment, a.experiment)]
@@ -279,6 +295,9 @@ def prepare(a) -> _Run:
         if known is not None:  # a model too large for the budget is refused before anything is downloaded
             facts["memory_policy"] = _memory_policy(a, profile, known)
         src = models.resolve(a.model)
+        if src.kind == "dir" and _is_libortho_checkpoint(Path(a.model)):
+            raise UsageError(f"--model {a.model} is a libortho checkpoint (INT4 base + stream): the experiments start "
+                             "from the model it was built from; `libortho generate` runs the checkpoint itself")
         if known is None:
             facts["memory_policy"] = _memory_policy(a, profile, _model_config(a.model) if profile else None)
         models.check_bits(src.kind, {"int4": 4, "int8": 8}.get(facts["memory_policy"]["precision"]), a.model)
@@ -503,26 +522,63 @@ def _device(a) -> str:
 def cmd_finetune(a) -> int:
     """Everything checked first (model, records with their line numbers, output, profile), then the job under the
     profile's cap with NVML measuring; `finetune.json` beside the checkpoint records the facts and the memory."""
-    import json as _json
+    import hashlib
+
+    from filelock import Timeout
 
     from . import models
     from .config import validate_density
-    from .finetune import finetune, load_records
-    from .gpu import BudgetMeter
-    from .oom import is_oom
 
-    validate_density(a.density)
-    for k in ("steps", "batch_size", "max_length"):
+    # every number before anything is read or written: a bad one must not leave (or overwrite) a finetune.json
+    try:
+        validate_density(a.density)
+    except ValueError as e:
+        raise UsageError(f"--{_one_line(e)}") from None
+    for k in ("steps", "batch_size", "max_length", "group_size"):
         v = getattr(a, k)
         if v is not None and v < 1:
             raise UsageError(f"--{k.replace('_', '-')} must be positive, got {v}")
-    if a.epochs is not None and not a.epochs > 0:
-        raise UsageError(f"--epochs must be positive, got {a.epochs}")
-    if a.output.exists() and not a.output.is_dir():
-        raise UsageError(f"--output {a.output}: is a file; pass a directory")
+    if a.max_length < 2:
+        raise UsageError(f"--max-length must be at least 2, got {a.max_length}")
+    if a.epochs is not None and not (math.isfinite(a.epochs) and a.epochs > 0):
+        raise UsageError(f"--epochs must be a positive finite number, got {a.epochs}")
+    if not (math.isfinite(a.lr) and a.lr > 0):
+        raise UsageError(f"--lr must be a positive finite number, got {a.lr}")
+    if a.checkpoint_every < 0:
+        raise UsageError(f"--checkpoint-every must be 0 (no resumable states) or positive, got {a.checkpoint_every}")
+    if not a.data.is_file():
+        raise UsageError(f"--data {a.data}: " + ("is a directory; pass a JSONL file" if a.data.is_dir() else
+                                                 "no such file"))
+    # one job an --output: a second finetune into it is refused at once (they would write the same files)
+    lock = models.cache_lock("finetune-" + hashlib.sha256(str(a.output.resolve()).encode()).hexdigest()[:16])
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        raise UsageError(f"--output {a.output} is in use by another libortho finetune; wait for it to finish or "
+                         "pass another directory") from None
+    try:
+        return _finetune_job(a)
+    finally:
+        lock.release()
+
+
+def _finetune_job(a) -> int:
+    """cmd_finetune under its --output lock: the output checked, the model and records read, then the job."""
+    from . import models
+    from .finetune import STATE_DIR, OtherJobState, check_output, finetune, load_records
+    from .gpu import BudgetMeter
+    from .oom import is_oom
+
+    try:
+        check_output(a.output, a.model)  # under the lock: a job that finished meanwhile is seen
+    except ValueError as e:
+        raise UsageError(_one_line(e)) from None
     device = _device(a)
-    profile = _profile(a.profile) if a.profile else None
+    profile = _profile(a.profile) if a.profile is not None else None
     src = models.resolve(a.model)
+    if src.kind == "dir" and _is_libortho_checkpoint(Path(a.model)):
+        raise UsageError(f"--model {a.model} is already a libortho checkpoint (INT4 base + stream); fine-tune the "
+                         "model it was built from, or use `libortho generate` with it")
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(a.model) if src.kind == "dir" else models.load_model(a.model).tokenizer
@@ -544,9 +600,16 @@ def cmd_finetune(a) -> int:
                          symmetric=not a.asymmetric, steps=a.steps, epochs=a.epochs, lr=a.lr, batch_size=a.batch_size,
                          max_length=a.max_length, seed=a.seed, device=device, score=a.score,
                          checkpoint_every=a.checkpoint_every, progress=not a.no_progress)
+    except KeyboardInterrupt:
+        meter.stop()
+        _interrupted(a.output / STATE_DIR, a.output / "finetune.json", meter.report(), device)
+        raise
+    except OtherJobState as e:  # bad input found on reading the state: that job's files stay as they are
+        meter.stop()
+        raise UsageError(_one_line(e)) from None
     except Exception as e:
         meter.stop()
-        (a.output / "finetune.json").write_text(_json.dumps(
+        (a.output / "finetune.json").write_text(json.dumps(
             {"status": f"failed: {e.__class__.__name__}: {_one_line(e)[:300]}", "traceback": traceback.format_exc(),
              "run_facts": {"memory": meter.report(), "device": device}}, indent=1, default=str))
         if is_oom(e):
@@ -560,10 +623,26 @@ def cmd_finetune(a) -> int:
     facts["status"] = "complete"
     facts["run_facts"] = {"memory": meter.report(), "device": device, "model": models.model_facts(src)}
     path = a.output / "finetune.json"
-    path.write_text(_json.dumps(facts, indent=1, default=str))
+    path.write_text(json.dumps(facts, indent=1, default=str))
     print(f"finetuned {facts['steps']} steps (loss {facts['loss_first']} -> {facts['loss_last']}); "
           f"checkpoint: {a.output}; facts: {path}")
     return 0
+
+
+def _interrupted(state, facts_path: Path, memory: dict, device: str) -> None:
+    """Ctrl-C in a finetune: finetune.json says so, with the step the resumable state holds; stderr says how to go
+    on."""
+    step = None
+    try:
+        step = json.loads((state / "state.json").read_text())["step"]
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    facts_path.write_text(json.dumps({"status": "interrupted", "resumable_state": str(state) if step else None,
+                                      "step": step, "run_facts": {"memory": memory, "device": device}}, indent=1,
+                                     default=str))
+    how = (f"the same command resumes from step {step} ({state})" if step else
+           "no resumable state was saved yet (see --checkpoint-every): the same command starts over")
+    print(f"libortho: finetune interrupted; {how}; facts: {facts_path}", file=sys.stderr)
 
 
 def cmd_generate(a) -> int:
@@ -573,8 +652,13 @@ def cmd_generate(a) -> int:
     alpha = validate_alpha(a.alpha)
     if a.max_new_tokens < 1:
         raise UsageError(f"--max-new-tokens must be positive, got {a.max_new_tokens}")
+    if not a.prompt.strip():
+        raise UsageError("--prompt is empty")
     if not (a.model / "config.json").is_file():
         raise UsageError(f"--model {a.model}: not a checkpoint directory (no config.json)")
+    if alpha != 0 and _is_libortho_checkpoint(a.model) and not (a.model / "ortho.safetensors").is_file():
+        raise UsageError(f"--alpha {alpha:g}: {a.model / 'ortho.safetensors'} is missing (deleted, or the save did not "
+                         "finish), so the checkpoint holds no stream: only --alpha 0 is possible")
     device = _device(a)
     import torch
     from transformers import AutoTokenizer

@@ -135,6 +135,9 @@ def _subclasses(cls) -> list[type]:
     return out
 
 
+MAX_CANARIES = 9000  # canaries of one run, members and held-out together: one per 4-digit user id
+
+
 def validate_density(density: float) -> None:
     if not _is_number(density) or not math.isfinite(density) or not 0 < density <= 1:
         raise ValueError(f"density must be a number in (0, 1], got {density!r}")

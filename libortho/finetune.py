@@ -179,6 +179,10 @@ def save_state(directory: Path, step: int, optimizer: torch.optim.Optimizer, his
     tmp.rename(d)
 
 
+class OtherJobState(ValueError):
+    """--output holds the resumable state of another job (other model, data or settings)."""
+
+
 def load_state(directory: Path, fingerprint: str) -> dict | None:
     """What `tune_stream_(resume=...)` needs, or None when there is no state of this same job to resume."""
     from .sparse import CSR
@@ -192,7 +196,7 @@ def load_state(directory: Path, fingerprint: str) -> dict | None:
     except (OSError, ValueError, SafetensorError):
         return None  # an unreadable state starts over rather than resuming from garbage
     if meta.get("fingerprint") != fingerprint:
-        raise ValueError(f"{d} holds the state of another job (other model, data or settings); remove it or use "
+        raise OtherJobState(f"{d} holds the state of another job (other model, data or settings); remove it or use "
                          "another --output")
     streams = {}
     for k in tensors:
@@ -207,6 +211,45 @@ def load_state(directory: Path, fingerprint: str) -> dict | None:
             state.setdefault(int(i), {})[name] = v
     return {"step": meta["step"], "history": meta["history"], "streams": streams,
             "optimizer": {"state": state, "param_groups": meta["param_groups"]}}
+
+
+# -- the output directory: never another job's, never the user's model ---------------------------------------------
+
+# what a finetune writes into --output besides the checkpoint files: its facts, its resumable state (and their
+# temporaries), the write probe of the command line
+OWN = ("finetune.json", STATE_DIR, STATE_DIR + ".tmp", ".libortho_write_test")
+
+
+def check_output(output, model=None) -> None:
+    """Refuse an --output that would lose something (ValueError), before anything is read or written: the model's
+    own directory, a finished checkpoint, or a directory holding files this job did not write. Allowed: a new or
+    empty directory, one holding a resumable state (whose job is checked when it is read) or the facts of a run
+    that did not finish."""
+    out = Path(output)
+    if str(output).strip() in ("",):
+        raise ValueError("--output is empty; pass a directory")
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"--output {out} is a file; pass a directory")
+    if model is not None and Path(str(model)).is_dir() and out.exists() and out.resolve() == Path(str(model)).resolve():
+        raise ValueError(f"--output {out} is the --model directory: the checkpoint would replace the model's own "
+                         "weights; pass another directory")
+    if not out.is_dir():
+        return
+    names = sorted(p.name for p in out.iterdir())
+    facts = out / "finetune.json"
+    status = None
+    if facts.is_file():
+        try:
+            status = json.loads(facts.read_text()).get("status")
+        except (ValueError, OSError, AttributeError):
+            status = "unreadable"
+    if status == "complete" or (STATE_DIR not in names and "config.json" in names and facts.is_file()):
+        raise ValueError(f"--output {out} already holds a finished checkpoint (finetune.json: {status}); pass a new "
+                         "directory or remove it first")
+    other = [n for n in names if n not in OWN]
+    if other and STATE_DIR not in names:
+        raise ValueError(f"--output {out} is not empty and holds no finetune state to resume ({', '.join(other[:4])}"
+                         f"{', ...' if len(other) > 4 else ''}); pass a new or empty directory")
 
 
 # -- the job ------------------------------------------------------------------------------------------------------
@@ -232,8 +275,7 @@ def finetune(model: str, data, output, *, density: float = 0.01, group_size: int
     from .train import OrthoTuneConfig, TrainConfig
 
     out = Path(output)
-    if out.exists() and not out.is_dir():
-        raise NotADirectoryError(f"--output {out} is a file; pass a directory")
+    check_output(out, model)
     if steps is not None and epochs is not None:
         raise ValueError("give --steps or --epochs, not both")
     local = Path(str(model)).is_dir()

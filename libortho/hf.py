@@ -378,6 +378,11 @@ def load(directory: str | os.PathLike, with_ortho: bool = True, **kwargs) -> nn.
     if qc.get("quant_method") != QUANT_METHOD:
         raise ValueError(f"{d} is not a libortho checkpoint (quantization_config.quant_method="
                          f"{qc.get('quant_method')!r}); load it with AutoModelForCausalLM.from_pretrained")
+    from .models import readable_safetensors
+
+    for f in base_files(d):  # before transformers reads them: a truncated file is named, not a traceback
+        if not readable_safetensors(f):
+            raise ValueError(f"{f} is truncated or not a safetensors file: the checkpoint is damaged")
     token = _WITH_ORTHO.set(with_ortho)
     try:
         model = AutoModelForCausalLM.from_pretrained(d, **kwargs)

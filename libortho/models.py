@@ -62,7 +62,7 @@ def embedded_gguf() -> Path:
     return path
 
 
-def _readable_safetensors(path: Path) -> bool:
+def readable_safetensors(path: Path) -> bool:
     """The header parses and the file is as long as the header says (a cut-off copy is not)."""
     import json
     import struct
@@ -90,7 +90,7 @@ def embedded_dir() -> Path:
 
 def _embedded_ready(out: Path) -> bool:
     if (out / "config.json").is_file() and (out / "model.safetensors").is_file():
-        if _readable_safetensors(out / "model.safetensors"):
+        if readable_safetensors(out / "model.safetensors"):
             return True
         import shutil
         import sys
@@ -187,6 +187,9 @@ def _check_dir(d: Path, label: str) -> dict:
     cfg = _read_config(d / "config.json", label)
     if not any(next(d.glob(g), None) for g in WEIGHT_GLOBS):
         raise FileNotFoundError(f"--model {label}: no weights in {d} (expected *.safetensors or pytorch_model*.bin)")
+    for f in sorted(d.glob("*.safetensors")):  # header and length only: a truncated copy fails here, not mid-run
+        if not readable_safetensors(f):
+            raise ValueError(f"--model {label}: {f.name} is truncated or not a safetensors file")
     if not any((d / f).is_file() for f in TOKENIZER_FILES):
         raise FileNotFoundError(f"--model {label}: no tokenizer in {d} (expected {' or '.join(TOKENIZER_FILES)})")
     return cfg

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from .config import MAX_CANARIES
 from .oom import map_batches
 
 FORMATS = ("plain", "chat")
@@ -88,8 +89,8 @@ def make_canaries(tokenizer, n: int, seed: int = 0, fmt: str = "plain", groups: 
         >>> make_canaries(tok, 2, seed=0)[0].secret        # doctest: +SKIP
         '6044-8479-5234'
     """
-    if n <= 0 or n > 9000:
-        raise ValueError(f"number of canaries must be in [1, 9000], got {n}")
+    if n <= 0 or n > MAX_CANARIES:
+        raise ValueError(f"number of canaries must be in [1, {MAX_CANARIES}], got {n}")
     rng = random.Random(f"canaries:{seed}")
     users = rng.sample(range(1000, 10000), n)
     out = []

@@ -135,8 +135,10 @@ def _bad_inputs(tmp_path, model_dir):
         (("--seed", 2**63), "from 0 to 2**32-1"),
         (("--seed", -1), "from 0 to 2**32-1"),
         (("--canary-format", "xml"), "invalid choice"),
-        (("--num-canaries", "0"), "must be positive"),
+        (("--num-canaries", "0"), "--num-canaries must be in [2, 4500]"),
+        (("--num-canaries", "1000000000"), "--num-canaries must be in [2, 4500]"),  # failed late, doubled, exit 1
         (("--profile", "gtx9999"), "--profile gtx9999: unknown"),
+        (("--profile", ""), "--profile : unknown"),  # was taken as no profile
         (("--quantization-bits", "8"), "8-bit loading applies to a model directory"),
         (("--quantization-bits", "4", "--no-quantization"), "not allowed with"),
         (("--model", "meta-llama/Meta-Llama-3-70B", "--profile", "gtx4050"), "does not fit"),
@@ -147,7 +149,7 @@ def _bad_inputs(tmp_path, model_dir):
 
 BAD_IDS = ["out-file", "out-proc", "out-sys", "model-missing", "model-bogus", "hub-offline", "no-config",
            "no-weights", "broken-config", "text-missing", "text-dir", "seed-abc", "seed-2**63", "seed-neg",
-           "canary-format", "num-canaries", "profile", "bits8-tiny", "bits-and-noquant", "70b-6gb", "8b-fp16-6gb"]
+           "canary-format", "num-canaries", "num-canaries-huge", "profile", "profile-empty", "bits8-tiny", "bits-and-noquant", "70b-6gb", "8b-fp16-6gb"]
 
 
 @pytest.mark.parametrize("case", range(len(BAD_IDS)), ids=BAD_IDS)

@@ -133,3 +133,101 @@ def test_cli_finetune_then_generate(job, capsys):
                  str(job / "o2"), "--steps", "2"]) == 2
     assert "bad.jsonl:1:" in capsys.readouterr().err
     assert main(["generate", "--model", str(job / "out"), "--alpha", "nan", "--prompt", "x"]) == 2
+
+
+def _md5s(d):
+    import hashlib
+
+    return {p.name: hashlib.md5(p.read_bytes()).hexdigest() for p in sorted(d.iterdir()) if p.is_file()}
+
+
+def test_cli_finetune_never_overwrites_or_races(job, capsys, monkeypatch):
+    """What a second command must not destroy: a finished checkpoint (its finetune.json too, even on bad numbers),
+    the --model directory itself, a folder of other files, another job's resumable state, a job in progress (its
+    --output is locked). Each refusal exits 2 before anything is written; the controls run into new folders."""
+    import hashlib
+
+    from safetensors.torch import save_file
+
+    from libortho.cli import main
+    from libortho.models import cache_lock
+
+    base = ["--data", str(job / "r.jsonl"), "--steps", "2", "--group-size", "32", "--no-progress", "--device", "cpu"]
+    ckpt, out = job / "ckpt", job / "out"
+    assert main(["finetune", "--model", str(ckpt), "--output", str(out), *base]) == 0  # the control
+    kept, model_kept = _md5s(out), _md5s(ckpt)
+
+    def refused(args, says):
+        assert main(["finetune", *args]) == 2
+        assert says in capsys.readouterr().err
+        assert _md5s(out) == kept and _md5s(ckpt) == model_kept
+
+    refused(["--model", str(ckpt), "--output", str(out), *base], "already holds a finished checkpoint")
+    refused(["--model", str(ckpt), "--output", str(ckpt), *base], "is the --model directory")
+    for flag, bad, says in (("--group-size", "0", "--group-size must be positive"), ("--lr", "nan", "--lr must"),
+                            ("--checkpoint-every", "-1", "--checkpoint-every must")):
+        refused(["--model", str(ckpt), "--output", str(out), *base, flag, bad], says)
+    refused(["--model", str(ckpt), "--output", str(out), "--data", str(job / "r.jsonl"), "--epochs", "inf"],
+            "--epochs must be a positive finite number")
+    refused(["--model", str(out), "--output", str(job / "o3"), *base], "already a libortho checkpoint")
+    (job / "mine").mkdir()
+    (job / "mine" / "notes.txt").write_text("the user's own file")
+    refused(["--model", str(ckpt), "--output", str(job / "mine"), *base], "is not empty")
+    assert (job / "mine" / "notes.txt").read_text() == "the user's own file"
+    other = job / "other" / STATE_DIR
+    other.mkdir(parents=True)
+    save_file({"opt.0.step": torch.zeros(1)}, other / "state.safetensors")
+    (other / "state.json").write_text(json.dumps({"fingerprint": "another job", "step": 7, "history": {},
+                                                  "param_groups": []}))
+    refused(["--model", str(ckpt), "--output", str(job / "other"), *base], "state of another job")
+    assert sorted(p.name for p in (job / "other").iterdir()) == [STATE_DIR]  # no finetune.json written over it
+    busy = job / "busy"
+    with cache_lock("finetune-" + hashlib.sha256(str(busy.resolve()).encode()).hexdigest()[:16]):
+        refused(["--model", str(ckpt), "--output", str(busy), *base], "in use by another libortho finetune")
+    assert main(["finetune", "--model", str(ckpt), "--output", str(busy), *base]) == 0  # free again: the control
+
+
+def test_cli_interrupted_finetune_says_so_and_resumes(job, capsys, monkeypatch):
+    """Ctrl-C at step 4 (a state every step): exit 130, finetune.json says interrupted at step 3 and stderr how to
+    go on; the same command then resumes from step 3 and completes."""
+    import libortho.finetune as ft
+    from libortho.cli import main
+
+    real = ft.records_loss
+
+    def interrupting(*a, **k):
+        fn = real(*a, **k)
+
+        def loss(model, step):
+            if step == 4:
+                raise KeyboardInterrupt
+            return fn(model, step)
+        loss.last_tokens, loss.steps_per_epoch = 0, fn.steps_per_epoch
+        return loss
+
+    args = ["finetune", "--model", str(job / "ckpt"), "--data", str(job / "r.jsonl"), "--output", str(job / "out"),
+            "--steps", "5", "--group-size", "32", "--checkpoint-every", "1", "--no-progress", "--device", "cpu"]
+    monkeypatch.setattr(ft, "records_loss", interrupting)
+    assert main(args) == 130
+    facts = json.loads((job / "out" / "finetune.json").read_text())
+    assert facts["status"] == "interrupted" and facts["step"] == 3
+    assert "resumes from step 3" in capsys.readouterr().err
+    monkeypatch.setattr(ft, "records_loss", real)
+    assert main(args) == 0
+    facts = json.loads((job / "out" / "finetune.json").read_text())
+    assert facts["status"] == "complete" and facts["resumed_from"] == 3
+
+
+def test_cli_generate_refuses_an_empty_prompt_and_a_missing_stream(job, capsys):
+    from libortho.cli import main
+
+    out = job / "out"
+    assert main(["finetune", "--model", str(job / "ckpt"), "--data", str(job / "r.jsonl"), "--output", str(out),
+                 "--steps", "1", "--group-size", "32", "--no-progress", "--device", "cpu"]) == 0
+    gen = ["generate", "--model", str(out), "--max-new-tokens", "2", "--device", "cpu"]
+    assert main([*gen, "--prompt", "", "--no-chat"]) == 2 and "--prompt is empty" in capsys.readouterr().err
+    (out / "ortho.safetensors").unlink()
+    assert main([*gen, "--prompt", "hi"]) == 2 and "ortho.safetensors is missing" in capsys.readouterr().err
+    assert main([*gen, "--prompt", "hi", "--alpha", "0"]) == 0  # the kill switch needs no stream
+    assert main(["run", "--model", str(out), "--experiment", "2"]) == 2
+    assert "is a libortho checkpoint" in capsys.readouterr().err

@@ -4,6 +4,7 @@ import time
 
 import pytest
 import torch
+from safetensors.torch import save_file
 
 from libortho import hub, models
 from libortho.models import (LOAD_LOG, RANDOM_WEIGHTS_KEY, embedded_dir, hub_unreachable, load_model, model_facts,
@@ -42,7 +43,7 @@ def model_dir(tmp_path):
     d.mkdir()
     (d / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 64, "num_hidden_layers": 2,
                                                "vocab_size": 128}))
-    (d / "model.safetensors").write_bytes(b"")
+    save_file({"w": torch.zeros(4)}, d / "model.safetensors")
     (d / "tokenizer.json").write_text("{}")
     return d
 
@@ -58,6 +59,8 @@ def test_resolve_accepts_a_model_directory(model_dir):
     (lambda d: (d / "model.safetensors").unlink(), "no weights"),
     (lambda d: (d / "tokenizer.json").unlink(), "no tokenizer"),
     (lambda d: (d / "config.json").write_text("{not json"), "not valid JSON"),
+    # a cut copy failed only when an experiment read it (exit 1, a results file saying failed)
+    (lambda d: (d / "model.safetensors").write_bytes((d / "model.safetensors").read_bytes()[:-8]), "is truncated"),
     (lambda d: (d / "config.json").write_text('{"hidden_size": 8}'), "no model_type"),
 ])
 def test_resolve_names_what_a_directory_lacks(model_dir, breakage, needle):
@@ -152,15 +155,15 @@ def test_truncated_embedded_cache_is_detected(tmp_path):
     import torch
     from safetensors.torch import save_file
 
-    from libortho.models import _readable_safetensors
+    from libortho.models import readable_safetensors
 
     f = tmp_path / "model.safetensors"
     save_file({"w": torch.zeros(64, 64)}, f)
-    assert _readable_safetensors(f)
+    assert readable_safetensors(f)
     f.write_bytes(f.read_bytes()[:-100])
-    assert not _readable_safetensors(f)
+    assert not readable_safetensors(f)
     f.write_bytes(b"\x00" * 4)
-    assert not _readable_safetensors(f)
+    assert not readable_safetensors(f)
 
 
 def test_two_converters_at_once_keep_one_whole_copy(tmp_path, monkeypatch):
@@ -189,7 +192,7 @@ def test_two_converters_at_once_keep_one_whole_copy(tmp_path, monkeypatch):
     monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", lambda *a, **k: tiny_llama())
     assert embedded_dir() == out
     assert (out / "model.safetensors").read_bytes() == b"their weights"  # theirs kept, not overwritten
-    assert sorted(p.name for p in tmp_path.iterdir()) == [out.name]  # this process's folder removed
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["locks", out.name]  # this process's folder removed
     import shutil
 
     shutil.rmtree(out)

@@ -270,8 +270,10 @@ SMALL = {
                  relearn=_quick(1e-2, 5)),
     "smollm2-135m": Size(name="small", num_canaries=8, num_holdout=8, n_candidates=32, n_candidates_decisive=32,
                          groups=(4, 4), ppl=Protocol(256, 256, 256), calib=(2, 64), density=0.02,
-                         # 20 steps: full FT at 3e-4 extracts 8/8; ortho at 3e-3 2/8, at 1e-2 7/8 (2 CPU cores)
-                         finetune=_quick(3e-4, 20), ortho=_quick(1e-2, 20), lora=_quick(1e-2, 20),
+                         # 20 steps: full FT at 3e-4 extracts 8/8; ortho at 3e-3 2/8, at 1e-2 7/8 (2 CPU cores).
+                         # LoRA at 1e-2 blew up in the secrets study's 20 steps (loss 14.9, ppl 6,259); FULL's rule
+                         # on 1e-3 / 3e-3 kept 3e-3 (tail loss 5.94 / 5.72; 6 of 18 secrets at alpha 1, ppl 36.1)
+                         finetune=_quick(3e-4, 20), ortho=_quick(1e-2, 20), lora=_quick(3e-3, 20),
                          alphas={a: (0.0, 1.0) for a in SWITCHED}, chunk=64, relearn=None,
                          arms=("never_trained", "int4_of_public", "fine_tuned", "int4_of_fine_tuned", "ortho_tuned")),
 }
