@@ -649,13 +649,20 @@ def cmd_generate(a) -> int:
     """Greedy text from a libortho checkpoint at --alpha; at 0 the ortho file is not read at all."""
     from .config import validate_alpha
 
-    alpha = validate_alpha(a.alpha)
+    try:
+        alpha = validate_alpha(a.alpha)
+    except ValueError as e:
+        raise UsageError(f"--{_one_line(e)}") from None
     if a.max_new_tokens < 1:
         raise UsageError(f"--max-new-tokens must be positive, got {a.max_new_tokens}")
     if not a.prompt.strip():
         raise UsageError("--prompt is empty")
     if not (a.model / "config.json").is_file():
         raise UsageError(f"--model {a.model}: not a checkpoint directory (no config.json)")
+    from .models import TOKENIZER_FILES
+
+    if not any((a.model / f).is_file() for f in TOKENIZER_FILES):  # else found only after the model has loaded
+        raise UsageError(f"--model {a.model}: no tokenizer (expected {' or '.join(TOKENIZER_FILES)})")
     if alpha != 0 and _is_libortho_checkpoint(a.model) and not (a.model / "ortho.safetensors").is_file():
         raise UsageError(f"--alpha {alpha:g}: {a.model / 'ortho.safetensors'} is missing (deleted, or the save did not "
                          "finish), so the checkpoint holds no stream: only --alpha 0 is possible")

@@ -71,6 +71,9 @@ def wikitext(split: str = "test") -> Text:
     return Text(f"wikitext-2-raw-v1:{split}", "\n\n".join(ds["text"]))
 
 
+MIN_WORDS = 100  # a user's evaluation text: below this, a perplexity is a handful of tokens
+
+
 def load_text(source: str | os.PathLike = "default") -> Text:
     """`default` (Jargon File), `wikitext` (WikiText-2 test) or a path to a UTF-8 text file."""
     if str(source) == "default":
@@ -88,6 +91,16 @@ def load_text(source: str | os.PathLike = "default") -> Text:
         raise ValueError(f"{path}: cannot read as UTF-8 text ({e.__class__.__name__})") from None
     if not text.strip():
         raise ValueError(f"text file {path} is empty")
+    # valid UTF-8 can still be a binary file: NUL bytes, or control characters beyond a stray form feed
+    controls = sum(1 for c in text if ord(c) < 32 and c not in "\t\n\r\f\v")
+    nul = "\x00" in text
+    if nul or controls > len(text) // 100:
+        raise ValueError(f"text file {path} holds {controls} control characters{' (NUL among them)' if nul else ''}: "
+                         "a binary file, not text")
+    words = len(text.split())
+    if words < MIN_WORDS:
+        raise ValueError(f"text file {path} holds {words} words; perplexity over fewer than {MIN_WORDS} is noise: "
+                         "give a longer text")
     return Text(f"file:{path}", text)
 
 

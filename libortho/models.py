@@ -62,19 +62,46 @@ def embedded_gguf() -> Path:
     return path
 
 
-def readable_safetensors(path: Path) -> bool:
-    """The header parses and the file is as long as the header says (a cut-off copy is not)."""
+def safetensors_shapes(path: Path) -> dict[str, list[int]] | None:
+    """{tensor name: shape} from the header, or None when the header does not parse or the file is shorter than
+    the header says (a cut-off copy). Reads the header only."""
     import json
     import struct
 
     try:
         with open(path, "rb") as f:
             n = struct.unpack("<Q", f.read(8))[0]
+            if n > min(path.stat().st_size, 100_000_000):
+                return None
             header = json.loads(f.read(n))
-        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
-        return path.stat().st_size >= 8 + n + end
-    except (OSError, ValueError, struct.error, KeyError, TypeError):
-        return False
+        tensors = {k: v for k, v in header.items() if k != "__metadata__"}
+        end = max((v["data_offsets"][1] for v in tensors.values()), default=0)
+        if path.stat().st_size < 8 + n + end:
+            return None
+        return {k: list(v["shape"]) for k, v in tensors.items()}
+    except (OSError, ValueError, struct.error, KeyError, TypeError, AttributeError, RecursionError):
+        return None
+
+
+def readable_safetensors(path: Path) -> bool:
+    """The header parses and the file is as long as the header says (a cut-off copy is not)."""
+    return safetensors_shapes(path) is not None
+
+
+def _check_shapes(shapes: dict[str, list[int]], cfg: dict, label: str) -> None:
+    """The Llama-family tensors the config decides: the embedding's [vocab_size, hidden_size] and the number of
+    layers. An edited config.json otherwise failed (or loaded random layers) only when an experiment read it."""
+    emb = shapes.get("model.embed_tokens.weight")
+    want = [cfg.get("vocab_size"), cfg.get("hidden_size")]
+    if emb is not None and None not in want and emb != want:
+        raise ValueError(f"--model {label}: config.json gives vocab_size x hidden_size {want[0]} x {want[1]}, the "
+                         f"weights hold model.embed_tokens.weight of {emb[0]} x {emb[1]}: config.json does not match "
+                         "the weights")
+    layers = {int(k.split(".")[2]) for k in shapes if k.startswith("model.layers.") and k.split(".")[2].isdigit()}
+    n = cfg.get("num_hidden_layers")
+    if layers and isinstance(n, int) and max(layers) + 1 != n:
+        raise ValueError(f"--model {label}: config.json gives num_hidden_layers {n}, the weights hold "
+                         f"{max(layers) + 1} layers: config.json does not match the weights")
 
 
 def embedded_dir() -> Path:
@@ -187,9 +214,13 @@ def _check_dir(d: Path, label: str) -> dict:
     cfg = _read_config(d / "config.json", label)
     if not any(next(d.glob(g), None) for g in WEIGHT_GLOBS):
         raise FileNotFoundError(f"--model {label}: no weights in {d} (expected *.safetensors or pytorch_model*.bin)")
+    shapes: dict = {}
     for f in sorted(d.glob("*.safetensors")):  # header and length only: a truncated copy fails here, not mid-run
-        if not readable_safetensors(f):
+        got = safetensors_shapes(f)
+        if got is None:
             raise ValueError(f"--model {label}: {f.name} is truncated or not a safetensors file")
+        shapes.update(got)
+    _check_shapes(shapes, cfg, label)
     if not any((d / f).is_file() for f in TOKENIZER_FILES):
         raise FileNotFoundError(f"--model {label}: no tokenizer in {d} (expected {' or '.join(TOKENIZER_FILES)})")
     return cfg

@@ -16,8 +16,16 @@ def test_prose_keeps_paragraphs_only():
 
 def test_user_file(tmp_path):
     p = tmp_path / "t.txt"
-    p.write_text("hello there")
+    p.write_text(prose(fortunes().text[:20_000]))  # real text, a few hundred words
     assert load_text(p).name == f"file:{p}"
+    p.write_text("hello there")  # two words scored as a perplexity: refused
+    with pytest.raises(ValueError, match="holds 2 words"):
+        load_text(p)
+    p.write_text("word\x00 " * 200)  # valid UTF-8, still binary
+    with pytest.raises(ValueError, match="binary file"):
+        load_text(p)
+    p.write_text("\f".join(["word " * 50] * 3))  # form feeds between pages are text
+    load_text(p)
     with pytest.raises(FileNotFoundError):
         load_text(tmp_path / "missing.txt")
     (tmp_path / "e.txt").write_text("  ")

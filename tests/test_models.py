@@ -43,9 +43,15 @@ def model_dir(tmp_path):
     d.mkdir()
     (d / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 64, "num_hidden_layers": 2,
                                                "vocab_size": 128}))
-    save_file({"w": torch.zeros(4)}, d / "model.safetensors")
+    save_file({"model.embed_tokens.weight": torch.zeros(128, 64), "model.layers.0.w": torch.zeros(1),
+               "model.layers.1.w": torch.zeros(1)}, d / "model.safetensors")
     (d / "tokenizer.json").write_text("{}")
     return d
+
+
+def _edit_config(d, **kw):
+    cfg = json.loads((d / "config.json").read_text())
+    (d / "config.json").write_text(json.dumps({**cfg, **kw}))
 
 
 def test_resolve_accepts_a_model_directory(model_dir):
@@ -61,6 +67,9 @@ def test_resolve_accepts_a_model_directory(model_dir):
     (lambda d: (d / "config.json").write_text("{not json"), "not valid JSON"),
     # a cut copy failed only when an experiment read it (exit 1, a results file saying failed)
     (lambda d: (d / "model.safetensors").write_bytes((d / "model.safetensors").read_bytes()[:-8]), "is truncated"),
+    # config.json edited against its weights (the fixture's embedding is 128 x 64 in 2 layers)
+    (lambda d: _edit_config(d, hidden_size=96), "does not match the weights"),
+    (lambda d: _edit_config(d, num_hidden_layers=3), "does not match the weights"),
     (lambda d: (d / "config.json").write_text('{"hidden_size": 8}'), "no model_type"),
 ])
 def test_resolve_names_what_a_directory_lacks(model_dir, breakage, needle):
