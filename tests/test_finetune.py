@@ -229,8 +229,8 @@ def test_cli_generate_refuses_an_empty_prompt_and_a_missing_stream(job, capsys):
     (out / "ortho.safetensors").unlink()
     assert main([*gen, "--prompt", "hi"]) == 2 and "ortho.safetensors is missing" in capsys.readouterr().err
     assert main([*gen, "--prompt", "hi", "--alpha", "0"]) == 0  # the kill switch needs no stream
+    assert main(["run", "--model", str(out), "--experiment", "2"]) == 2
+    assert "is a libortho checkpoint" in capsys.readouterr().err
     for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json"):
         (out / f).unlink(missing_ok=True)
     assert main([*gen, "--prompt", "hi", "--alpha", "0"]) == 2 and "no tokenizer" in capsys.readouterr().err
-    assert main(["run", "--model", str(out), "--experiment", "2"]) == 2
-    assert "is a libortho checkpoint" in capsys.readouterr().err
