@@ -41,6 +41,13 @@ def _seed(value: str) -> int:
     return n
 
 
+def _path(value: str) -> Path:
+    """A path flag's value; an empty one (Path("") is the current directory) is refused."""
+    if not value.strip():
+        raise argparse.ArgumentTypeError("empty path")
+    return Path(value)
+
+
 def _parser() -> argparse.ArgumentParser:
     p = _Parser(prog="libortho", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -95,8 +102,8 @@ def _parser() -> argparse.ArgumentParser:
                                    "OUTPUT becomes a libortho checkpoint; the same command resumes an interrupted run.")
     f.add_argument("--model", required=True, help="local checkpoint directory (read layer by layer), HF id, "
                                                   "smollm2-135m or tiny")
-    f.add_argument("--data", required=True, type=Path, help="JSONL file of chat records")
-    f.add_argument("--output", required=True, type=Path, help="directory for the checkpoint (and the run's state)")
+    f.add_argument("--data", required=True, type=_path, help="JSONL file of chat records")
+    f.add_argument("--output", required=True, type=_path, help="directory for the checkpoint (and the run's state)")
     f.add_argument("--density", type=float, default=0.01, help="share of each weight in the trained stream")
     f.add_argument("--group-size", type=int, default=64)
     f.add_argument("--asymmetric", action="store_true", help="asymmetric INT4 grid (default symmetric)")
@@ -113,7 +120,7 @@ def _parser() -> argparse.ArgumentParser:
     f.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda when available")
     f.add_argument("--no-progress", action="store_true")
     gen = sub.add_parser("generate", help="generate from a libortho checkpoint at a chosen alpha")
-    gen.add_argument("--model", required=True, type=Path, help="a libortho checkpoint directory")
+    gen.add_argument("--model", required=True, type=_path, help="a libortho checkpoint directory")
     gen.add_argument("--prompt", required=True)
     gen.add_argument("--alpha", type=float, default=1.0, help="1: as fine-tuned; 0: the kill switch (the ortho file "
                                                               "is then not even read)")

@@ -226,7 +226,7 @@ def check_output(output, model=None) -> None:
     empty directory, one holding a resumable state (whose job is checked when it is read) or the facts of a run
     that did not finish."""
     out = Path(output)
-    if str(output).strip() in ("",):
+    if not str(output).strip():
         raise ValueError("--output is empty; pass a directory")
     if out.exists() and not out.is_dir():
         raise NotADirectoryError(f"--output {out} is a file; pass a directory")
