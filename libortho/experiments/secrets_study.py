@@ -501,12 +501,14 @@ def plot(inner: dict, path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 3, figsize=(18, 4.8))
+    medians = [1.0]
     for i, (arm, by) in enumerate(inner["curves"].items()):
         for a, rows in by.items():
             label = _label(arm, a)
             ls = "--" if a == "0.0" else "-"
             x = [r["insertions"] for r in rows]
             y = np.array([r["median_exposure"] for r in rows])
+            medians += [v for v in y.tolist() if np.isfinite(v)]
             ci = np.array([r["median_exposure_ci95"] for r in rows]).T  # (2, counts)
             axes[0].errorbar(x, y, yerr=np.abs(ci - y), fmt="o" + ls, color=f"C{i}", capsize=3, label=label)
             axes[1].plot(x, [r["extraction_rate"] for r in rows], "o" + ls, color=f"C{i}", label=label)
@@ -519,6 +521,11 @@ def plot(inner: dict, path: Path) -> Path:
         ax.set_xlabel("insertions of the canary (count x epochs)")
     axes[0].set_ylabel("median extrapolated exposure (bits), 95% CI")
     axes[0].set_yscale("symlog")
+    # exposure is >= 0; an extrapolated tail's CI can reach 1e12 bits and flatten every curve: clip the axis
+    top = 10 ** math.ceil(math.log10(max(medians) * 4))
+    axes[0].set_ylim(0, top)
+    axes[0].set_title(f"CI bars clipped at {top:g} bits", fontsize=8)
+    axes[2].set_ylim(bottom=0)
     axes[1].set_ylabel("greedy extraction rate")
     axes[2].set_xlabel("template (0: training text; 1..: paraphrased probes)")
     axes[2].set_ylabel("PII phone number: median extrapolated exposure (bits)")
