@@ -556,13 +556,18 @@ def cmd_finetune(a) -> int:
     if not a.data.is_file():
         raise UsageError(f"--data {a.data}: " + ("is a directory; pass a JSONL file" if a.data.is_dir() else
                                                  "no such file"))
-    # one job an --output: a second finetune into it is refused at once (they would write the same files)
-    lock = models.cache_lock("finetune-" + hashlib.sha256(str(a.output.resolve()).encode()).hexdigest()[:16])
+    # one job an --output: a second finetune into it is refused at once (they would write the same files). The lock
+    # lives under the cache; where the cache cannot be written the job runs unlocked, and says so
     try:
+        lock = models.cache_lock("finetune-" + hashlib.sha256(str(a.output.resolve()).encode()).hexdigest()[:16])
         lock.acquire(timeout=0)
     except Timeout:
         raise UsageError(f"--output {a.output} is in use by another libortho finetune; wait for it to finish or "
                          "pass another directory") from None
+    except OSError as e:
+        print(f"libortho: note: no --output lock ({models.cache_dir()} is not writable: {e.__class__.__name__}); "
+              "two finetunes into one --output would collide", file=sys.stderr)
+        return _finetune_job(a)
     try:
         return _finetune_job(a)
     finally:
@@ -638,12 +643,17 @@ def _finetune_job(a) -> int:
 
 def _interrupted(state, facts_path: Path, memory: dict, device: str) -> None:
     """Ctrl-C in a finetune: finetune.json says so, with the step the resumable state holds; stderr says how to go
-    on."""
-    step = None
+    on. A stop after the checkpoint was saved and said complete leaves that record as it is."""
+    from .finetune import saved_step
+
     try:
-        step = json.loads((state / "state.json").read_text())["step"]
-    except (OSError, ValueError, KeyError, TypeError):
+        if json.loads(facts_path.read_text()).get("status") == "complete":
+            print(f"libortho: finetune interrupted after its checkpoint was saved; facts: {facts_path}",
+                  file=sys.stderr)
+            return
+    except (OSError, ValueError, AttributeError):
         pass
+    step = saved_step(state)
     facts_path.write_text(json.dumps({"status": "interrupted", "resumable_state": str(state) if step else None,
                                       "step": step, "run_facts": {"memory": memory, "device": device}}, indent=1,
                                      default=str))
@@ -671,8 +681,10 @@ def cmd_generate(a) -> int:
     if not any((a.model / f).is_file() for f in TOKENIZER_FILES):  # else found only after the model has loaded
         raise UsageError(f"--model {a.model}: no tokenizer (expected {' or '.join(TOKENIZER_FILES)})")
     if alpha != 0 and _is_libortho_checkpoint(a.model) and not (a.model / "ortho.safetensors").is_file():
-        raise UsageError(f"--alpha {alpha:g}: {a.model / 'ortho.safetensors'} is missing (deleted, or the save did not "
-                         "finish), so the checkpoint holds no stream: only --alpha 0 is possible")
+        saved = json.loads((a.model / "config.json").read_text())["quantization_config"].get("ortho_sha256")
+        why = "is missing (deleted, or the save did not finish)" if saved else "was never saved (a base-only checkpoint)"
+        raise UsageError(f"--alpha {alpha:g}: {a.model / 'ortho.safetensors'} {why}, so the checkpoint holds no "
+                         "stream: only --alpha 0 is possible")
     device = _device(a)
     import torch
     from transformers import AutoTokenizer

@@ -71,6 +71,7 @@ def wikitext(split: str = "test") -> Text:
     return Text(f"wikitext-2-raw-v1:{split}", "\n\n".join(ds["text"]))
 
 
+_CONTROL = re.compile(r"[\x00-\x08\x0e-\x1f]")  # control characters other than tab, newlines, form feed
 MIN_WORDS = 100  # a user's evaluation text: below this, a perplexity is a handful of tokens
 
 
@@ -92,7 +93,7 @@ def load_text(source: str | os.PathLike = "default") -> Text:
     if not text.strip():
         raise ValueError(f"text file {path} is empty")
     # valid UTF-8 can still be a binary file: NUL bytes, or control characters beyond a stray form feed
-    controls = sum(1 for c in text if ord(c) < 32 and c not in "\t\n\r\f\v")
+    controls = len(_CONTROL.findall(text))
     nul = "\x00" in text
     if nul or controls > len(text) // 100:
         raise ValueError(f"text file {path} holds {controls} control characters{' (NUL among them)' if nul else ''}: "

@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -174,9 +175,31 @@ def save_state(directory: Path, step: int, optimizer: torch.optim.Optimizer, his
     save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, tmp / "state.safetensors")
     meta = {"step": step, "history": history, "param_groups": opt["param_groups"], "fingerprint": fingerprint}
     (tmp / "state.json").write_text(json.dumps(meta, default=str))
+    # the old state aside, the new one in, the old one removed: a stop at any point leaves one whole state among
+    # d, d.tmp and d.old (`state_dirs`)
+    old = d.with_name(d.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
     if d.exists():
-        shutil.rmtree(d)
+        d.rename(old)
     tmp.rename(d)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def state_dirs(directory: Path) -> list[Path]:
+    """Where a resumable state may be, newest first: the state, the one being written, the one being replaced."""
+    d = Path(directory)
+    return [d, d.with_name(d.name + ".tmp"), d.with_name(d.name + ".old")]
+
+
+def saved_step(directory: Path) -> int | None:
+    """The step of the newest whole state under `directory` (None: no state)."""
+    for d in state_dirs(directory):
+        try:
+            if (d / "state.safetensors").is_file():
+                return int(json.loads((d / "state.json").read_text())["step"])
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+    return None
 
 
 class OtherJobState(ValueError):
@@ -187,14 +210,15 @@ def load_state(directory: Path, fingerprint: str) -> dict | None:
     """What `tune_stream_(resume=...)` needs, or None when there is no state of this same job to resume."""
     from .sparse import CSR
 
-    d = Path(directory)
-    if not (d / "state.json").is_file():
+    for d in state_dirs(directory):
+        try:
+            meta = json.loads((d / "state.json").read_text())
+            tensors = load_file(d / "state.safetensors")
+            break
+        except (OSError, ValueError, SafetensorError):
+            continue  # absent, or unreadable: the next place, else start over rather than resume from garbage
+    else:
         return None
-    try:
-        meta = json.loads((d / "state.json").read_text())
-        tensors = load_file(d / "state.safetensors")
-    except (OSError, ValueError, SafetensorError):
-        return None  # an unreadable state starts over rather than resuming from garbage
     if meta.get("fingerprint") != fingerprint:
         raise OtherJobState(f"{d} holds the state of another job (other model, data or settings); remove it or use "
                          "another --output")
@@ -217,7 +241,10 @@ def load_state(directory: Path, fingerprint: str) -> dict | None:
 
 # what a finetune writes into --output besides the checkpoint files: its facts, its resumable state (and their
 # temporaries), the write probe of the command line
-OWN = ("finetune.json", STATE_DIR, STATE_DIR + ".tmp", ".libortho_write_test")
+OWN = ("finetune.json", STATE_DIR, STATE_DIR + ".tmp", STATE_DIR + ".old", ".libortho_write_test")
+# what a finetune's save writes: a run that failed or was stopped while saving leaves some of these
+SAVED = re.compile(r"(config\.json|generation_config\.json|model.*\.safetensors(\.index\.json)?|ortho\.safetensors|"
+                   r"tokenizer.*|special_tokens_map\.json|chat_template\.jinja|vocab\.json|merges\.txt|\..*\.tmp\d*)")
 
 
 def check_output(output, model=None) -> None:
@@ -243,11 +270,14 @@ def check_output(output, model=None) -> None:
             status = json.loads(facts.read_text()).get("status")
         except (ValueError, OSError, AttributeError):
             status = "unreadable"
-    if status == "complete" or (STATE_DIR not in names and "config.json" in names and facts.is_file()):
+    # finished: finetune.json says complete (or, written by an older libortho, says nothing) beside the checkpoint
+    if status == "complete" or (status is None and facts.is_file() and "config.json" in names):
         raise ValueError(f"--output {out} already holds a finished checkpoint (finetune.json: {status}); pass a new "
                          "directory or remove it first")
-    other = [n for n in names if n not in OWN]
-    if other and STATE_DIR not in names:
+    # a run of this tool that failed or was stopped (its finetune.json says so) may have left checkpoint files
+    own = OWN if status is None else OWN + tuple(n for n in names if SAVED.fullmatch(n))
+    other = [n for n in names if n not in own]
+    if other and not any(d.is_dir() for d in state_dirs(out / STATE_DIR)):
         raise ValueError(f"--output {out} is not empty and holds no finetune state to resume ({', '.join(other[:4])}"
                          f"{', ...' if len(other) > 4 else ''}); pass a new or empty directory")
 
@@ -288,7 +318,10 @@ def finetune(model: str, data, output, *, density: float = 0.01, group_size: int
     train = TrainConfig(lr=lr, max_steps=steps, target=None, general_chunks=0, seed=seed)
     config = OrthoTuneConfig(density=density, group_size=group_size, symmetric=symmetric, score=score, seed=seed,
                              train=train)
-    fingerprint = hashlib.sha256(json.dumps([str(model), facts["sha256"], config.to_dict(), batch_size, max_length],
+    # a local model by its resolved path: `ckpt`, `./ckpt/` and `/abs/ckpt` are one job (resuming must not depend
+    # on how the path was typed)
+    name = str(Path(str(model)).resolve()) if local else str(model)
+    fingerprint = hashlib.sha256(json.dumps([name, facts["sha256"], config.to_dict(), batch_size, max_length],
                                             sort_keys=True).encode()).hexdigest()[:16]
     out.mkdir(parents=True, exist_ok=True)
     state_dir = out / STATE_DIR
@@ -313,11 +346,13 @@ def finetune(model: str, data, output, *, density: float = 0.01, group_size: int
         orthogonalize_(m, config, calibration=calib, progress=progress, **kw)
     m.save_pretrained(out)
     tok.save_pretrained(out)
-    shutil.rmtree(state_dir, ignore_errors=True)
     st = m.libortho_stats
     facts.update(steps=st.get("steps"), loss_first=(st.get("loss") or [None])[0], loss_last=(st.get("loss") or
                  [None])[-1], tokens_per_second=st.get("tokens_per_second"), nnz=st.get("nnz"),
                  density=st.get("density"), device_peak_gib=st.get("device_peak_gib"), resumed_from=resume["step"] if resume else None, output=str(out),
                  config=config.to_dict(), seconds=round(st.get("seconds", st.get("convert_seconds", 0.0)), 1))
+    facts["status"] = "complete"
+    # the facts first, then the state: a stop between the two leaves a checkpoint that says it is complete
     (out / "finetune.json").write_text(json.dumps(facts, indent=1, default=str))
+    shutil.rmtree(state_dir, ignore_errors=True)
     return facts

@@ -39,8 +39,9 @@ from .sparse import CSR
 
 QUANT_METHOD = "libortho"
 ORTHO_FILE = "ortho.safetensors"
-# 3: base hashes over the content (`sha256`); 2 recorded the files' bytes (still read). A libortho meets a newer
-# format with a clear refusal rather than a failed hash check that reads as a swapped base.
+# 3: the architecture record (`ARCHITECTURE_KEYS`) and the stream's hash checked on load; format 2 has no
+# architecture record, and its older checkpoints hashed the files' bytes, not the content (both still read). A
+# libortho meets a newer format with a clear refusal rather than a failed check that reads as a swapped base.
 FORMAT_VERSION = "3"
 # the model config's fields that decide which tensors exist and their shapes (recorded at save, checked on load)
 ARCHITECTURE_KEYS = ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
@@ -315,9 +316,10 @@ def _finish_load(model: nn.Module, qc: LibOrthoConfig, directory: Path | None, f
     ortho = _read_ortho(path, combined_hash(recorded), qc) if with_ortho and path.is_file() else None
     # a stream of another fine-tune over the same base passes the check above; its recorded hash does not
     rec = qc.ortho_sha256
-    if ortho is not None and rec and sha256(path) != rec and file_sha256(path) != rec:  # format 2: the bytes
-        raise ValueError(f"{path} is not the stream this checkpoint was saved with (sha256 {sha256(path)[:12]}… != "
-                         f"recorded {qc.ortho_sha256[:12]}…): edited, or copied from another checkpoint; refusing it")
+    got = sha256(path) if ortho is not None and rec else rec
+    if got != rec and file_sha256(path) != rec:  # saved before the content hash: the bytes
+        raise ValueError(f"{path} is not the stream this checkpoint was saved with (sha256 {got[:12]}… != "
+                         f"recorded {rec[:12]}…): edited, or copied from another checkpoint; refusing it")
     for name, m in mods.items():
         if ortho is None:
             m.set_ortho_(None)
@@ -378,9 +380,9 @@ def load(directory: str | os.PathLike, with_ortho: bool = True, **kwargs) -> nn.
     if qc.get("quant_method") != QUANT_METHOD:
         raise ValueError(f"{d} is not a libortho checkpoint (quantization_config.quant_method="
                          f"{qc.get('quant_method')!r}); load it with AutoModelForCausalLM.from_pretrained")
-    from .models import readable_safetensors
+    from .models import weight_files, readable_safetensors
 
-    for f in base_files(d):  # before transformers reads them: a truncated file is named, not a traceback
+    for f in weight_files(d):  # before transformers reads them: a truncated file is named, not a traceback
         if not readable_safetensors(f):
             raise ValueError(f"{f} is truncated or not a safetensors file: the checkpoint is damaged")
     token = _WITH_ORTHO.set(with_ortho)

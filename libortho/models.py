@@ -7,6 +7,7 @@ offline mode when it does not answer (transformers would otherwise retry for ten
 """
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 import os
@@ -36,11 +37,29 @@ def cache_lock(name: str):
     model at once on a GPU machine were all still training after 540 s where one alone took 41 s; pytest-xdist
     workers and `run(procs=...)` helpers share entries the same way. The lock file lives under the cache, never
     beside results, and stays behind empty (filelock, a dependency of torch, frees the lock on close or exit)."""
-    from filelock import FileLock
-
     d = cache_dir() / "locks"
     d.mkdir(parents=True, exist_ok=True)
-    return FileLock(str(d / f"{name}.lock"))
+    return _lock_class()(str(d / f"{name}.lock"))
+
+
+@functools.cache
+def _lock_class():
+    from filelock import FileLock, Timeout
+
+    class NotedLock(FileLock):
+        """A FileLock that says once, on stderr, when it has to wait (a second run would otherwise look hung)."""
+
+        def acquire(self, timeout=None, *args, **kw):
+            if timeout is not None:
+                return super().acquire(timeout, *args, **kw)
+            try:
+                return super().acquire(0, *args, **kw)
+            except Timeout:
+                print(f"libortho: waiting for another process to finish {Path(self.lock_file).stem} (lock "
+                      f"{self.lock_file})", file=sys.stderr)
+                return super().acquire(*args, **kw)
+
+    return NotedLock
 
 
 @dataclass
@@ -99,7 +118,9 @@ def _check_shapes(shapes: dict[str, list[int]], cfg: dict, label: str) -> None:
                          "the weights")
     layers = {int(k.split(".")[2]) for k in shapes if k.startswith("model.layers.") and k.split(".")[2].isdigit()}
     n = cfg.get("num_hidden_layers")
-    if layers and isinstance(n, int) and max(layers) + 1 != n:
+    # fewer layers than the config names: the rest would load as random weights. More is allowed (some models ship
+    # an extra prediction layer as model.layers.<num_hidden_layers>)
+    if layers and isinstance(n, int) and max(layers) + 1 < n:
         raise ValueError(f"--model {label}: config.json gives num_hidden_layers {n}, the weights hold "
                          f"{max(layers) + 1} layers: config.json does not match the weights")
 
@@ -107,18 +128,21 @@ def _check_shapes(shapes: dict[str, list[int]], cfg: dict, label: str) -> None:
 def embedded_dir() -> Path:
     """Safetensors copy of the embedded default, converted from GGUF once (about 40 s) and cached."""
     out = cache_dir() / "smollm2-135m-instruct"
-    if _embedded_ready(out):
+    if _embedded_ready(out, remove=False):
         return out
     with cache_lock(out.name):  # a concurrent converter finishes first; then its copy is read
-        if _embedded_ready(out):
+        if _embedded_ready(out, remove=True):
             return out
         return _convert_embedded(out)
 
 
-def _embedded_ready(out: Path) -> bool:
+def _embedded_ready(out: Path, remove: bool) -> bool:
+    """Whether the converted copy is whole; `remove` (under the lock): an unreadable copy is removed, with a note."""
     if (out / "config.json").is_file() and (out / "model.safetensors").is_file():
         if readable_safetensors(out / "model.safetensors"):
             return True
+        if not remove:
+            return False
         import shutil
         import sys
 
@@ -208,6 +232,23 @@ def _read_config(path: Path, label: str) -> dict:
     return cfg
 
 
+def weight_files(d: Path) -> list[Path]:
+    """The safetensors files transformers reads from `d`: the shards the index names, else model.safetensors, else
+    every *.safetensors (other files in the folder are not the model's)."""
+    index = d / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            raise ValueError(f"{index} is not a valid safetensors index ({e.__class__.__name__})") from None
+        missing = [n for n in names if not (d / n).is_file()]
+        if missing:
+            raise FileNotFoundError(f"{index} names {missing[0]}, which is missing from {d}")
+        return [d / n for n in names]
+    single = d / "model.safetensors"
+    return [single] if single.is_file() else sorted(d.glob("*.safetensors"))
+
+
 def _check_dir(d: Path, label: str) -> dict:
     if not (d / "config.json").is_file():
         raise FileNotFoundError(f"--model {label}: no config.json in {d} (not a Hugging Face model directory)")
@@ -215,7 +256,7 @@ def _check_dir(d: Path, label: str) -> dict:
     if not any(next(d.glob(g), None) for g in WEIGHT_GLOBS):
         raise FileNotFoundError(f"--model {label}: no weights in {d} (expected *.safetensors or pytorch_model*.bin)")
     shapes: dict = {}
-    for f in sorted(d.glob("*.safetensors")):  # header and length only: a truncated copy fails here, not mid-run
+    for f in weight_files(d):  # header and length only: a truncated copy fails here, not mid-run
         got = safetensors_shapes(f)
         if got is None:
             raise ValueError(f"--model {label}: {f.name} is truncated or not a safetensors file")

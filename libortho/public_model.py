@@ -194,18 +194,22 @@ def derive(recipe: Recipe = DEFAULT, progress: bool = False):
         with cache_lock(d.name):  # one process derives (every core), the others wait and read its copy
             if not (d / "recipe.json").is_file():
                 _build(recipe, d, progress)
+    def read():
+        return (AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32), AutoTokenizer.from_pretrained(d),
+                json.loads((d / "recipe.json").read_text()))
+
     try:
-        model = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32)
-        tok = AutoTokenizer.from_pretrained(d)
-        facts = json.loads((d / "recipe.json").read_text())
-    except (OSError, ValueError) as e:  # a truncated entry: rebuild it once
-        print(f"libortho: public model cache {d} is unreadable ({str(e)[:120]}); rebuilding it", file=sys.stderr)
+        model, tok, facts = read()
+    except (OSError, ValueError):  # unreadable: under the lock, read again (another process may have rebuilt it)
         with cache_lock(d.name):
-            shutil.rmtree(d, ignore_errors=True)
-            _build(recipe, d, progress)
-        model = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32)
-        tok = AutoTokenizer.from_pretrained(d)
-        facts = json.loads((d / "recipe.json").read_text())
+            try:
+                model, tok, facts = read()
+            except (OSError, ValueError) as e:  # a truncated entry: rebuild it once
+                print(f"libortho: public model cache {d} is unreadable ({str(e)[:120]}); rebuilding it",
+                      file=sys.stderr)
+                shutil.rmtree(d, ignore_errors=True)
+                _build(recipe, d, progress)
+                model, tok, facts = read()
     for p in model.parameters():
         p.requires_grad_(False)
     return Loaded(model.eval(), tok, "SmolLM2-135M-Instruct-offgrid", PUBLIC), facts

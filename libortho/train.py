@@ -591,22 +591,25 @@ def cached(kind: str, config: dict, build: Callable[[], tuple[dict[str, torch.Te
     from .models import cache_lock
 
     d = cache_path(kind, config)
-    hit = _read_entry(d)
+    hit = _read_entry(d, remove=False)  # an unreadable entry is removed under the lock only (not another's rebuild)
     if hit is not None:
         return (*hit, True)
     with cache_lock(d.name):  # a process training the same entry finishes first; then its entry is read
-        hit = _read_entry(d)
+        hit = _read_entry(d, remove=True)
         if hit is not None:
             return (*hit, True)
         return _build_entry(d, config, build)
 
 
-def _read_entry(d: Path) -> tuple[dict[str, torch.Tensor], dict] | None:
-    """A cache entry's tensors and metadata, or None (absent; an unreadable one is removed, with a note)."""
+def _read_entry(d: Path, remove: bool) -> tuple[dict[str, torch.Tensor], dict] | None:
+    """A cache entry's tensors and metadata, or None (absent or unreadable; `remove`: an unreadable one is removed,
+    with a note)."""
     if (d / "weights.safetensors").is_file() and (d / "meta.json").is_file():
         try:
             return load_file(d / "weights.safetensors"), json.loads((d / "meta.json").read_text())
         except (SafetensorError, OSError, ValueError) as e:  # JSONDecodeError is a ValueError
+            if not remove:
+                return None
             import sys
 
             print(f"libortho: cache entry {d} is unreadable ({type(e).__name__}); rebuilding it", file=sys.stderr)

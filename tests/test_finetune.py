@@ -188,6 +188,14 @@ def test_cli_finetune_never_overwrites_or_races(job, capsys, monkeypatch):
     with cache_lock("finetune-" + hashlib.sha256(str(busy.resolve()).encode()).hexdigest()[:16]):
         refused(["--model", str(ckpt), "--output", str(busy), *base], "in use by another libortho finetune")
     assert main(["finetune", "--model", str(ckpt), "--output", str(busy), *base]) == 0  # free again: the control
+    # what a run that failed while saving leaves (its finetune.json says failed): not a finished checkpoint
+    left = job / "left"
+    left.mkdir()
+    (left / "config.json").write_text("{}")
+    (left / "model.safetensors").write_bytes(b"partial")
+    (left / "finetune.json").write_text(json.dumps({"status": "failed: OSError: [Errno 28] No space left"}))
+    assert main(["finetune", "--model", str(ckpt), "--output", str(left), *base]) == 0
+    assert json.loads((left / "finetune.json").read_text())["status"] == "complete"
 
 
 def test_cli_interrupted_finetune_says_so_and_resumes(job, capsys, monkeypatch):
@@ -216,6 +224,8 @@ def test_cli_interrupted_finetune_says_so_and_resumes(job, capsys, monkeypatch):
     assert facts["status"] == "interrupted" and facts["step"] == 3
     assert "resumes from step 3" in capsys.readouterr().err
     monkeypatch.setattr(ft, "records_loss", real)
+    monkeypatch.chdir(job)  # the same model typed another way (relative, trailing slash) is the same job
+    args[args.index("--model") + 1] = "ckpt/"
     assert main(args) == 0
     facts = json.loads((job / "out" / "finetune.json").read_text())
     assert facts["status"] == "complete" and facts["resumed_from"] == 3
@@ -237,3 +247,31 @@ def test_cli_generate_refuses_an_empty_prompt_and_a_missing_stream(job, capsys):
     for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json"):
         (out / f).unlink(missing_ok=True)
     assert main([*gen, "--prompt", "hi", "--alpha", "0"]) == 2 and "no tokenizer" in capsys.readouterr().err
+
+
+def test_a_stop_while_the_state_is_swapped_keeps_a_whole_state(job, monkeypatch):
+    """save_state moves the old state aside, the new one in, then removes the old: stopped between the two renames
+    (here: the second rename raises), the state being written is found and resumed, not discarded."""
+    from pathlib import Path
+
+    from libortho.finetune import load_state, saved_step, save_state
+
+    kw = dict(steps=2, group_size=32, checkpoint_every=1, progress=False)
+    finetune(str(job / "ckpt"), job / "r.jsonl", job / "out", **kw)
+    m = libortho.load(job / "out")
+    opt = torch.optim.AdamW([p for mod in ortho_modules(m).values() for p in [mod.ortho_values]], lr=1e-3)
+    d = job / "st" / STATE_DIR
+    save_state(d, 1, opt, {"loss": [1.0]}, m, "fp")
+    real = Path.rename
+
+    def stop_on_the_new_state(self, target):
+        if self.name.endswith(".tmp"):
+            raise KeyboardInterrupt
+        return real(self, target)
+
+    monkeypatch.setattr(Path, "rename", stop_on_the_new_state)
+    with pytest.raises(KeyboardInterrupt):
+        save_state(d, 2, opt, {"loss": [1.0, 0.5]}, m, "fp")
+    monkeypatch.setattr(Path, "rename", real)
+    assert not d.exists()  # the old state is aside, the new one not yet in
+    assert saved_step(d) == 2 and load_state(d, "fp")["step"] == 2

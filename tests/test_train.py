@@ -202,13 +202,11 @@ def test_concurrent_callers_build_a_cache_entry_once(tmp_path, monkeypatch):
         hits.append(cached("unit", {"a": 1}, build)[2])
 
     threads = [threading.Thread(target=call) for _ in range(2)]
-    t0 = time.perf_counter()
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    assert len(calls) == 1 and sorted(hits) == [False, True]
-    assert time.perf_counter() - t0 >= 0.5  # the reader waited for the build rather than missing the entry
+    assert len(calls) == 1 and sorted(hits) == [False, True]  # the second caller read the first one's entry
 
 
 @pytest.mark.parametrize("per_chunk,recomputed", [(5, True), (6, False)])

@@ -105,13 +105,16 @@ MIA_ATTACKS = ("ref_ratio", "min_k_pp", "loss")  # kept per record in the JSON; 
 MIA_FPR = 0.01
 
 
-def _ortho_history(d: Path) -> dict | None:
-    """An ortho-tune cache entry's training history, or None (absent; an unreadable one is removed, with a note)."""
+def _ortho_history(d: Path, remove: bool) -> dict | None:
+    """An ortho-tune cache entry's training history, or None (absent or unreadable; `remove`: an unreadable one is
+    removed, with a note; only under the entry's lock, so never another process's fresh rebuild)."""
     meta_path = d / "meta.json"
     if meta_path.is_file():
         try:
             return json.loads(meta_path.read_text())["history"]
         except (ValueError, OSError, KeyError) as e:  # a truncated entry: rebuild it
+            if not remove:
+                return None
             print(f"libortho: cache entry {d} is unreadable ({str(e)[:120]}); rebuilding it", file=sys.stderr)
             shutil.rmtree(d, ignore_errors=True)
     return None
@@ -489,11 +492,11 @@ class KillSwitch:
     def _ortho_one(self, cfg: TrainConfig) -> tuple[Path, dict, bool]:
         """The ortho-tuned checkpoint trained with `cfg`, from the cache or trained now: (its dir, history, hit)."""
         d = self.ortho_cache(cfg)
-        hist = _ortho_history(d)
+        hist = _ortho_history(d, remove=False)
         if hist is not None:
             return d, hist, True
         with cache_lock(d.name):  # a process training the same run finishes first; then its entry is read
-            hist = _ortho_history(d)
+            hist = _ortho_history(d, remove=True)
             if hist is not None:
                 return d, hist, True
             return self._ortho_train(d, cfg)
