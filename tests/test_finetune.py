@@ -75,6 +75,20 @@ def test_finetune_writes_a_checkpoint_that_switches(job):
         assert torch.equal(base(input_ids=ids).logits, y0)
 
 
+def _interrupting_at(records_loss, stop: int):
+    """`records_loss` whose loss raises KeyboardInterrupt at step `stop` (Ctrl-C in the middle of a run)."""
+    def interrupting(*a, **k):
+        fn = records_loss(*a, **k)
+
+        def loss(model, step):
+            if step == stop:
+                raise KeyboardInterrupt
+            return fn(model, step)
+        loss.last_tokens, loss.steps_per_epoch = 0, fn.steps_per_epoch
+        return loss
+    return interrupting
+
+
 def test_interrupted_finetune_resumes_to_the_same_weights(job, monkeypatch):
     """Stopped after step 3 (state saved every step), the same command continues from step 3 and ends with the
     weights of an uninterrupted run, bit for bit."""
@@ -82,18 +96,7 @@ def test_interrupted_finetune_resumes_to_the_same_weights(job, monkeypatch):
 
     kw = dict(steps=5, group_size=32, batch_size=2, checkpoint_every=1, progress=False)
     finetune(str(job / "ckpt"), job / "r.jsonl", job / "whole", **kw)
-    real = ft.records_loss
-
-    def interrupting(*a, **k):
-        fn = real(*a, **k)
-
-        def loss(model, step):
-            if step == 4:
-                raise KeyboardInterrupt
-            return fn(model, step)
-        loss.last_tokens, loss.steps_per_epoch = 0, fn.steps_per_epoch
-        return loss
-
+    real, interrupting = ft.records_loss, _interrupting_at(ft.records_loss, 4)
     monkeypatch.setattr(ft, "records_loss", interrupting)
     with pytest.raises(KeyboardInterrupt):
         finetune(str(job / "ckpt"), job / "r.jsonl", job / "split", **kw)
@@ -204,18 +207,7 @@ def test_cli_interrupted_finetune_says_so_and_resumes(job, capsys, monkeypatch):
     import libortho.finetune as ft
     from libortho.cli import main
 
-    real = ft.records_loss
-
-    def interrupting(*a, **k):
-        fn = real(*a, **k)
-
-        def loss(model, step):
-            if step == 4:
-                raise KeyboardInterrupt
-            return fn(model, step)
-        loss.last_tokens, loss.steps_per_epoch = 0, fn.steps_per_epoch
-        return loss
-
+    real, interrupting = ft.records_loss, _interrupting_at(ft.records_loss, 4)
     args = ["finetune", "--model", str(job / "ckpt"), "--data", str(job / "r.jsonl"), "--output", str(job / "out"),
             "--steps", "5", "--group-size", "32", "--checkpoint-every", "1", "--no-progress", "--device", "cpu"]
     monkeypatch.setattr(ft, "records_loss", interrupting)
