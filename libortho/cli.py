@@ -558,6 +558,7 @@ def cmd_finetune(a) -> int:
                                                  "no such file"))
     # one job an --output: a second finetune into it is refused at once (they would write the same files). The lock
     # lives under the cache; where the cache cannot be written the job runs unlocked, and says so
+    lock = None
     try:
         lock = models.cache_lock("finetune-" + hashlib.sha256(str(a.output.resolve()).encode()).hexdigest()[:16])
         lock.acquire(timeout=0)
@@ -565,13 +566,14 @@ def cmd_finetune(a) -> int:
         raise UsageError(f"--output {a.output} is in use by another libortho finetune; wait for it to finish or "
                          "pass another directory") from None
     except OSError as e:
+        lock = None
         print(f"libortho: note: no --output lock ({models.cache_dir()} is not writable: {e.__class__.__name__}); "
               "two finetunes into one --output would collide", file=sys.stderr)
-        return _finetune_job(a)
     try:
         return _finetune_job(a)
     finally:
-        lock.release()
+        if lock is not None:
+            lock.release()
 
 
 def _finetune_job(a) -> int:
@@ -631,8 +633,7 @@ def _finetune_job(a) -> int:
             return 3
         raise
     meter.stop()
-    facts["wall_seconds"] = round(time.perf_counter() - t0, 1)
-    facts["status"] = "complete"
+    facts["wall_seconds"] = round(time.perf_counter() - t0, 1)  # finetune() returned: facts["status"] is complete
     facts["run_facts"] = {"memory": meter.report(), "device": device, "model": models.model_facts(src)}
     path = a.output / "finetune.json"
     path.write_text(json.dumps(facts, indent=1, default=str))

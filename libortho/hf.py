@@ -34,6 +34,7 @@ from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from .linear import ORTHO_KEYS, is_ortho_key
+from .models import SAFETENSORS_HEADER_MAX
 from .modules import convert_for_runtime_, layer_specs, ortho_modules
 from .sparse import CSR
 
@@ -227,18 +228,14 @@ def _save_pretrained(self: nn.Module, save_directory, *args, **kwargs):
 
 def base_files(directory: Path) -> list[Path]:
     """The weight files HF wrote: model.safetensors, or the shards its index names."""
+    from .models import weight_files
+
     d = Path(directory)
-    index = d / "model.safetensors.index.json"
-    if index.is_file():
-        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        return [d / n for n in names]
-    single = d / "model.safetensors"
-    if not single.is_file():
+    if not ((d / "model.safetensors.index.json").is_file() or (d / "model.safetensors").is_file()):
         raise FileNotFoundError(f"{d} holds no model.safetensors (nor an index): not a saved checkpoint")
-    return [single]
+    return weight_files(d)
 
 
-HEADER_MAX = 100_000_000  # safetensors' own limit on a header's bytes
 
 
 def sha256(path: Path) -> str:
@@ -249,7 +246,7 @@ def sha256(path: Path) -> str:
     with open(path, "rb") as f:
         try:
             n = int.from_bytes(f.read(8), "little")
-            if not 0 < n <= min(Path(path).stat().st_size - 8, HEADER_MAX):
+            if not 0 < n <= min(Path(path).stat().st_size - 8, SAFETENSORS_HEADER_MAX):
                 raise ValueError(f"header length {n}")
             header = json.loads(f.read(n))
             h.update(json.dumps(header, sort_keys=True, separators=(",", ":")).encode())
@@ -380,9 +377,9 @@ def load(directory: str | os.PathLike, with_ortho: bool = True, **kwargs) -> nn.
     if qc.get("quant_method") != QUANT_METHOD:
         raise ValueError(f"{d} is not a libortho checkpoint (quantization_config.quant_method="
                          f"{qc.get('quant_method')!r}); load it with AutoModelForCausalLM.from_pretrained")
-    from .models import weight_files, readable_safetensors
+    from .models import readable_safetensors
 
-    for f in weight_files(d):  # before transformers reads them: a truncated file is named, not a traceback
+    for f in base_files(d):  # before transformers reads them: a truncated file is named, not a traceback
         if not readable_safetensors(f):
             raise ValueError(f"{f} is truncated or not a safetensors file: the checkpoint is damaged")
     token = _WITH_ORTHO.set(with_ortho)

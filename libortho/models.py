@@ -42,6 +42,20 @@ def cache_lock(name: str):
     return _lock_class()(str(d / f"{name}.lock"))
 
 
+def read_or_build(name: str, read, build):
+    """A cache entry read, or built once among concurrent processes: (entry, hit). `read(remove)` returns the entry
+    or None; an unreadable entry is removed only with `remove`, which is passed under the lock (so never another
+    process's fresh rebuild); `build()` runs under the lock after a second read finds nothing."""
+    got = read(False)
+    if got is not None:
+        return got, True
+    with cache_lock(name):  # a process building the same entry finishes first; then its entry is read
+        got = read(True)
+        if got is not None:
+            return got, True
+        return build(), False
+
+
 @functools.cache
 def _lock_class():
     from filelock import FileLock, Timeout
@@ -81,6 +95,9 @@ def embedded_gguf() -> Path:
     return path
 
 
+SAFETENSORS_HEADER_MAX = 100_000_000  # safetensors' own limit on a header's bytes
+
+
 def safetensors_shapes(path: Path) -> dict[str, list[int]] | None:
     """{tensor name: shape} from the header, or None when the header does not parse or the file is shorter than
     the header says (a cut-off copy). Reads the header only."""
@@ -90,7 +107,7 @@ def safetensors_shapes(path: Path) -> dict[str, list[int]] | None:
     try:
         with open(path, "rb") as f:
             n = struct.unpack("<Q", f.read(8))[0]
-            if n > min(path.stat().st_size, 100_000_000):
+            if n > min(path.stat().st_size, SAFETENSORS_HEADER_MAX):
                 return None
             header = json.loads(f.read(n))
         tensors = {k: v for k, v in header.items() if k != "__metadata__"}
@@ -128,12 +145,8 @@ def _check_shapes(shapes: dict[str, list[int]], cfg: dict, label: str) -> None:
 def embedded_dir() -> Path:
     """Safetensors copy of the embedded default, converted from GGUF once (about 40 s) and cached."""
     out = cache_dir() / "smollm2-135m-instruct"
-    if _embedded_ready(out, remove=False):
-        return out
-    with cache_lock(out.name):  # a concurrent converter finishes first; then its copy is read
-        if _embedded_ready(out, remove=True):
-            return out
-        return _convert_embedded(out)
+    return read_or_build(out.name, lambda remove: out if _embedded_ready(out, remove) else None,
+                         lambda: _convert_embedded(out))[0]
 
 
 def _embedded_ready(out: Path, remove: bool) -> bool:

@@ -39,7 +39,7 @@ import torch
 from torch import nn
 
 from .data import DEVIL, _read, prose
-from .models import EMBEDDED, Loaded, cache_dir, cache_lock, load_model
+from .models import EMBEDDED, Loaded, cache_dir, load_model, read_or_build
 from .modules import target_linears
 from .quant import _grouped, quantize
 
@@ -190,26 +190,29 @@ def derive(recipe: Recipe = DEFAULT, progress: bool = False):
     if recipe.source != EMBEDDED:
         raise ValueError(f"the recipe derives from {EMBEDDED} (the embedded Q4_1 model), got source {recipe.source!r}")
     d = public_dir(recipe)
-    if not (d / "recipe.json").is_file():
-        with cache_lock(d.name):  # one process derives (every core), the others wait and read its copy
-            if not (d / "recipe.json").is_file():
-                _build(recipe, d, progress)
-    def read():
+
+    def load():
         return (AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32), AutoTokenizer.from_pretrained(d),
                 json.loads((d / "recipe.json").read_text()))
 
-    try:
-        model, tok, facts = read()
-    except (OSError, ValueError):  # unreadable: under the lock, read again (another process may have rebuilt it)
-        with cache_lock(d.name):
-            try:
-                model, tok, facts = read()
-            except (OSError, ValueError) as e:  # a truncated entry: rebuild it once
+    def read(remove: bool):
+        if not (d / "recipe.json").is_file():
+            return None
+        try:
+            return load()
+        except (OSError, ValueError) as e:  # a truncated entry: removed (under the lock) and rebuilt once
+            if remove:
                 print(f"libortho: public model cache {d} is unreadable ({str(e)[:120]}); rebuilding it",
                       file=sys.stderr)
                 shutil.rmtree(d, ignore_errors=True)
-                _build(recipe, d, progress)
-                model, tok, facts = read()
+            return None
+
+    def build():
+        _build(recipe, d, progress)
+        return load()
+
+    # one process derives (on every core), the others wait and read its copy
+    (model, tok, facts), _ = read_or_build(d.name, read, build)
     for p in model.parameters():
         p.requires_grad_(False)
     return Loaded(model.eval(), tok, "SmolLM2-135M-Instruct-offgrid", PUBLIC), facts

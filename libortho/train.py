@@ -588,17 +588,12 @@ def cached(kind: str, config: dict, build: Callable[[], tuple[dict[str, torch.Te
     """Tensors and metadata from the cache, or from `build()` (then written atomically). Returns (.., hit).
 
     An entry that cannot be read (a truncated file) is removed and rebuilt, with a note on stderr."""
-    from .models import cache_lock
+    from .models import read_or_build
 
     d = cache_path(kind, config)
-    hit = _read_entry(d, remove=False)  # an unreadable entry is removed under the lock only (not another's rebuild)
-    if hit is not None:
-        return (*hit, True)
-    with cache_lock(d.name):  # a process training the same entry finishes first; then its entry is read
-        hit = _read_entry(d, remove=True)
-        if hit is not None:
-            return (*hit, True)
-        return _build_entry(d, config, build)
+    (tensors, meta), hit = read_or_build(d.name, lambda remove: _read_entry(d, remove),
+                                         lambda: _build_entry(d, config, build))
+    return tensors, meta, hit
 
 
 def _read_entry(d: Path, remove: bool) -> tuple[dict[str, torch.Tensor], dict] | None:
@@ -617,7 +612,7 @@ def _read_entry(d: Path, remove: bool) -> tuple[dict[str, torch.Tensor], dict] |
     return None
 
 
-def _build_entry(d: Path, config: dict, build) -> tuple[dict[str, torch.Tensor], dict, bool]:
+def _build_entry(d: Path, config: dict, build) -> tuple[dict[str, torch.Tensor], dict]:
     tensors, meta = build()
     tmp = d.with_name(d.name + f".tmp{os.getpid()}")
     tmp.mkdir(parents=True, exist_ok=True)
@@ -627,4 +622,4 @@ def _build_entry(d: Path, config: dict, build) -> tuple[dict[str, torch.Tensor],
         shutil.rmtree(tmp, ignore_errors=True)
     else:
         tmp.rename(d)
-    return tensors, meta, False
+    return tensors, meta

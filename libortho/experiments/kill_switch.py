@@ -64,7 +64,7 @@ from ..convert import orthogonalize_
 from ..data import calibration_batches, load_text
 from ..hf import load as load_checkpoint
 from ..mia import attack_metrics, auc_claim, record_scores, token_stats
-from ..models import cache_lock
+from ..models import read_or_build
 from ..modules import cache_base_, set_alpha, state_without_tied
 from ..perplexity import Protocol, encode, perplexity
 from ..privacy import exposure_from_logprobs, extrapolated_exposure, make_canaries, measure, prepare_candidates
@@ -492,16 +492,11 @@ class KillSwitch:
     def _ortho_one(self, cfg: TrainConfig) -> tuple[Path, dict, bool]:
         """The ortho-tuned checkpoint trained with `cfg`, from the cache or trained now: (its dir, history, hit)."""
         d = self.ortho_cache(cfg)
-        hist = _ortho_history(d, remove=False)
-        if hist is not None:
-            return d, hist, True
-        with cache_lock(d.name):  # a process training the same run finishes first; then its entry is read
-            hist = _ortho_history(d, remove=True)
-            if hist is not None:
-                return d, hist, True
-            return self._ortho_train(d, cfg)
+        hist, hit = read_or_build(d.name, lambda remove: _ortho_history(d, remove), lambda: self._ortho_train(d, cfg))
+        return d, hist, hit
 
-    def _ortho_train(self, d: Path, cfg: TrainConfig) -> tuple[Path, dict, bool]:
+    def _ortho_train(self, d: Path, cfg: TrainConfig) -> dict:
+        """Train the ortho run of `cfg` into the cache entry `d`; its history."""
         ocfg = replace(self.ocfg, train=cfg)
         model = self._copy_public()
         orthogonalize_(model, ocfg, calibration=self.calib, loss_fn=self._loss(cfg), progress=self.progress)
@@ -514,7 +509,7 @@ class KillSwitch:
             shutil.rmtree(tmp, ignore_errors=True)
         else:
             tmp.rename(d)
-        return d, meta["history"], False
+        return meta["history"]
 
     def ortho_tuned(self):
         """Ours: only a sparse stream trained over INT4 of the public weights; cached as a libortho checkpoint."""
